@@ -1,0 +1,316 @@
+"""The 2D Gaussian representation: raw layout, decoding, covariance algebra and files.
+
+Conventions (used by every module of gvit):
+
+* Coordinates are normalised: x in [-1, 1] from left to right, y in [-1, 1] from top to
+  bottom, whatever the image's aspect ratio. Pixel (row i, column j) of an H x W image sits
+  at x = (2j + 1) / W - 1, y = (2i + 1) / H - 1.
+* A Gaussian has a mean ``(x, y)``, scales ``(sx, sy)`` (standard deviations along its own
+  axes, in normalised units), an angle ``phi`` in radians that turns its local x-axis from +x
+  toward +y, a colour of C channels and an opacity in [0, 1].
+  ``Sigma = R(phi) diag(sx^2, sy^2) R(phi)^T``.
+* The *raw* layout is the 9-vector of GViT (paper 2.1) ``[px, py, sx, sy, phi, r, g, b, o]``
+  with unbounded values; :func:`decode` maps it to the decoded parameters above (paper 2.2 and
+  Algorithm 1): means = tanh, scales = c * sigmoid, angle unchanged, colours and opacity =
+  sigmoid.
+* Batches are ``[B, k, ...]``: B images (or Gaussian sets), k Gaussians each. Sets of varying
+  size carry a boolean ``valid`` mask ``[B, k]``; invalid slots are ignored by consumers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
+RAW_DIM = len(RAW_LAYOUT)
+POS, SCALE, ANGLE, COLOR, OPACITY = slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 8), slice(8, 9)
+
+FILE_FORMAT = "gvit.gaussians"
+FILE_VERSION = "1"
+
+
+@dataclass
+class Gaussians:
+    """A batch of decoded 2D Gaussian sets.
+
+    Shapes: means ``[B, k, 2]``, scales ``[B, k, 2]`` (> 0), angles ``[B, k]``,
+    colors ``[B, k, C]``, opacities ``[B, k]`` (in [0, 1]), valid ``[B, k]`` bool or None
+    (None: every slot holds a Gaussian).
+    """
+
+    means: Tensor
+    scales: Tensor
+    angles: Tensor
+    colors: Tensor
+    opacities: Tensor
+    valid: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.colors.shape[-1]
+
+    def counts(self) -> Tensor:
+        """Number of valid Gaussians per set, ``[B]`` int64."""
+        if self.valid is None:
+            return torch.full((self.batch_size,), self.num_gaussians, dtype=torch.long)
+        return self.valid.sum(dim=1)
+
+    def masked_opacities(self) -> Tensor:
+        """Opacities with invalid slots set to 0, so renderers can ignore them."""
+        if self.valid is None:
+            return self.opacities
+        return self.opacities * self.valid.to(self.opacities.dtype)
+
+    def to(self, *args, **kwargs) -> "Gaussians":
+        """Like ``Tensor.to`` for every field (the valid mask keeps its bool dtype)."""
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if t is None:
+                out[f.name] = None
+            elif f.name == "valid":
+                device = next((a for a in args if isinstance(a, (str, torch.device))), kwargs.get("device"))
+                out[f.name] = t.to(device) if device is not None else t
+            else:
+                out[f.name] = t.to(*args, **kwargs)
+        return Gaussians(**out)
+
+    def __getitem__(self, index) -> "Gaussians":
+        """Select sets along the batch dimension (keeps the batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+                                for f in fields(self)})
+
+    def covariance(self) -> Tensor:
+        return covariance(self.scales, self.angles)
+
+    def conic(self) -> Tensor:
+        return conic(self.scales, self.angles)
+
+    def det_covariance(self) -> Tensor:
+        return det_covariance(self.scales)
+
+
+def decode(raw: Tensor, scale_factor: float = 1.0) -> Gaussians:
+    """Decode raw 9-vectors ``[..., k, 9]`` (any number of leading dims) to :class:`Gaussians`.
+
+    means = tanh(p), scales = scale_factor * sigmoid(s), angle = phi, colors = sigmoid(rgb),
+    opacity = sigmoid(o). Differentiable.
+    """
+    if raw.ndim < 2 or raw.shape[-1] != RAW_DIM:
+        raise ValueError(f"raw: expected shape [..., k, {RAW_DIM}] {RAW_LAYOUT}, got {tuple(raw.shape)}")
+    if not scale_factor > 0:
+        raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
+    return Gaussians(
+        means=torch.tanh(raw[..., POS]),
+        scales=scale_factor * torch.sigmoid(raw[..., SCALE]),
+        angles=raw[..., ANGLE].squeeze(-1),
+        colors=torch.sigmoid(raw[..., COLOR]),
+        opacities=torch.sigmoid(raw[..., OPACITY]).squeeze(-1),
+    )
+
+
+def encode(g: Gaussians, scale_factor: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """Inverse of :func:`decode` for 3-channel Gaussians: decoded parameters -> raw ``[..., k, 9]``.
+
+    Values on the boundary of a decoded range (means of +-1, scales of 0 or ``scale_factor``,
+    colours and opacities of 0 or 1) are pulled inside by ``eps`` so the result is finite.
+    """
+    if g.channels != 3:
+        raise ValueError(f"encode: the raw layout holds 3 colour channels, got {g.channels}")
+    if not scale_factor > 0:
+        raise ValueError(f"scale_factor must be > 0, got {scale_factor}")
+
+    def logit(p: Tensor) -> Tensor:
+        p = p.clamp(eps, 1 - eps)
+        return torch.log(p) - torch.log1p(-p)
+
+    return torch.cat(
+        [
+            torch.atanh(g.means.clamp(-1 + eps, 1 - eps)),
+            logit(g.scales / scale_factor),
+            g.angles.unsqueeze(-1),
+            logit(g.colors),
+            logit(g.opacities).unsqueeze(-1),
+        ],
+        dim=-1,
+    )
+
+
+def rotation(angles: Tensor) -> Tensor:
+    """Rotation matrices ``[..., 2, 2]`` turning +x toward +y by ``angles`` (radians)."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def covariance(scales: Tensor, angles: Tensor) -> Tensor:
+    """Sigma = R diag(sx^2, sy^2) R^T, ``[..., 2, 2]``, in normalised units squared."""
+    r = rotation(angles)
+    return r @ torch.diag_embed(scales.square()) @ r.transpose(-1, -2)
+
+
+def conic(scales: Tensor, angles: Tensor) -> Tensor:
+    """Upper triangle ``(a, b, c)`` of Sigma^-1 = [[a, b], [b, c]], shape ``[..., 3]``.
+
+    Computed as R diag(1/sx^2, 1/sy^2) R^T, which needs no determinant and stays accurate for
+    very thin Gaussians.
+    """
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    ix, iy = scales[..., 0].square().reciprocal(), scales[..., 1].square().reciprocal()
+    return torch.stack([cos * cos * ix + sin * sin * iy, cos * sin * (ix - iy), sin * sin * ix + cos * cos * iy], -1)
+
+
+def det_covariance(scales: Tensor) -> Tensor:
+    """det(Sigma) = (sx * sy)^2, ``[...]``: small for Gaussians that shrank onto detail."""
+    return (scales[..., 0] * scales[..., 1]).square()
+
+
+def sample_initial(
+    batch_size: int,
+    num_gaussians: int,
+    *,
+    scale_factor: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Random raw Gaussians g0 ``[B, k, 9]`` for the denoising encoder (GViT 2.2).
+
+    Decoded, the means are uniform over the image (|x|, |y| <= 0.95), the scales are
+    ``scale_factor * sigmoid(N(-2, 0.5))`` (about 0.12 * c: a few Gaussians' widths across the
+    image for k in the hundreds), the angles uniform in [-pi, pi), and colours and opacities
+    are ``sigmoid(N(0, 1))``.
+    """
+    if batch_size < 0 or num_gaussians < 1:
+        raise ValueError(f"batch_size must be >= 0 and num_gaussians >= 1, got {batch_size}, {num_gaussians}")
+    shape = (batch_size, num_gaussians)
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    pos = torch.atanh(0.95 * (2 * torch.rand(*shape, 2, **kw) - 1))
+    scale = -2.0 + 0.5 * torch.randn(*shape, 2, **kw)
+    angle = math.pi * (2 * torch.rand(*shape, 1, **kw) - 1)
+    color = torch.randn(*shape, 3, **kw)
+    opacity = torch.randn(*shape, 1, **kw)
+    return torch.cat([pos, scale, angle, color, opacity], dim=-1)
+
+
+# --------------------------------------------------------------------------- files
+
+_FIELDS = ("means", "scales", "angles", "colors", "opacities")
+
+
+def save_gaussians(
+    path: str | os.PathLike,
+    gaussians: Gaussians,
+    *,
+    labels: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a batch of Gaussian sets to a safetensors file, atomically.
+
+    ``dtype`` is torch.float32 or torch.float16 for the parameters. ``labels`` ``[B]`` (int)
+    and string ``metadata`` travel with them. The file is written to a temporary name in the
+    same folder and renamed, so a reader never sees half a file.
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    validate_gaussians(gaussians, source=str(path))
+    tensors = {name: getattr(gaussians, name).detach().to("cpu", dtype).contiguous() for name in _FIELDS}
+    if gaussians.valid is not None:
+        tensors["valid"] = gaussians.valid.detach().to("cpu", torch.bool).contiguous()
+    if labels is not None:
+        if labels.shape != (gaussians.batch_size,):
+            raise ValueError(f"labels: expected shape ({gaussians.batch_size},), got {tuple(labels.shape)}")
+        tensors["labels"] = labels.detach().to("cpu", torch.int64).contiguous()
+    meta = {"format": FILE_FORMAT, "version": FILE_VERSION}
+    for key, value in (metadata or {}).items():
+        if not isinstance(value, str):
+            value = json.dumps(value)
+        meta[str(key)] = value
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """Read a file written by :func:`save_gaussians`: returns ``(gaussians, labels, metadata)``.
+
+    Loading runs no code (safetensors). Shapes and ranges are checked; a file that fails a
+    check raises ValueError naming the file and the field.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no Gaussian file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path}: not a gvit Gaussian file (format={meta.get('format')!r})")
+    missing = [name for name in _FIELDS if name not in tensors]
+    if missing:
+        raise ValueError(f"{path}: missing fields {missing}")
+    g = Gaussians(**{name: tensors[name].to(dtype) for name in _FIELDS}, valid=tensors.get("valid"))
+    validate_gaussians(g, source=str(path))
+    labels = tensors.get("labels")
+    if labels is not None and labels.shape != (g.batch_size,):
+        raise ValueError(f"{path}: labels have shape {tuple(labels.shape)}, expected ({g.batch_size},)")
+    return g, labels, meta
+
+
+def validate_gaussians(g: Gaussians, *, source: str = "gaussians") -> None:
+    """Raise ValueError (naming ``source`` and the field) unless ``g`` is a well-formed batch."""
+    if g.means.ndim != 3 or g.means.shape[-1] != 2:
+        raise ValueError(f"{source}: means must be [B, k, 2], got {tuple(g.means.shape)}")
+    b, k = g.means.shape[:2]
+    expected = {"scales": (b, k, 2), "angles": (b, k), "opacities": (b, k)}
+    for name, shape in expected.items():
+        if tuple(getattr(g, name).shape) != shape:
+            raise ValueError(f"{source}: {name} must have shape {shape}, got {tuple(getattr(g, name).shape)}")
+    if g.colors.ndim != 3 or g.colors.shape[:2] != (b, k) or g.colors.shape[2] < 1:
+        raise ValueError(f"{source}: colors must be [B, k, C] with B={b}, k={k}, got {tuple(g.colors.shape)}")
+    if g.valid is not None and (g.valid.shape != (b, k) or g.valid.dtype != torch.bool):
+        raise ValueError(f"{source}: valid must be a bool tensor of shape {(b, k)}, got {g.valid.dtype} {tuple(g.valid.shape)}")
+    for name in _FIELDS:
+        t = getattr(g, name)
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: {name} must be floating point, got {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{source}: {name} contains NaN or inf")
+    if (g.means.abs() > 1).any():
+        raise ValueError(f"{source}: means must lie in [-1, 1] (normalised coordinates)")
+    if (g.scales <= 0).any():
+        raise ValueError(f"{source}: scales must be > 0")
+    if ((g.opacities < 0) | (g.opacities > 1)).any():
+        raise ValueError(f"{source}: opacities must lie in [0, 1]")
