@@ -31,13 +31,14 @@ from torch import Tensor
 from ..gaussians import Gaussians, conic
 from . import _gsplat
 from ._cpu import CpuRasterize, default_tile_size
+from ._spec import ALPHA_MIN
 from ._torch import pixel_centers, rasterize_torch
 
 __all__ = ["rasterize", "render", "cull_extent", "pixel_centers", "BACKENDS", "MODES"]
 
 BACKENDS = ("auto", "cpu", "torch", "gsplat")
 MODES = ("alpha", "sum")
-_LOG255 = math.log(255.0)
+_LOG255 = -math.log(ALPHA_MIN)
 
 
 def rasterize(

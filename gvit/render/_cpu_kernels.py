@@ -29,9 +29,8 @@ import math
 import numba as nb
 import numpy as np
 
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from ._spec import ALPHA_MAX, ALPHA_MIN, T_MIN
+
 _OPTS = dict(nogil=True, cache=True, error_model="numpy")
 
 

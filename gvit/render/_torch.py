@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.999
-T_MIN = 1e-4
+from ._spec import ALPHA_MAX, ALPHA_MIN, T_MIN
+
 
 
 def pixel_centers(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
