@@ -102,10 +102,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.is_zip:
             if not zipfile.is_zipfile(self.root):
                 raise ValueError(f"ImageFolder: {self.root} is neither a directory nor a zip archive")
-            with zipfile.ZipFile(self.root) as zf:
-                names = [n for n in zf.namelist() if not n.endswith("/")]
-            files = [n for n in names if n.count("/") == 1 and n.lower().endswith(IMAGE_EXTENSIONS)]
-            pairs = [(n.split("/")[0], n) for n in files]
+            with zipfile.ZipFile(self.root) as zf:  # "<class>/<image>" names; directory entries end in "/"
+                pairs = [(n.split("/")[0], n) for n in zf.namelist()
+                         if n.count("/") == 1 and n.lower().endswith(IMAGE_EXTENSIONS)]
         else:
             pairs = [(d.name, str(f.relative_to(self.root)))
                      for d in self.root.iterdir() if d.is_dir()
