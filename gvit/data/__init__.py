@@ -1,7 +1,12 @@
 """Datasets and image readers. :mod:`gvit.data.shapes` is the built-in procedural dataset (no
-download); :mod:`gvit.data.images` reads image files and ImageFolder trees (directory or .zip)."""
+download); :mod:`gvit.data.images` reads image files and ImageFolder trees (directory or .zip);
+:mod:`gvit.data.cifar` reads CIFAR python batches without running pickled code;
+:func:`open_dataset` opens any of them by path."""
 
-from .images import ImageFolder, ImageReadError, decode_image, read_image
+from .cifar import CifarBatches, load_pickle
+from .datasets import ShapesDataset, open_dataset
+from .images import IMAGE_EXTENSIONS, ImageFolder, ImageReadError, decode_image, read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
-__all__ = ["SHAPE_CLASSES", "make_shapes", "ImageFolder", "ImageReadError", "decode_image", "read_image"]
+__all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
+           "decode_image", "read_image", "CifarBatches", "load_pickle", "open_dataset"]

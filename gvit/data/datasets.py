@@ -1,0 +1,79 @@
+"""One entry point for every dataset gvit reads: :func:`open_dataset`.
+
+Every dataset yields ``(image [3, H, W] float32 in [0, 1], label int)`` and has ``classes``
+(names, index = label) and ``labels`` (``[N]`` int64, without decoding any image).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .cifar import CifarBatches, is_cifar
+from .images import ImageFolder
+from .shapes import SHAPE_CLASSES, make_shapes
+
+SPLITS = ("train", "test")
+SHAPES_SIZES = {"train": 4096, "test": 1024}
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """The built-in procedural shapes (:func:`gvit.data.shapes.make_shapes`) as a dataset.
+
+    The train and test splits use different seeds, so they share no image. ``masks`` holds each
+    image's object mask ``[N, H, W]``.
+    """
+
+    def __init__(self, split: str = "train", *, n: int | None = None, size: int = 32, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"shapes split must be one of {SPLITS}, got {split!r}")
+        n = SHAPES_SIZES[split] if n is None else n
+        if n < 1:
+            raise ValueError(f"shapes: n must be >= 1, got {n}")
+        self.images, self.targets, self.masks = make_shapes(n, size, seed=seed * 2 + SPLITS.index(split))
+        self.classes = list(SHAPE_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def labels(self) -> Tensor:
+        return self.targets
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.targets[i])
+
+
+def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> torch.utils.data.Dataset:
+    """Open a dataset by path (``kwargs`` go to the dataset class).
+
+    ``path`` is one of:
+
+    * ``"shapes"`` (or ``"shapes:N"`` for N images): the built-in procedural dataset;
+    * a folder holding ``<split>.zip`` or ``<split>/`` ImageFolder trees (how ../shared/data
+      stores CIFAR-10 and Fashion-MNIST);
+    * a CIFAR-10/100 python layout (folder or .tar.gz, see :mod:`gvit.data.cifar`);
+    * one ImageFolder tree, a folder or a .zip (``split`` is then not used).
+    """
+    text = str(path)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if text == "shapes" or text.startswith("shapes:"):
+        n = text.partition(":")[2]
+        if n and not n.isdigit():
+            raise ValueError(f"dataset {text!r}: expected shapes or shapes:N with N a positive integer")
+        return ShapesDataset(split, n=int(n) if n else None, **kwargs)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"dataset: {root} does not exist (expected a folder, a .zip, a CIFAR "
+                                "python folder or .tar.gz, or 'shapes')")
+    if is_cifar(root):
+        return CifarBatches(root, split, **kwargs)
+    if root.is_dir():
+        for candidate in (root / f"{split}.zip", root / split):
+            if candidate.exists():
+                return ImageFolder(candidate, **kwargs)
+    return ImageFolder(root, **kwargs)
