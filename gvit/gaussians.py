@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ._io import atomic_path
 
 RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
 RAW_DIM = len(RAW_LAYOUT)
@@ -246,16 +247,8 @@ def save_gaussians(
         if not isinstance(value, str):
             value = json.dumps(value)
         meta[str(key)] = value
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
