@@ -14,17 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
-import subprocess
-import sys
 import time
 
+from _util import peak_rss_mb, rss_mb, run_child
+
 CASES = [(64, 256, 32, 32), (1, 512, 224, 224)]
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def measure(path: str, b: int, k: int, h: int, w: int, repeats: int, tile: int | None) -> dict:
@@ -50,22 +44,17 @@ def measure(path: str, b: int, k: int, h: int, w: int, repeats: int, tile: int |
             out = rasterize(*params, height=h, width=w, backend=path, tile_size=tile)
         out.square().mean().backward()
 
-    base = _rss_mb()
+    base = rss_mb()
     step()  # warm-up (numba compile / cache load)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = peak_rss_mb(base)
     sec = min(times)
     return {"path": path, "tile": tile, "B": b, "k": k, "H": h, "W": w, "seconds": sec,
             "gpx_per_s": b * k * h * w / sec, "peak_mb": peak}
-
-
-def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -85,9 +74,9 @@ def main() -> None:
     print("| B | k | H x W | path | time (ms) | Gaussian-px/s | peak RSS (MB) | speed-up vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for b, k, h, w in CASES:
-        dense = run_child([str(x) for x in ("dense", b, k, h, w, a.dense_repeats, 0)])
-        rows = [dense, run_child([str(x) for x in ("cpu", b, k, h, w, a.repeats, 0)])]
-        rows += [run_child([str(x) for x in ("cpu", b, k, h, w, a.repeats, t)]) for t in a.tile_sizes]
+        dense = run_child(__file__, [str(x) for x in ("dense", b, k, h, w, a.dense_repeats, 0)])
+        rows = [dense, run_child(__file__, [str(x) for x in ("cpu", b, k, h, w, a.repeats, 0)])]
+        rows += [run_child(__file__, [str(x) for x in ("cpu", b, k, h, w, a.repeats, t)]) for t in a.tile_sizes]
         for r in rows:
             name = "dense torch (baseline)" if r["path"] == "dense" else f"gvit cpu (tile {r['tile'] or 'auto'})"
             print(f"| {b} | {k} | {h}x{w} | {name} | {r['seconds'] * 1e3:.1f} | {r['gpx_per_s'] / 1e6:,.0f} M "

@@ -1,91 +1,177 @@
-"""The ``gvit`` command line."""
+"""The ``gvit`` command line: ``gvit demo``, ``gvit fit``, ``gvit fit-dataset``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+import typing
+from dataclasses import fields
 from pathlib import Path
+
+from .fit import INITS, FitConfig
+
+_CHOICES = {"init": INITS, "loss": ("mse", "bce"), "mode": ("alpha", "sum"),
+            "backend": ("auto", "cpu", "torch", "gsplat")}
+_HELP = {
+    "num_gaussians": "Gaussians per image (k)", "iters": "optimisation steps",
+    "init": "initialisation", "loss": "pixel loss", "dssim_weight": "weight of the D-SSIM term",
+    "lr_position": "position step size in pixels", "target_psnr": "stop an image once its PSNR reaches this (dB)",
+    "l1_opacity": "L1 penalty on opacities (drives unneeded Gaussians to 0 before pruning)",
+    "prune_tau": "prune Gaussians whose luminance contribution is below tau x the image mean",
+    "prune_at": "when to prune, as a fraction of the iterations", "scale_factor": "c in scale = c * sigmoid(s)",
+    "mode": "rasterizer compositing", "backend": "rasterizer backend",
+}
+
+
+def _add_fit_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (defaults from the dataclass)."""
+    group = parser.add_argument_group("fitting")
+    hints = typing.get_type_hints(FitConfig)
+    for f in fields(FitConfig):
+        default = defaults.get(f.name, f.default)
+        kind = hints[f.name]
+        if kind in (float | None, typing.Optional[float]):
+            kind = float
+        group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+                           choices=_CHOICES.get(f.name), help=f"{_HELP.get(f.name, f.name)} (default {default})")
+
+
+def _fit_config(args: argparse.Namespace) -> FitConfig:
+    return FitConfig(**{f.name: getattr(args, f.name) for f in fields(FitConfig)})
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
-    from tqdm import tqdm
 
     from .data import SHAPE_CLASSES, make_shapes
-    from .gaussians import decode, encode, sample_initial, save_gaussians
-    from .losses import psnr, reconstruction_loss, ssim
-    from .render import render
+    from .fit import fit_gaussians
+    from .gaussians import save_gaussians
+    from .viz import draw_ellipses, save_png, to_uint8
 
-    torch.manual_seed(args.seed)
+    for name in ("images", "size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     images, labels, _ = make_shapes(args.images, args.size, seed=args.seed)
-    raw0 = sample_initial(args.images, args.num_gaussians, generator=torch.Generator().manual_seed(args.seed))
-    # start each Gaussian with the colour of the pixel under its centre, small enough to refine
-    g0 = decode(raw0)
-    idx = ((g0.means + 1) / 2 * args.size).long().clamp(0, args.size - 1)
-    g0.colors = torch.stack([images[b, :, idx[b, :, 1], idx[b, :, 0]].T for b in range(args.images)])
-    g0.scales = torch.full_like(g0.scales, 1.5 / args.num_gaussians ** 0.5)
-    raw = encode(g0).requires_grad_()
-    opt = torch.optim.Adam([raw], lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.iters)
-    start = time.perf_counter()
-    for _ in tqdm(range(args.iters), desc=f"fitting {args.images} images x {args.num_gaussians} Gaussians",
-                  disable=args.quiet):
-        out = render(decode(raw), height=args.size, width=args.size)
-        loss = reconstruction_loss(out, images, "mse", dssim_weight=0.2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - start
+    cfg = _fit_config(args)
+    res = fit_gaussians(images, cfg, progress=not args.quiet)
     with torch.no_grad():
-        g = decode(raw)
-        out = render(g, height=args.size, width=args.size).clamp(0, 1)
-        p, s = psnr(out, images), ssim(out, images)
+        from .render import render
+
+        out = render(res.gaussians, height=args.size, width=args.size).clamp(0, 1)
     outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    save_gaussians(outdir / "gaussians.safetensors", g, labels=labels,
+    save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,
                    metadata={"height": str(args.size), "width": str(args.size), "source": "gvit demo shapes"})
-    grid = torch.cat([torch.cat([images[i], out[i]], dim=2) for i in range(args.images)], dim=1)
-    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).resize((pixels.shape[1] * 4, pixels.shape[0] * 4), Image.NEAREST).save(
-        outdir / "reconstructions.png")
+    rows = []
+    for i in range(args.images):
+        s = 8
+        overlay = torch.tensor(draw_ellipses(images[i], res.gaussians[i], scale=s)).permute(2, 0, 1) / 255
+        big = [x.repeat_interleave(s, 1).repeat_interleave(s, 2) for x in (images[i], out[i])]
+        rows.append(torch.cat([*big, overlay], dim=2))
+    save_png(outdir / "reconstructions.png", to_uint8(torch.cat(rows, dim=1)))
+    p, s = res.psnr, res.ssim
     lines = ["| image | class | PSNR (dB) | SSIM |", "|---|---|---|---|"]
     lines += [f"| {i} | {SHAPE_CLASSES[labels[i]]} | {p[i]:.2f} | {s[i]:.4f} |" for i in range(args.images)]
-    summary = (f"{args.images} shape images ({args.size}x{args.size}), {args.num_gaussians} Gaussians each, "
-               f"{args.iters} Adam steps in {seconds:.1f} s: mean PSNR {p.mean():.2f} dB, SSIM {s.mean():.4f}")
-    (outdir / "report.md").write_text("# gvit demo\n\n" + summary + "\n\n" + "\n".join(lines) + "\n")
+    summary = (f"{args.images} shape images ({args.size}x{args.size}), {cfg.num_gaussians} Gaussians each "
+               f"({cfg.init} init), {cfg.iters} Adam steps in {res.seconds:.1f} s: mean PSNR {p.mean():.2f} dB, "
+               f"SSIM {s.mean():.4f}")
+    from ._io import write_text
+
+    write_text(outdir / "report.md", "# gvit demo\n\n" + summary + "\n\n" + "\n".join(lines) + "\n")
     print(summary)
-    print(f"wrote {outdir / 'reconstructions.png'} (left: image, right: Gaussians), "
+    print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
           f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from .convert import fit_files
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    summary = fit_files(args.inputs, args.out, _fit_config(args), batch_size=args.batch_size, dtype=args.dtype,
+                        skip_bad=args.skip_bad, overwrite=args.overwrite, pictures=not args.no_pictures,
+                        progress=not args.quiet)
+    print(f"fitted {summary['fitted']} image(s) in {summary['seconds']:.1f} s, mean PSNR {summary['mean_psnr']:.2f} dB"
+          f"; {summary['already_done']} already done; {len(summary['skipped_bad'])} unreadable skipped"
+          f" -> {summary['out']}/metrics.csv")
+    return 0
+
+
+def _fit_dataset(args: argparse.Namespace) -> int:
+    from .convert import fit_dataset
+
+    result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, shard_size=args.shard_size,
+                         batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
+                         progress=not args.quiet)
+    if "num_images" in result:
+        print(f"{result['num_images']} images in {len(result['shards'])} shard(s): mean PSNR "
+              f"{result['mean_psnr']:.2f} dB, mean count {result['mean_count']:.1f}, "
+              f"{result['compression_vs_8bit']:.2f}x vs 8-bit pixels, {len(result['skipped'])} skipped "
+              f"-> {args.out}/manifest.json")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvit", description="Vision on 2D Gaussians.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="fit Gaussians to the built-in shapes images and write a report")
     demo.add_argument("--images", type=int, default=8)
     demo.add_argument("--size", type=int, default=32)
-    demo.add_argument("--num-gaussians", type=int, default=128)
-    demo.add_argument("--iters", type=int, default=300)
-    demo.add_argument("--lr", type=float, default=0.05)
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quiet", action="store_true")
+    _add_fit_options(demo, num_gaussians=128, iters=300, dssim_weight=0.2)
     demo.set_defaults(func=_demo)
+
+    fit = sub.add_parser("fit", help="fit Gaussians to image files or folders of images",
+                         description="Writes per image NAME.gaussians.safetensors, NAME.recon.png, "
+                                     "NAME.overlay.png (2-sigma ellipses) and one metrics.csv. Rerunning skips "
+                                     "images whose Gaussian file exists.")
+    fit.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    fit.add_argument("--out", required=True)
+    fit.add_argument("--batch-size", type=int, default=16, help="images of one size fitted together")
+    fit.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    fit.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
+    fit.add_argument("--overwrite", action="store_true", help="refit images that already have outputs")
+    fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
+    fit.add_argument("--quiet", action="store_true")
+    _add_fit_options(fit)
+    fit.set_defaults(func=_fit)
+
+    ds = sub.add_parser("fit-dataset", help="convert a whole dataset into sharded Gaussian files plus labels",
+                        description="Resumable (finished shards are kept); run under torchrun to split the "
+                                    "shards across processes.")
+    ds.add_argument("--data", required=True, help="'shapes', a folder with <split>.zip or <split>/, an "
+                                                   "ImageFolder (folder or .zip), or CIFAR python batches")
+    ds.add_argument("--split", choices=("train", "test"), default="train")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--shard-size", type=int, default=1024)
+    ds.add_argument("--batch-size", type=int, default=256)
+    ds.add_argument("--limit", type=int, default=None, help="convert only the first N images")
+    ds.add_argument("--dtype", choices=("float32", "float16"), default="float16")
+    ds.add_argument("--skip-bad", action="store_true")
+    ds.add_argument("--quiet", action="store_true")
+    _add_fit_options(ds)
+    ds.set_defaults(func=_fit_dataset)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("images", "size", "num_gaussians", "iters"):
-        if getattr(args, name, 1) < 1:
-            print(f"gvit: error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
-    return args.func(args)
+    from .data import ImageReadError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's own usage error (exit status 2)
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImageReadError) as exc:
+        print(f"gvit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gvit {args.command}: interrupted; finished outputs are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

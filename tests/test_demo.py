@@ -36,5 +36,7 @@ def test_demo_writes_report_and_loadable_gaussians(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(capsys):
-    assert main(["demo", "--iters", "0"]) == 2
-    assert "--iters" in capsys.readouterr().err
+    assert main(["demo", "--iters", "-1"]) == 2
+    assert "iters" in capsys.readouterr().err
+    assert main(["demo", "--images", "0"]) == 2
+    assert "--images" in capsys.readouterr().err
