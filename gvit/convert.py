@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._io import write_json, write_text
-from .data import IMAGE_EXTENSIONS, ImageReadError, open_dataset, read_image
+from .data import IMAGE_EXTENSIONS, ImageReadError, image_size, open_dataset, read_image
 from .fit import FitConfig, compact, compression_ratio, fit_gaussians
 from .gaussians import Gaussians, load_gaussians, save_gaussians
 from .render import render
@@ -94,46 +94,57 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
               pictures: bool = True, progress: bool = True, log=print) -> dict:
     """Fit Gaussians to image files (see the module docstring for what is written).
 
-    Images of the same size are fitted together, ``batch_size`` at a time. A file that cannot be
-    read raises :class:`~gvit.data.ImageReadError` naming it, before anything is fitted; with
-    ``skip_bad`` it is skipped and listed in the summary instead. Images whose Gaussian file
-    exists are skipped unless ``overwrite``. Returns a summary dict (counts, mean PSNR, skipped
-    files, seconds).
+    Images of the same size are fitted together, ``batch_size`` at a time, and read only when
+    their batch comes (memory stays bounded for any number of files). Every file's header is
+    checked first: a file that is not an image raises :class:`~gvit.data.ImageReadError` naming
+    it before anything is fitted (one whose pixels turn out corrupt raises when its batch is
+    read; finished images are kept). With ``skip_bad`` such files are skipped and listed in the
+    summary instead. Images whose Gaussian file exists are skipped unless ``overwrite``. Returns a
+    summary dict (counts, mean PSNR, skipped files, seconds).
     """
     torch_dtype, nbytes = _dtype(dtype)
     out = Path(out)
     jobs = collect_images(inputs)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-    images: dict[str, Tensor] = {}
-    sources: dict[str, Path] = {}
     bad: list[str] = []
     done = 0
+    by_size: dict[tuple[int, int], list[tuple[Path, str]]] = {}
     for path, name in jobs:
         if not overwrite and (out / f"{name}.gaussians.safetensors").is_file():
             done += 1
             continue
         try:
-            images[name] = read_image(path)
-            sources[name] = path
+            by_size.setdefault(image_size(path), []).append((path, name))
         except ImageReadError as exc:
             if not skip_bad:
                 raise
             bad.append(str(exc))
     metrics_path = out / "metrics.csv"
     rows = _read_metrics(metrics_path)
-    by_size: dict[tuple[int, int], list[str]] = {}
-    for name, img in images.items():
-        by_size.setdefault(tuple(img.shape[1:]), []).append(name)
-    batches = [names[i:i + batch_size] for names in by_size.values() for i in range(0, len(names), batch_size)]
+    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(images), desc="fitting", unit="img")
+        bar = tqdm(total=sum(len(b) for b in batches), desc="fitting", unit="img")
     start = time.perf_counter()
-    for names in batches:
-        x = torch.stack([images[n] for n in names])
+    fitted: list[str] = []
+    for batch in batches:
+        pixels, names, sources = [], [], {}
+        for path, name in batch:
+            try:
+                pixels.append(read_image(path))
+            except ImageReadError as exc:
+                if not skip_bad:
+                    raise
+                bad.append(str(exc))
+                continue
+            names.append(name)
+            sources[name] = path
+        if not names:
+            continue
+        x = torch.stack(pixels)
         res = fit_gaussians(x, config, progress=progress)
         h, w = x.shape[2:]
         with torch.no_grad():
@@ -153,12 +164,13 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
                           "compression": f"{float(compression_ratio(torch.tensor([count]), h, w, bytes_per_value=nbytes)):.3f}",
                           "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
         _write_metrics(metrics_path, rows)
+        fitted += names
         if bar is not None:
-            bar.update(len(names))
+            bar.update(len(batch))
             bar.set_postfix(psnr=f"{float(res.psnr.mean()):.2f}")
     if bar is not None:
         bar.close()
-    fitted = [rows[n] for n in images if n in rows]
+    fitted = [rows[n] for n in fitted]
     summary = {"fitted": len(fitted), "already_done": done, "skipped_bad": bad,
                "mean_psnr": sum(float(r["psnr"]) for r in fitted) / len(fitted) if fitted else float("nan"),
                "seconds": time.perf_counter() - start, "out": str(out)}
@@ -318,7 +330,8 @@ def _set_threads(local_world: int) -> None:
     """Share the machine's cores among the processes of one node."""
     import numba
 
-    threads = max(1, (os.cpu_count() or 1) // local_world)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // local_world)
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 

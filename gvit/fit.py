@@ -215,7 +215,7 @@ def gaussians_from_segments(images: Tensor, segments: Tensor, k: int) -> Gaussia
 
 
 def _kmeans_segments(images: Tensor, k: int, generator: torch.Generator, iters: int = 10,
-                     position_weight: float = 1.0, sample: int = 64) -> Tensor:
+                     position_weight: float = 1.0, sample: int = 16) -> Tensor:
     """Batched k-means over (r, g, b, x, y) pixel features (x, y in normalised units times
     ``position_weight``), seeded at the grid cells; fitted on at most ``sample`` pixels per cluster
     (randomly drawn), then every pixel is assigned. Returns labels ``[B, H, W]``."""

@@ -58,15 +58,38 @@ def draw_ellipses(image: Tensor, gaussians: Gaussians, *, sigma: float = 2.0, sc
     if gaussians.batch_size != 1:
         raise ValueError(f"draw_ellipses: expected one Gaussian set, got a batch of {gaussians.batch_size}")
     h, w = image.shape[-2:]
-    s = scale or upscale_factor(h, w)
+    keep = gaussians.valid[0] if gaussians.valid is not None else torch.ones(gaussians.num_gaussians, dtype=torch.bool)
+    keep = keep & (gaussians.opacities[0] >= 1 / 255)
+    if scale is None:  # at least 256 px, and about 6 px between neighbouring centres (up to 2048 px)
+        spacing = math.sqrt(h * w / max(1, int(keep.sum())))
+        scale = max(upscale_factor(h, w), min(math.ceil(6 / spacing), 2048 // max(h, w)))
+    s = scale
     base = Image.fromarray(to_uint8(image * dim)).resize((w * s, h * s), Image.NEAREST)
+    if int(keep.sum()) > DENSE_OUTLINES:
+        return _ellipse_density(np.asarray(base), gaussians, keep, h, w, s, sigma, color)
     draw = ImageDraw.Draw(base)
     polys = ellipse_polygons(gaussians, h, w, sigma=sigma)[0] * s
-    keep = gaussians.valid[0] if gaussians.valid is not None else torch.ones(len(polys), dtype=torch.bool)
-    keep = keep & (gaussians.opacities[0] >= 1 / 255)
     for poly in polys[keep].tolist():
         draw.polygon([tuple(p) for p in poly], outline=color)
     return np.asarray(base)
+
+
+DENSE_OUTLINES = 1500  # above this many ellipses, outlines are drawn as a density (solid lines would fill the image)
+
+
+def _ellipse_density(base: np.ndarray, gaussians: Gaussians, keep: Tensor, h: int, w: int, s: int, sigma: float,
+                     color: tuple[int, int, int]) -> np.ndarray:
+    """Many outlines: count outline samples per output pixel and blend ``color`` with strength
+    1 - exp(-count / 2), so crowded regions glow and sparse ones show the image."""
+    pts = ellipse_polygons(gaussians, h, w, sigma=sigma, points=96)[0][keep] * s
+    x = pts[..., 0].round().long().flatten()
+    y = pts[..., 1].round().long().flatten()
+    inside = (x >= 0) & (x < w * s) & (y >= 0) & (y < h * s)
+    counts = torch.zeros(h * s * w * s, dtype=torch.float64)
+    counts.index_add_(0, (y[inside] * (w * s) + x[inside]), torch.ones(int(inside.sum()), dtype=torch.float64))
+    strength = (1 - torch.exp(-counts / 2)).view(h * s, w * s, 1).numpy()
+    out = base.astype(np.float64) * (1 - strength) + np.asarray(color, dtype=np.float64) * strength
+    return out.round().astype(np.uint8)
 
 
 def save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:

@@ -179,3 +179,16 @@ def test_fit_dataset_skip_bad_images_in_a_zip(tmp_path):
     _, labels, indices, _ = load_shards(out)
     assert 6 not in indices.tolist() and labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert json.loads((out / "settings.json").read_text())["num_images"] == 7
+
+
+def test_fit_cli_image_with_good_header_and_corrupt_pixels(tmp_path, capsys):
+    d = _photo_dir(tmp_path)
+    data = (d / "rgb.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])  # header fine, pixel data cut
+    out = tmp_path / "out"
+    assert main(["fit", str(d / "truncated.png"), "--out", str(out), *QUICK]) == 2
+    assert "truncated.png" in capsys.readouterr().err
+    assert main(["fit", str(d), "--out", str(out), "--skip-bad", *QUICK]) == 0
+    assert "truncated.png" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.gaussians.safetensors")) == ["gray.gaussians.safetensors",
+                                                                            "rgb.gaussians.safetensors"]

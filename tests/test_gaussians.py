@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gvit.gaussians import (RAW_DIM, Gaussians, conic, covariance, decode, det_covariance, encode,
+from gvit.gaussians import (RAW_DIM, conic, covariance, decode, det_covariance, encode,
                             load_gaussians, sample_initial, save_gaussians)
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+
+from .base import InMemoryImages
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -102,7 +103,7 @@ def is_cifar(root: str | os.PathLike) -> bool:
     return {"test_batch", "batches.meta"} <= files or {"train", "test", "meta"} <= files
 
 
-class CifarBatches(torch.utils.data.Dataset):
+class CifarBatches(InMemoryImages):
     """CIFAR-10 or CIFAR-100 (python batches) as ``(image [3, 32, 32] float in [0, 1], label)``.
 
     ``split`` is "train" or "test". For CIFAR-100, ``label`` picks "fine" (100 classes) or
@@ -151,13 +152,3 @@ class CifarBatches(torch.utils.data.Dataset):
         n_classes = len(self.classes) or int(self.targets.max()) + 1
         if self.targets.min() < 0 or self.targets.max() >= n_classes:
             raise ValueError(f"CIFAR: {self.root} has labels outside [0, {n_classes})")
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    @property
-    def labels(self) -> Tensor:
-        return self.targets
-
-    def __getitem__(self, i: int):
-        return self.images[i].float() / 255.0, int(self.targets[i])

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
+from .base import InMemoryImages
 from .cifar import CifarBatches, is_cifar
 from .images import ImageFolder
 from .shapes import SHAPE_CLASSES, make_shapes
@@ -20,7 +20,7 @@ SPLITS = ("train", "test")
 SHAPES_SIZES = {"train": 4096, "test": 1024}
 
 
-class ShapesDataset(torch.utils.data.Dataset):
+class ShapesDataset(InMemoryImages):
     """The built-in procedural shapes (:func:`gvit.data.shapes.make_shapes`) as a dataset.
 
     The train and test splits use different seeds, so they share no image. ``masks`` holds each
@@ -35,16 +35,6 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"shapes: n must be >= 1, got {n}")
         self.images, self.targets, self.masks = make_shapes(n, size, seed=seed * 2 + SPLITS.index(split))
         self.classes = list(SHAPE_CLASSES)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    @property
-    def labels(self) -> Tensor:
-        return self.targets
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.targets[i])
 
 
 def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> torch.utils.data.Dataset:

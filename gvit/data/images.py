@@ -83,6 +83,21 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None, *, mi
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels.
+
+    Raises :class:`ImageReadError` naming the file when it is not a recognisable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+    return height, width
+
+
 def read_image(path: str | os.PathLike, *, min_size: int = 1) -> Tensor:
     """Read one image file to ``[3, H, W]`` float32 in [0, 1] (see :func:`decode_image`)."""
     return decode_image(Path(path), str(path), min_size=min_size)
