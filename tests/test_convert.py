@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,16 @@ def test_fit_cli_image_with_good_header_and_corrupt_pixels(tmp_path, capsys):
     assert "truncated.png" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.gaussians.safetensors")) == ["gray.gaussians.safetensors",
                                                                             "rgb.gaussians.safetensors"]
+
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.skipif(not (SHARED_CIFAR / "test.zip").exists(), reason="needs ../shared/data")
+def test_fit_dataset_on_the_shared_cifar10_test_split(tmp_path):
+    manifest = fit_dataset(SHARED_CIFAR, tmp_path, FitConfig(num_gaussians=32, iters=5), split="test", limit=40,
+                           shard_size=16, progress=False)
+    g, labels, indices, _ = load_shards(tmp_path)
+    assert indices.tolist() == list(range(40)) and manifest["classes"][0] == "airplane"
+    assert torch.equal(labels, open_dataset(SHARED_CIFAR, "test").labels[:40])
+    assert manifest["height"] == manifest["width"] == 32 and g.means.shape == (40, 32, 2)
