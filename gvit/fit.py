@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .gaussians import ANGLE, COLOR, OPACITY, POS, RAW_DIM, SCALE, Gaussians, decode, encode, sample_initial
 from .losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
-from .render import MODES, render
+from .render import MODES, pixel_centers, render
 
 __all__ = [
     "INITS", "FitConfig", "FitResult", "fit_gaussians", "initialize", "luminance_contribution",
@@ -183,10 +183,8 @@ def gaussians_from_segments(images: Tensor, segments: Tensor, k: int) -> Gaussia
     """
     b, _, h, w = images.shape
     dtype = torch.float64
-    ys = (torch.arange(h, dtype=dtype) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=dtype) * 2 + 1) / w - 1
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    feats = torch.stack([torch.ones_like(xx), xx, yy, xx * xx, xx * yy, yy * yy], 0).flatten(1)  # [6, N]
+    xx, yy = pixel_centers(h, w, dtype=dtype).T
+    feats = torch.stack([torch.ones_like(xx), xx, yy, xx * xx, xx * yy, yy * yy], 0)  # [6, N]
     seg = segments.reshape(b, -1)
     sums = torch.zeros(b, k, 6, dtype=dtype).scatter_add_(1, seg[..., None].expand(-1, -1, 6),
                                                         feats.T.expand(b, -1, -1).contiguous())
@@ -208,10 +206,7 @@ def gaussians_from_segments(images: Tensor, segments: Tensor, k: int) -> Gaussia
     g = Gaussians(means=torch.stack([mx, my], -1).clamp(-0.999, 0.999), scales=scales, angles=angle,
                   colors=(col / n[..., None]).clamp(0, 1), opacities=opac)
     order = torch.where(empty, torch.inf, sums[..., 0]).argsort(dim=1)  # small first, empty last
-    g = Gaussians(**{f.name: torch.gather(getattr(g, f.name), 1, order.view(b, k, *([1] * (getattr(g, f.name).ndim - 2)))
-                                          .expand_as(getattr(g, f.name)))
-                     for f in fields(Gaussians) if f.name != "valid"})
-    return g.to(images.dtype)
+    return _take_sets(g, order).to(images.dtype)
 
 
 def _kmeans_segments(images: Tensor, k: int, generator: torch.Generator, iters: int = 10,
@@ -221,10 +216,7 @@ def _kmeans_segments(images: Tensor, k: int, generator: torch.Generator, iters: 
     (randomly drawn), then every pixel is assigned. Returns labels ``[B, H, W]``."""
     b, _, h, w = images.shape
     n = h * w
-    ys = (torch.arange(h, dtype=torch.float32) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=torch.float32) * 2 + 1) / w - 1
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    pos = torch.stack([xx, yy], 0).flatten(1) * position_weight  # [2, N]
+    pos = pixel_centers(h, w).T * position_weight  # [2, N]
     feats = torch.cat([images.float().flatten(2), pos.expand(b, 2, n)], 1).transpose(1, 2)  # [B, N, 5]
     grid = _grid_init(images.float(), k, generator)
     centres = torch.cat([grid.colors, grid.means * position_weight], -1)  # [B, k, 5]
@@ -367,12 +359,19 @@ def compact(gaussians: Gaussians, raw: Tensor | None = None):
     order = (~g.valid).to(torch.int8).argsort(dim=1, stable=True)
     kmax = max(1, int(g.valid.sum(1).max()))
     order = order[:, :kmax]
+    out = _take_sets(g, order)
+    return (out, _take(raw, order)) if raw is not None else out
 
-    def take(t: Tensor) -> Tensor:
-        return torch.gather(t, 1, order.view(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:]))
 
-    out = Gaussians(**{f.name: take(getattr(g, f.name)) for f in fields(Gaussians)})
-    return (out, take(raw)) if raw is not None else out
+def _take(t: Tensor, order: Tensor) -> Tensor:
+    """``t[b, order[b, j], ...]`` for a ``[B, k, ...]`` tensor and indices ``[B, k']``."""
+    return torch.gather(t, 1, order.view(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:]))
+
+
+def _take_sets(g: Gaussians, order: Tensor) -> Gaussians:
+    """Reorder / select the Gaussians of every set by ``order`` ``[B, k']`` (all fields, mask included)."""
+    return Gaussians(**{f.name: None if getattr(g, f.name) is None else _take(getattr(g, f.name), order)
+                        for f in fields(Gaussians)})
 
 
 def compression_ratio(counts: Tensor, height: int, width: int, *, bytes_per_value: int = 2,
