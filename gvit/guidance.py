@@ -1,0 +1,156 @@
+"""GViT's training mechanics: the losses of one batch, constructive gradient guidance, and the
+phase schedule (paper 2.2, equation (1), Algorithm 1, Appendix A).
+
+One batch: g0 (random raw Gaussians) -> encoder -> raw g ``[B, k, 9]`` -> (a) decode + render ->
+reconstruction loss against the images, (b) classifier(g) -> cross-entropy against the labels.
+
+Constructive guidance (every ``guidance_every`` steps of the guidance phase): the classifier is
+frozen (no gradient, no optimiser step); the gradients of the reconstruction loss and of the
+classification loss with respect to the encoder's parameters are taken separately and combined as
+``grad_rec + gamma * grad_cls``, then the encoder takes one optimiser step. Stepping along
+``-(grad_rec + gamma * grad_cls)`` *descends* the classification loss: the minus sign of the paper's
+equation (1) describes the update direction (the opposite of an adversarial FGSM step), Algorithm 1
+the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gaussians import decode
+from .losses import reconstruction_loss
+from .render import render
+
+__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_step"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one training step does."""
+
+    name: str
+    train_encoder: bool
+    train_classifier: bool
+    lambda_perc: float
+    lambda_cls: float
+    guidance: bool
+
+
+@dataclass(frozen=True)
+class Phases:
+    """The phase schedule as fractions of training (Appendix A; all values in [0, 1]).
+
+    [0, classifier_from): the encoder alone on the reconstruction loss, with D-SSIM weighted by
+    ``lambda_perc`` from ``perceptual_from`` on; [classifier_from, pretrain_until): the classifier alone on
+    frozen Gaussians (the pre-training variant of 2.2; empty by default); then encoder and classifier
+    jointly with ``lambda_cls``; from ``guidance_from`` on, every ``guidance_every``-th step is a guidance
+    step with ``gamma``.
+    """
+
+    perceptual_from: float = 0.1
+    classifier_from: float = 0.25
+    pretrain_until: float = 0.25
+    guidance_from: float = 0.75
+    lambda_perc: float = 0.1
+    lambda_cls: float = 1.0
+    gamma: float = 0.1
+    guidance_every: int = 10
+
+    def __post_init__(self) -> None:
+        order = (0.0, self.perceptual_from, 1.0)
+        stages = (0.0, self.classifier_from, self.pretrain_until, self.guidance_from, 1.0)
+        if not all(0 <= v <= 1 for v in order + stages):
+            raise ValueError(f"phases: fractions must lie in [0, 1], got {self}")
+        if list(stages) != sorted(stages):
+            raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
+                             f"{self.classifier_from}, {self.pretrain_until}, {self.guidance_from}")
+        if self.guidance_every < 1 or self.gamma < 0 or self.lambda_perc < 0 or self.lambda_cls < 0:
+            raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_perc, lambda_cls >= 0, got {self}")
+
+    def at(self, step: int, total: int) -> Phase:
+        """The phase of 0-based ``step`` out of ``total`` steps."""
+        if total < 1 or not 0 <= step < total:
+            raise ValueError(f"phases: step {step} outside a run of {total} steps")
+        t = step / total
+        perc = self.lambda_perc if t >= self.perceptual_from else 0.0
+        if t < self.classifier_from:
+            return Phase("encoder", True, False, perc, 0.0, False)
+        if t < self.pretrain_until:
+            return Phase("classifier-pretrain", False, True, perc, self.lambda_cls, False)
+        if t >= self.guidance_from:
+            first = _first_step(self.guidance_from, total)
+            if (step - first) % self.guidance_every == self.guidance_every - 1:
+                return Phase("guidance", True, False, perc, self.lambda_cls, True)
+        return Phase("joint", True, True, perc, self.lambda_cls, False)
+
+
+def _first_step(fraction: float, total: int) -> int:
+    """The smallest step s with s / total >= fraction (the comparison :meth:`Phases.at` makes)."""
+    s = math.ceil(fraction * total)
+    while s > 0 and (s - 1) / total >= fraction:
+        s -= 1
+    while s / total < fraction:
+        s += 1
+    return s
+
+
+@dataclass
+class BatchLosses:
+    """Losses of one batch: ``reconstruction`` (pixel + lambda_perc * D-SSIM), ``classification``
+    (cross-entropy, None when no classifier ran), the raw Gaussians ``g``, the render and logits."""
+
+    reconstruction: Tensor
+    classification: Tensor | None
+    g: Tensor
+    rendered: Tensor
+    logits: Tensor | None
+
+
+def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tensor, labels: Tensor | None,
+                 g0: Tensor | None, *, scale_factor: float = 1.0, pixel_loss: str = "bce",
+                 lambda_perc: float = 0.0) -> BatchLosses:
+    """Run the encoder (and the classifier, when given) on one batch."""
+    g = encoder(images, g0)
+    h, w = images.shape[-2:]
+    rendered = render(decode(g, scale_factor), height=h, width=w)
+    rec = reconstruction_loss(rendered, images, pixel_loss, dssim_weight=lambda_perc)
+    logits = cls = None
+    if classifier is not None:
+        logits = classifier(g)
+        cls = F.cross_entropy(logits, labels)
+    return BatchLosses(rec, cls, g, rendered, logits)
+
+
+def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: torch.optim.Optimizer,
+                  images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float, scale_factor: float = 1.0,
+                  pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
+    """One constructive-guidance step: encoder gradient = grad_rec + gamma * grad_cls, the
+    classifier frozen (its parameters get no gradient and are not stepped). Returns the batch's
+    losses before the step. Non-finite gradients are left for the caller's guard to see."""
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    frozen = [p for p in classifier.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        losses = batch_losses(encoder, classifier, images, labels, g0, scale_factor=scale_factor,
+                              pixel_loss=pixel_loss, lambda_perc=lambda_perc)
+        grad_rec = torch.autograd.grad(losses.reconstruction, params, retain_graph=True, allow_unused=True)
+        grad_cls = torch.autograd.grad(losses.classification, params, allow_unused=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    encoder_optimizer.zero_grad(set_to_none=True)
+    for p, gr, gc in zip(params, grad_rec, grad_cls):
+        if gr is None and gc is None:
+            continue
+        total = torch.zeros_like(p) if gr is None else gr.clone()
+        if gc is not None:
+            total.add_(gc, alpha=gamma)
+        p.grad = total
+    encoder_optimizer.step()
+    return losses

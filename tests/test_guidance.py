@@ -1,0 +1,82 @@
+import copy
+
+import pytest
+import torch
+
+from gvit.data import make_shapes
+from gvit.gaussians import sample_initial
+from gvit.guidance import Phases, batch_losses, guidance_step
+from gvit.models import GaussianClassifier, GaussianEncoder
+
+
+def test_phase_schedule_as_fractions_of_training():
+    phases = Phases()
+    names = [phases.at(s, 100).name for s in range(100)]
+    assert names[:25] == ["encoder"] * 25
+    assert [phases.at(s, 100).lambda_perc for s in (0, 9, 10, 50)] == [0.0, 0.0, 0.1, 0.1]
+    assert set(names[25:75]) == {"joint"}
+    assert [s for s in range(100) if names[s] == "guidance"] == [84, 94]
+    assert all(phases.at(s, 100).lambda_cls == 0 for s in range(25))
+    g = phases.at(84, 100)
+    assert g.guidance and g.train_encoder and not g.train_classifier and g.lambda_cls == 1.0
+    pre = Phases(classifier_from=0.2, pretrain_until=0.5, guidance_from=0.8, guidance_every=1)
+    names = [pre.at(s, 10).name for s in range(10)]
+    assert names == ["encoder"] * 2 + ["classifier-pretrain"] * 3 + ["joint"] * 3 + ["guidance"] * 2
+    assert not pre.at(3, 10).train_encoder and pre.at(3, 10).train_classifier
+    for bad in (dict(classifier_from=0.5, pretrain_until=0.4), dict(guidance_from=1.5), dict(guidance_every=0),
+                dict(gamma=-1)):
+        with pytest.raises(ValueError, match="phases"):
+            Phases(**bad)
+    with pytest.raises(ValueError, match="step"):
+        Phases().at(10, 10)
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    images, labels, _ = make_shapes(8, 16, seed=seed)
+    encoder = GaussianEncoder(16, 4, 12, "micro")
+    classifier = GaussianClassifier(12, 6, "micro")
+    g0 = sample_initial(8, 12, generator=torch.Generator().manual_seed(seed))
+    # a few joint steps so the encoder's residual head is no longer zero and gradients reach every layer
+    opt = torch.optim.SGD(list(encoder.parameters()) + list(classifier.parameters()), lr=0.05)
+    for _ in range(3):
+        out = batch_losses(encoder, classifier, images, labels, g0)
+        opt.zero_grad()
+        (out.reconstruction + out.classification).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return encoder, classifier, images, labels, g0
+
+
+def _ce_after(encoder, classifier, images, labels, g0, gamma, lr=1e-3):
+    enc = copy.deepcopy(encoder)
+    opt = torch.optim.SGD(enc.parameters(), lr=lr)
+    before = guidance_step(enc, classifier, opt, images, labels, g0, gamma=gamma)
+    with torch.no_grad():
+        after = batch_losses(enc, classifier, images, labels, g0)
+    return before.classification.item(), after.classification.item(), enc
+
+
+def test_guidance_lowers_the_classification_loss_and_freezes_the_classifier():
+    encoder, classifier, images, labels, g0 = _setup()
+    state = {k: v.clone() for k, v in classifier.state_dict().items()}
+    before, guided, enc = _ce_after(encoder, classifier, images, labels, g0, gamma=0.1)
+    _, unguided, _ = _ce_after(encoder, classifier, images, labels, g0, gamma=0.0)
+    assert guided < before  # one small step descends the classification loss
+    assert guided < unguided  # and it is the gamma * grad_cls term that does it
+    assert all(torch.equal(state[k], v) for k, v in classifier.state_dict().items())  # bit-identical
+    assert all(p.grad is None and p.requires_grad for p in classifier.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(enc.parameters(), encoder.parameters()))
+
+
+def test_guidance_gradient_is_rec_plus_gamma_cls():
+    encoder, classifier, images, labels, g0 = _setup(1)
+    params = list(encoder.parameters())
+    out = batch_losses(encoder, classifier, images, labels, g0)
+    g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True)
+    g_cls = torch.autograd.grad(out.classification, params)
+    enc = copy.deepcopy(encoder)
+    opt = torch.optim.SGD(enc.parameters(), lr=1.0)
+    guidance_step(enc, classifier, opt, images, labels, g0, gamma=0.3)
+    for p0, p1, gr, gc in zip(params, enc.parameters(), g_rec, g_cls):
+        assert torch.allclose(p0 - p1, gr + 0.3 * gc, atol=1e-6, rtol=1e-5)
