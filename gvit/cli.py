@@ -111,6 +111,42 @@ def _fit_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    if result.get("finished") and "top1" in result:
+        extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
+        print(f"{cfg.model}: top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra} "
+              f"-> {cfg.out}/result.json")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .train import TrainConfig, _datasets, _device, _limit, build_models, evaluate, load_checkpoint, load_config
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = TrainConfig(**state["config"])
+    if args.overrides:
+        changed = load_config(None, args.overrides)
+        cfg = replace(cfg, **{k.partition("=")[0]: getattr(changed, k.partition("=")[0]) for k in args.overrides})
+    device = _device(cfg)
+    _, test_ds, collate = _datasets(cfg)
+    if test_ds is None:
+        raise ValueError(f"no evaluation split {cfg.eval_split!r} in {cfg.data}")
+    run = build_models(cfg, len(state["classes"]), device)
+    run.classifier.load_state_dict(state["classifier"])
+    if run.encoder is not None:
+        run.encoder.load_state_dict(state["encoder"])
+    result = evaluate(cfg, run, _limit(test_ds, cfg.limit_eval), collate, device)
+    extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
+    print(f"{args.checkpoint}: top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvit", description="Vision on 2D Gaussians.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--quiet", action="store_true")
     _add_fit_options(ds)
     ds.set_defaults(func=_fit_dataset)
+
+    tr = sub.add_parser("train", help="train GViT or a baseline (config file + key=value overrides)",
+                        description="Keys and defaults: gvit.train.TrainConfig. Runs under torchrun as well.")
+    tr.add_argument("--config", help="YAML file of key: value")
+    tr.add_argument("overrides", nargs="*", metavar="key=value")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its evaluation split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -165,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImageReadError) as exc:
+    except (ValueError, FileNotFoundError, ImageReadError, FloatingPointError) as exc:
         print(f"gvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

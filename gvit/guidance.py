@@ -26,7 +26,7 @@ from .gaussians import decode
 from .losses import reconstruction_loss
 from .render import render
 
-__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_step"]
+__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward", "guidance_step"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tenso
     """Run the encoder (and the classifier, when given) on one batch."""
     g = encoder(images, g0)
     h, w = images.shape[-2:]
-    rendered = render(decode(g, scale_factor), height=h, width=w)
-    rec = reconstruction_loss(rendered, images, pixel_loss, dssim_weight=lambda_perc)
+    rendered = render(decode(g.float(), scale_factor), height=h, width=w)  # rasterize in float32 (bf16 autocast)
+    rec = reconstruction_loss(rendered, images.float(), pixel_loss, dssim_weight=lambda_perc)
     logits = cls = None
     if classifier is not None:
         logits = classifier(g)
@@ -129,9 +129,20 @@ def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tenso
 def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: torch.optim.Optimizer,
                   images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float, scale_factor: float = 1.0,
                   pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
-    """One constructive-guidance step: encoder gradient = grad_rec + gamma * grad_cls, the
-    classifier frozen (its parameters get no gradient and are not stepped). Returns the batch's
-    losses before the step. Non-finite gradients are left for the caller's guard to see."""
+    """One constructive-guidance step: :func:`guidance_backward`, then the encoder's optimiser step.
+    Returns the batch's losses before the step."""
+    encoder_optimizer.zero_grad(set_to_none=True)
+    losses = guidance_backward(encoder, classifier, images, labels, g0, gamma=gamma, scale_factor=scale_factor,
+                               pixel_loss=pixel_loss, lambda_perc=lambda_perc)
+    encoder_optimizer.step()
+    return losses
+
+
+def guidance_backward(encoder: nn.Module, classifier: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None,
+                      *, gamma: float, scale_factor: float = 1.0, pixel_loss: str = "bce",
+                      lambda_perc: float = 0.0) -> BatchLosses:
+    """Set the encoder's ``.grad`` to grad_rec + gamma * grad_cls with the classifier frozen (its
+    parameters get no gradient). Non-finite values are left for the caller's guard to see."""
     params = [p for p in encoder.parameters() if p.requires_grad]
     frozen = [p for p in classifier.parameters() if p.requires_grad]
     for p in frozen:
@@ -144,7 +155,6 @@ def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    encoder_optimizer.zero_grad(set_to_none=True)
     for p, gr, gc in zip(params, grad_rec, grad_cls):
         if gr is None and gc is None:
             continue
@@ -152,5 +162,4 @@ def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: 
         if gc is not None:
             total.add_(gc, alpha=gamma)
         p.grad = total
-    encoder_optimizer.step()
     return losses

@@ -1,0 +1,129 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gvit.cli import main
+from gvit.train import TrainConfig, load_checkpoint, load_config, train
+
+TINY = dict(data="shapes:96", limit_eval=48, encoder_size="micro", classifier_size="micro", image_size=16, patch=4,
+            num_gaussians=12, batch_size=16, steps=12, log_every=2, checkpoint_every=100, classifier_from=0.25,
+            pretrain_until=0.25, guidance_from=0.5, guidance_every=2)
+
+
+def _weights(out):
+    state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    return {f"{m}.{k}": v for m in ("encoder", "classifier") for k, v in state.get(m, {}).items()}
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    a = train(TrainConfig(**TINY, out=str(tmp_path / "a")), progress=False)
+    assert a["finished"] and 0 <= a["top1"] <= 1 and "psnr" in a
+    cfg = TrainConfig(**TINY, out=str(tmp_path / "b"))
+    part = train(cfg, stop_after=5, progress=False)
+    assert part == {"step": 5, "finished": False}
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 5
+    b = train(cfg, resume=True, progress=False)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert b["top1"] == a["top1"]
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(tmp_path / run / "metrics.jsonl")]
+
+    assert log("a") == log("b")  # same steps, phases and losses
+    assert {"encoder", "joint", "guidance"} <= {row["phase"] for row in log("a")}
+    with pytest.raises(ValueError, match="other settings.*gamma"):
+        train(TrainConfig(**(TINY | {"gamma": 0.05}), out=str(tmp_path / "b")), resume=True, progress=False)
+
+
+def test_two_processes_match_one(tmp_path):
+    overrides = [f"{k}={v}" for k, v in TINY.items()] + ["steps=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *overrides, f"out={one}", "--quiet"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gvit.cli",
+           "train", *overrides, f"out={two}", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w1, w2 = _weights(one), _weights(two)
+    # same global batches, gradients averaged over the ranks: equal up to float rounding (Adam turns the
+    # rounding noise of the key biases, whose true gradient is 0 under softmax, into steps of ~lr)
+    assert all(torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-4) for k in w1)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # really two different runs
+
+
+@pytest.mark.parametrize("model", ["patch_vit", "offline"])
+def test_baselines_train_and_evaluate(tmp_path, model, capsys):
+    extra = {}
+    if model == "offline":
+        from gvit.convert import fit_dataset
+        from gvit.fit import FitConfig
+
+        for split in ("train", "test"):
+            fit_dataset("shapes:64", tmp_path / split, FitConfig(num_gaussians=12, iters=20), split=split,
+                        progress=False)
+        extra = dict(offline_train=str(tmp_path / "train"), offline_eval=str(tmp_path / "test"))
+    cfg = TrainConfig(**(TINY | {"model": model, "steps": 6} | extra), out=str(tmp_path / "run"))
+    result = train(cfg, progress=False)
+    assert result["finished"] and result["eval_images"] > 0 and "psnr" not in result
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt")]) == 0
+    assert f"{100 * result['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_nan_guard_skips_and_then_stops(tmp_path, monkeypatch):
+    import gvit.train as T
+
+    real = T.batch_losses
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.reconstruction = out.reconstruction * float("nan")
+        return out
+
+    monkeypatch.setattr(T, "batch_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="NaN/inf.*gamma"):
+        train(TrainConfig(**(TINY | {"max_bad_steps": 3}), out=str(tmp_path / "r")), progress=False)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'gama'"):
+        load_config(None, ["gama=0.1"])
+    with pytest.raises(ValueError, match="gamma expects float"):
+        load_config(None, ["gamma=lots"])
+    with pytest.raises(ValueError, match="model must be one of gvit, patch_vit, offline"):
+        load_config(None, ["model=resnet"])
+    with pytest.raises(ValueError, match="divisible by patch"):
+        load_config(None, ["image_size=30", "patch=4"])
+    with pytest.raises(ValueError, match="guidance_from"):
+        load_config(None, ["guidance_from=0.1"])
+    with pytest.raises(ValueError, match="offline_train"):
+        load_config(None, ["model=offline"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("steps: [1, 2\n")
+    with pytest.raises(ValueError, match="c.yaml"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_config(bad)
+    good = tmp_path / "g.yaml"
+    good.write_text("steps: 7\nhflip: false\ngrad_clip: 1.0\n")
+    cfg = load_config(good, ["steps=9", "grad_clip=none"])
+    assert cfg.steps == 9 and cfg.hflip is False and cfg.grad_clip is None
+    assert main(["train", "gama=1"]) == 2
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path):
+    p = tmp_path / "ck.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="ck.pt"):
+        load_checkpoint(p)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"classifier": Evil(), "config": {}}, p)
+    with pytest.raises(ValueError, match="ck.pt"):
+        load_checkpoint(p)
