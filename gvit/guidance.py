@@ -115,7 +115,11 @@ def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tenso
                  g0: Tensor | None, *, scale_factor: float = 1.0, pixel_loss: str = "bce",
                  lambda_perc: float = 0.0) -> BatchLosses:
     """Run the encoder (and the classifier, when given) on one batch."""
-    g = encoder(images, g0)
+    return _losses_of(encoder(images, g0), classifier, images, labels, scale_factor, pixel_loss, lambda_perc)
+
+
+def _losses_of(g: Tensor, classifier: nn.Module | None, images: Tensor, labels: Tensor | None, scale_factor: float,
+               pixel_loss: str, lambda_perc: float) -> BatchLosses:
     h, w = images.shape[-2:]
     rendered = render(decode(g.float(), scale_factor), height=h, width=w)  # rasterize in float32 (bf16 autocast)
     rec = reconstruction_loss(rendered, images.float(), pixel_loss, dssim_weight=lambda_perc)
@@ -141,25 +145,22 @@ def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: 
 def guidance_backward(encoder: nn.Module, classifier: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None,
                       *, gamma: float, scale_factor: float = 1.0, pixel_loss: str = "bce",
                       lambda_perc: float = 0.0) -> BatchLosses:
-    """Set the encoder's ``.grad`` to grad_rec + gamma * grad_cls with the classifier frozen (its
-    parameters get no gradient). Non-finite values are left for the caller's guard to see."""
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    """Add grad_rec + gamma * grad_cls to the encoder's ``.grad`` (zero it first) with the classifier
+    frozen (its parameters get no gradient). Non-finite values are left for the caller's guard to see."""
     frozen = [p for p in classifier.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        losses = batch_losses(encoder, classifier, images, labels, g0, scale_factor=scale_factor,
-                              pixel_loss=pixel_loss, lambda_perc=lambda_perc)
-        grad_rec = torch.autograd.grad(losses.reconstruction, params, retain_graph=True, allow_unused=True)
-        grad_cls = torch.autograd.grad(losses.classification, params, allow_unused=True)
+        g = encoder(images, g0)
+        # both gradients are taken at g and pulled back through the encoder once: J^T (d rec/dg +
+        # gamma d cls/dg) = grad_rec + gamma * grad_cls exactly, at the cost of one encoder backward
+        at = g.detach().requires_grad_(True)
+        losses = _losses_of(at, classifier, images, labels, scale_factor, pixel_loss, lambda_perc)
+        d_rec, = torch.autograd.grad(losses.reconstruction, at, retain_graph=True)
+        d_cls, = torch.autograd.grad(losses.classification, at)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    for p, gr, gc in zip(params, grad_rec, grad_cls):
-        if gr is None and gc is None:
-            continue
-        total = torch.zeros_like(p) if gr is None else gr.clone()
-        if gc is not None:
-            total.add_(gc, alpha=gamma)
-        p.grad = total
+    g.backward(d_rec + gamma * d_cls)
+    losses.g = g
     return losses
