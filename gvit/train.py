@@ -29,7 +29,7 @@ import os
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -85,8 +85,9 @@ class TrainConfig:
     lambda_cls: float = Phases.lambda_cls
     gamma: float = Phases.gamma
     guidance_every: int = Phases.guidance_every
-    # optimisation
+    # optimisation (``epochs``, when set, replaces ``steps`` by ceil(epochs * train images / batch_size))
     steps: int = 1000
+    epochs: float | None = None
     batch_size: int = 128
     base_lr: float = 1e-3
     weight_decay: float = 0.05
@@ -121,6 +122,8 @@ class TrainConfig:
             raise ValueError(f"config: image_size {self.image_size} must be divisible by patch {self.patch}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"config: epochs must be > 0 (or null), got {self.epochs}")
         if self.base_lr <= 0 or self.scale_factor <= 0:
             raise ValueError("config: base_lr and scale_factor must be > 0")
         if self.model == "offline" and not self.offline_train:
@@ -434,6 +437,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     train_ds, test_ds, collate = _datasets(cfg)
     train_ds, test_ds = _limit(train_ds, cfg.limit_train), (_limit(test_ds, cfg.limit_eval) if test_ds else None)
     classes = list(train_ds.classes)
+    if cfg.epochs is not None:
+        cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * len(train_ds) / cfg.batch_size)), epochs=None)
     run = build_models(cfg, len(classes), device)
     phases = cfg.phases()
     start, bad_steps = 0, 0

@@ -127,3 +127,20 @@ def test_unreadable_checkpoint_is_refused(tmp_path):
     torch.save({"classifier": Evil(), "config": {}}, p)
     with pytest.raises(ValueError, match="ck.pt"):
         load_checkpoint(p)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.image_size % cfg.patch == 0, path
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    cfg = TrainConfig(**(TINY | {"steps": 1, "epochs": 0.5, "model": "patch_vit"}), out=str(tmp_path / "e"))
+    result = train(cfg, progress=False)
+    assert result["step"] == 3  # ceil(0.5 * 96 / 16)
+    assert load_checkpoint(tmp_path / "e" / "checkpoint.pt")["config"]["steps"] == 3
