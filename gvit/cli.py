@@ -114,7 +114,8 @@ def _fit_dataset(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import load_config, train
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"finetune_from={args.checkpoint}"] if args.command == "finetune" else [])
+    cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     if result.get("finished") and "top1" in result:
         extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
@@ -197,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=_train)
+
+    ft = sub.add_parser("finetune", help="transfer a GViT checkpoint: frozen encoder, classifier with layer-wise "
+                                          "lr decay (config keys as for train, e.g. layer_decay=0.65)")
+    ft.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
+    ft.add_argument("--config", help="YAML file of key: value")
+    ft.add_argument("overrides", nargs="*", metavar="key=value")
+    ft.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its evaluation split")
     ev.add_argument("--checkpoint", required=True)

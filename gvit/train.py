@@ -74,6 +74,10 @@ class TrainConfig:
     pool: str = "cls"
     offline_train: str | None = None
     offline_eval: str | None = None
+    # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
+    # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
+    finetune_from: str | None = None
+    layer_decay: float = 1.0
     # losses and phases (fractions of training)
     pixel_loss: str = "bce"
     guidance: bool = True
@@ -126,6 +130,10 @@ class TrainConfig:
             raise ValueError(f"config: epochs must be > 0 (or null), got {self.epochs}")
         if self.base_lr <= 0 or self.scale_factor <= 0:
             raise ValueError("config: base_lr and scale_factor must be > 0")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.finetune_from and self.model != "gvit":
+            raise ValueError("config: finetune_from needs model=gvit")
         if self.model == "offline" and not self.offline_train:
             raise ValueError("config: model=offline needs offline_train (a folder written by gvit fit-dataset)")
         self.phases()  # validates the phase fractions
@@ -136,6 +144,8 @@ class TrainConfig:
             values["guidance_from"] = 1.0
         if self.model != "gvit":  # a single classifier: it trains from the first step
             values.update(classifier_from=0.0, pretrain_until=0.0, guidance_from=1.0)
+        if self.finetune_from:  # the classifier alone, on the frozen encoder's Gaussians
+            values.update(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
         try:
             return Phases(**values)
         except ValueError as exc:
@@ -328,13 +338,30 @@ class _Run:
     cls_opt: torch.optim.Optimizer
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on biases, norms, position embeddings, tokens, queries)."""
-    decay, no_decay = [], []
+def layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: embeddings and tokens 0, block i -> i + 1,
+    the final norm and the head depth + 1."""
+    if name.startswith("transformer.blocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith(("transformer.norm", "head")):
+        return depth + 1
+    return 0
+
+
+def _param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not on biases, norms, position embeddings, tokens,
+    queries); with ``layer_decay`` < 1 each group's ``lr_scale`` is layer_decay ** (depth + 1 - layer)."""
+    depth = len(model.transformer.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
-        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "queries"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "queries"))
+        layer = layer_id(name, depth) if layer_decay != 1.0 else 0
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer) if layer_decay != 1.0 else 1.0
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_models(cfg: TrainConfig, num_classes: int, device) -> _Run:
@@ -349,11 +376,12 @@ def build_models(cfg: TrainConfig, num_classes: int, device) -> _Run:
                                       learned_queries=cfg.learned_queries).to(device)
     classifier = classifier.to(device)
 
-    def adamw(model):
-        return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.base_lr,
+    def adamw(model, layer_decay=1.0):
+        return torch.optim.AdamW(_param_groups(model, cfg.weight_decay, layer_decay), lr=cfg.base_lr,
                                  betas=(cfg.beta1, cfg.beta2))
 
-    return _Run(encoder, classifier, adamw(encoder) if encoder is not None else None, adamw(classifier))
+    return _Run(encoder, classifier, adamw(encoder) if encoder is not None else None,
+                adamw(classifier, cfg.layer_decay))
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -440,6 +468,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if cfg.epochs is not None:
         cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * len(train_ds) / cfg.batch_size)), epochs=None)
     run = build_models(cfg, len(classes), device)
+    if cfg.finetune_from and not resume:
+        _load_pretrained(run, load_checkpoint(cfg.finetune_from, map_location=device), len(classes), log)
     phases = cfg.phases()
     start, bad_steps = 0, 0
     ckpt_path = out / "checkpoint.pt"
@@ -511,6 +541,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     return result
 
 
+def _load_pretrained(run: _Run, state: dict, num_classes: int, log) -> None:
+    """Encoder and classifier weights from a GViT checkpoint; the head only when the classes match."""
+    if "encoder" not in state:
+        raise ValueError("finetune_from: the checkpoint has no Gaussian encoder (not a model=gvit run)")
+    run.encoder.load_state_dict(state["encoder"])
+    weights = dict(state["classifier"])
+    if weights["head.weight"].shape[0] != num_classes:
+        del weights["head.weight"], weights["head.bias"]
+        log(f"finetune: new head for {num_classes} classes (the checkpoint has {state['classifier']['head.weight'].shape[0]})")
+    missing, unexpected = run.classifier.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+        raise ValueError(f"finetune_from: the classifier does not match this config (missing {missing}, "
+                         f"unexpected {unexpected})")
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (written by a run that was killed after its last checkpoint)."""
     if not path.is_file():
@@ -528,7 +573,7 @@ def _train_step(cfg: TrainConfig, run: _Run, phases: Phases, step: int, inputs, 
     for opt in (run.enc_opt, run.cls_opt):
         if opt is not None:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
     # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the
     # data, so it does not depend on the number of processes
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

@@ -144,3 +144,33 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     result = train(cfg, progress=False)
     assert result["step"] == 3  # ceil(0.5 * 96 / 16)
     assert load_checkpoint(tmp_path / "e" / "checkpoint.pt")["config"]["steps"] == 3
+
+
+def test_layer_decay_scales_follow_depth():
+    from gvit.models import GaussianClassifier
+    from gvit.train import _param_groups
+
+    model = GaussianClassifier(8, 3, "micro")  # depth 2
+    groups = _param_groups(model, 0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["transformer.norm.weight"])] == 1.0
+    assert scale[id(named["transformer.blocks.1.mlp.fc1.weight"])] == 0.5
+    assert scale[id(named["transformer.blocks.0.attn.qkv.weight"])] == 0.25
+    assert scale[id(named["embed.weight"])] == scale[id(named["pos_embed"])] == 0.125
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(named["embed.weight"])] == 0.05 and decay[id(named["embed.bias"])] == 0.0
+
+
+def test_finetune_freezes_the_encoder_and_trains_the_classifier(tmp_path, capsys):
+    pre = tmp_path / "pre"
+    train(TrainConfig(**(TINY | {"steps": 4}), out=str(pre)), progress=False)
+    overrides = [f"{k}={v}" for k, v in TINY.items()] + ["steps=4", "layer_decay=0.65", f"out={tmp_path / 'ft'}"]
+    assert main(["finetune", "--checkpoint", str(pre / "checkpoint.pt"), *overrides, "--quiet"]) == 0
+    a, b = load_checkpoint(pre / "checkpoint.pt"), load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
+    assert any(not torch.equal(a["classifier"][k], b["classifier"][k]) for k in a["classifier"])
+    phases = {json.loads(line)["phase"] for line in open(tmp_path / "ft" / "metrics.jsonl")}
+    assert phases == {"classifier-pretrain"}
+    with pytest.raises(ValueError, match="finetune_from needs model=gvit"):
+        load_config(None, ["model=patch_vit", "finetune_from=x.pt"])
