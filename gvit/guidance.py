@@ -47,14 +47,14 @@ class Phases:
 
     [0, classifier_from): the encoder alone on the reconstruction loss, with D-SSIM weighted by
     ``lambda_perc`` from ``perceptual_from`` on; [classifier_from, pretrain_until): the classifier alone on
-    frozen Gaussians (the pre-training variant of 2.2; empty by default); then encoder and classifier
+    frozen Gaussians (the pre-training variant of 2.2; none by default); then encoder and classifier
     jointly with ``lambda_cls``; from ``guidance_from`` on, every ``guidance_every``-th step is a guidance
     step with ``gamma``.
     """
 
     perceptual_from: float = 0.1
     classifier_from: float = 0.25
-    pretrain_until: float = 0.25
+    pretrain_until: float | None = None  # None: no classifier pre-training (= classifier_from)
     guidance_from: float = 0.75
     lambda_perc: float = 0.1
     lambda_cls: float = 1.0
@@ -63,14 +63,18 @@ class Phases:
 
     def __post_init__(self) -> None:
         order = (0.0, self.perceptual_from, 1.0)
-        stages = (0.0, self.classifier_from, self.pretrain_until, self.guidance_from, 1.0)
+        stages = (0.0, self.classifier_from, self.pretrain_end, self.guidance_from, 1.0)
         if not all(0 <= v <= 1 for v in order + stages):
             raise ValueError(f"phases: fractions must lie in [0, 1], got {self}")
         if list(stages) != sorted(stages):
             raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
-                             f"{self.classifier_from}, {self.pretrain_until}, {self.guidance_from}")
+                             f"{self.classifier_from}, {self.pretrain_end}, {self.guidance_from}")
         if self.guidance_every < 1 or self.gamma < 0 or self.lambda_perc < 0 or self.lambda_cls < 0:
             raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_perc, lambda_cls >= 0, got {self}")
+
+    @property
+    def pretrain_end(self) -> float:
+        return self.classifier_from if self.pretrain_until is None else self.pretrain_until
 
     def at(self, step: int, total: int) -> Phase:
         """The phase of 0-based ``step`` out of ``total`` steps."""
@@ -80,7 +84,7 @@ class Phases:
         perc = self.lambda_perc if t >= self.perceptual_from else 0.0
         if t < self.classifier_from:
             return Phase("encoder", True, False, perc, 0.0, False)
-        if t < self.pretrain_until:
+        if t < self.pretrain_end:
             return Phase("classifier-pretrain", False, True, perc, self.lambda_cls, False)
         if t >= self.guidance_from:
             first = _first_step(self.guidance_from, total)

@@ -83,7 +83,7 @@ class TrainConfig:
     guidance: bool = True
     perceptual_from: float = Phases.perceptual_from  # the phase keys: see gvit.guidance.Phases
     classifier_from: float = Phases.classifier_from
-    pretrain_until: float = Phases.pretrain_until
+    pretrain_until: float | None = Phases.pretrain_until
     guidance_from: float = Phases.guidance_from
     lambda_perc: float = Phases.lambda_perc
     lambda_cls: float = Phases.lambda_cls
@@ -143,7 +143,7 @@ class TrainConfig:
         if not self.guidance:
             values["guidance_from"] = 1.0
         if self.model != "gvit":  # a single classifier: it trains from the first step
-            values.update(classifier_from=0.0, pretrain_until=0.0, guidance_from=1.0)
+            values.update(classifier_from=0.0, pretrain_until=None, guidance_from=1.0)
         if self.finetune_from:  # the classifier alone, on the frozen encoder's Gaussians
             values.update(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
         try:

@@ -80,3 +80,8 @@ def test_guidance_gradient_is_rec_plus_gamma_cls():
     guidance_step(enc, classifier, opt, images, labels, g0, gamma=0.3)
     for p0, p1, gr, gc in zip(params, enc.parameters(), g_rec, g_cls):
         assert torch.allclose(p0 - p1, gr + 0.3 * gc, atol=1e-6, rtol=1e-5)
+
+
+def test_moving_classifier_from_alone_keeps_pretraining_off():
+    names = {Phases(classifier_from=0.5).at(s, 10).name for s in range(10)}
+    assert "classifier-pretrain" not in names and Phases(classifier_from=0.5).at(5, 10).name == "joint"
