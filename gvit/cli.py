@@ -54,10 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     images, labels, _ = make_shapes(args.images, args.size, seed=args.seed)
     cfg = _fit_config(args)
     res = fit_gaussians(images, cfg, progress=not args.quiet)
-    with torch.no_grad():
-        from .render import render
-
-        out = render(res.gaussians, height=args.size, width=args.size).clamp(0, 1)
+    out = res.rendered
     outdir = Path(args.out)
     save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,
                    metadata={"height": str(args.size), "width": str(args.size), "source": "gvit demo shapes"})
@@ -125,24 +122,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from .train import evaluate_checkpoint
 
-    from .train import TrainConfig, _datasets, _device, _limit, build_models, evaluate, load_checkpoint, load_config
-
-    state = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig(**state["config"])
-    if args.overrides:
-        changed = load_config(None, args.overrides)
-        cfg = replace(cfg, **{k.partition("=")[0]: getattr(changed, k.partition("=")[0]) for k in args.overrides})
-    device = _device(cfg)
-    _, test_ds, collate = _datasets(cfg)
-    if test_ds is None:
-        raise ValueError(f"no evaluation split {cfg.eval_split!r} in {cfg.data}")
-    run = build_models(cfg, len(state["classes"]), device)
-    run.classifier.load_state_dict(state["classifier"])
-    if run.encoder is not None:
-        run.encoder.load_state_dict(state["encoder"])
-    result = evaluate(cfg, run, _limit(test_ds, cfg.limit_eval), collate, device)
+    result = evaluate_checkpoint(args.checkpoint, args.overrides)
     extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
     print(f"{args.checkpoint}: top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}")
     return 0

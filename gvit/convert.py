@@ -29,7 +29,6 @@ from ._io import write_json, write_text
 from .data import IMAGE_EXTENSIONS, ImageReadError, image_size, open_dataset, read_image
 from .fit import FitConfig, compact, compression_ratio, fit_gaussians
 from .gaussians import Gaussians, load_gaussians, save_gaussians
-from .render import render
 from .viz import draw_ellipses, save_png, to_uint8
 
 __all__ = ["collect_images", "fit_files", "fit_dataset", "load_shards", "shard_name", "METRIC_FIELDS"]
@@ -147,8 +146,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
         x = torch.stack(pixels)
         res = fit_gaussians(x, config, progress=progress)
         h, w = x.shape[2:]
-        with torch.no_grad():
-            recon = render(res.gaussians, height=h, width=w, mode=config.mode, backend=config.backend).clamp(0, 1)
+        recon = res.rendered
         for i, name in enumerate(names):
             g = compact(res.gaussians[i:i + 1])
             count = int(g.counts()[0])
@@ -287,7 +285,7 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
         return {"rank": rank, "shards": len(mine), "seconds": seconds}
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:10]} are missing after this run")
-    manifest = _manifest(out, n_shards, settings, nbytes)
+    manifest = _manifest(out, n_shards, settings, nbytes, list(getattr(dataset, "classes", [])) or None)
     manifest["seconds_this_run"] = seconds
     write_json(out / "manifest.json", manifest)
     for item in manifest["skipped"]:
@@ -305,9 +303,8 @@ def _concat(sets: list[Gaussians]) -> Gaussians:
                        ("means", "scales", "angles", "colors", "opacities")), valid=valid)
 
 
-def _manifest(out: Path, n_shards: int, settings: dict, nbytes: int) -> dict:
+def _manifest(out: Path, n_shards: int, settings: dict, nbytes: int, classes: list[str] | None) -> dict:
     counts, psnrs, skipped = [], [], []
-    classes = None
     for s in range(n_shards):
         g, labels, meta = load_gaussians(out / shard_name(s))
         counts.append(g.counts())
@@ -315,10 +312,6 @@ def _manifest(out: Path, n_shards: int, settings: dict, nbytes: int) -> dict:
         skipped += json.loads(meta["skipped"])
         h, w = int(meta["height"]), int(meta["width"])
     counts = torch.cat(counts).double()
-    try:
-        classes = list(getattr(open_dataset(settings["data"], settings["split"]), "classes", []))
-    except (OSError, ValueError):
-        classes = None
     return {"format": "gvit.gaussian-shards", "version": "1", "shards": [shard_name(s) for s in range(n_shards)],
             "num_images": int(len(counts)), "height": h, "width": w, "classes": classes,
             "mean_count": float(counts.mean()), "mean_psnr": sum(psnrs) / len(psnrs),

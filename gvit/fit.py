@@ -100,7 +100,7 @@ class FitResult:
 
     ``raw`` ``[B, k, 9]`` and ``gaussians`` (decoded with the config's scale factor; ``valid``
     marks the Gaussians that survived pruning, None without pruning), per-image ``psnr`` and
-    ``ssim`` ``[B]`` of the final render (clamped to [0, 1]), ``iters`` ``[B]`` steps taken (fewer
+    ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]), ``iters`` ``[B]`` steps taken (fewer
     than the config's when ``target_psnr`` stopped an image early), ``psnr_before_prune`` ``[B]``
     (NaN without pruning), wall-clock ``seconds`` and ``history``: (step, seconds, mean PSNR of
     the images still fitting) every ``check_every`` steps.
@@ -113,6 +113,7 @@ class FitResult:
     iters: Tensor
     psnr_before_prune: Tensor
     seconds: float
+    rendered: Tensor
     history: list[tuple[int, float, float]] = field(default_factory=list)
 
     @property
@@ -499,5 +500,5 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
         out = render(g, **render_kw).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
     return FitResult(raw=raw.detach(), gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
-                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
+                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start, rendered=out,
                      history=history)

@@ -39,12 +39,12 @@ from torch import Tensor, nn
 from ._io import atomic_path
 from .data import open_dataset
 from .data.transforms import crop_boxes, resized_crop
-from .gaussians import sample_initial
+from .gaussians import ANGLE, POS, sample_initial
 from .guidance import Phases, batch_losses, guidance_backward
 from .losses import RECONSTRUCTION_LOSSES, psnr
 from .models import SIZES, GaussianClassifier, GaussianEncoder, PatchViT
 
-__all__ = ["TrainConfig", "load_config", "train", "evaluate", "load_checkpoint", "MODELS"]
+__all__ = ["TrainConfig", "load_config", "train", "evaluate", "evaluate_checkpoint", "load_checkpoint", "MODELS"]
 
 MODELS = ("gvit", "patch_vit", "offline")
 _PHASE_FIELDS = ("perceptual_from", "classifier_from", "pretrain_until", "guidance_from", "lambda_perc",
@@ -301,8 +301,8 @@ def _offline_collate(items):
 def _flip_gaussians(raw: Tensor, flip: Tensor) -> Tensor:
     """Mirror left-right the raw Gaussian sets where ``flip`` ``[B]`` is True: x -> -x, angle -> -angle."""
     mirrored = raw.clone()
-    mirrored[..., 0] = -mirrored[..., 0]
-    mirrored[..., 4] = -mirrored[..., 4]
+    mirrored[..., POS.start] = -mirrored[..., POS.start]  # x
+    mirrored[..., ANGLE] = -mirrored[..., ANGLE]
     return torch.where(flip[:, None, None], mirrored, raw)
 
 
@@ -649,6 +649,25 @@ def _apply(cfg: TrainConfig, trained, loss: Tensor | None, metrics: dict) -> dic
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
     return metrics
+
+
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Evaluate a checkpoint on its config's evaluation split (``key=value`` overrides, e.g.
+    ``data=...``, apply on top of the saved config)."""
+    state = load_checkpoint(path)
+    cfg = TrainConfig(**state["config"])
+    if overrides:
+        changed = load_config(None, overrides)
+        cfg = replace(cfg, **{k.partition("=")[0]: getattr(changed, k.partition("=")[0]) for k in overrides})
+    device = _device(cfg)
+    _, test_ds, collate = _datasets(cfg)
+    if test_ds is None:
+        raise ValueError(f"no evaluation split {cfg.eval_split!r} in {cfg.data}")
+    run = build_models(cfg, len(state["classes"]), device)
+    run.classifier.load_state_dict(state["classifier"])
+    if run.encoder is not None:
+        run.encoder.load_state_dict(state["encoder"])
+    return evaluate(cfg, run, _limit(test_ds, cfg.limit_eval), collate, device)
 
 
 @torch.no_grad()
