@@ -1,33 +1,47 @@
-"""Training benchmark: seconds per optimisation step of the patch ViT and of GViT in each phase.
+"""Training benchmark: step cost, and top-1 after an equal budget, of the patch ViT and GViT.
 
-Same width and depth for every model (``--size``), batch ``--batch`` of 32x32 images, k Gaussians,
-synthetic inputs (the loader is not what is measured). Each case runs in a fresh process; the
+Step cost (default): seconds per optimisation step of the patch ViT and of GViT in each phase.
+The CPU CIFAR-10 recipe (configs/cifar10_cpu.yaml) with the same width and depth for every model
+(``--size``), batch ``--batch`` of 32x32 images, k Gaussians, synthetic inputs (the loader is not what is measured). Each case runs in a fresh process; the
 table gives the best of ``--repeats`` steps after warm-up and the ratio to the patch ViT step.
 
     python bench/train.py                       # tiny, batch 128, k = 64
     python bench/train.py --size micro --batch 64
+
+Accuracy (``--accuracy``): every variant of the paper's Table 1d / Fig. 3 trained with the CPU
+CIFAR-10 recipe (configs/cifar10_cpu.yaml) for the same number of steps, each in its own
+``gvit train`` process, evaluated on the first ``--limit-eval`` test images: patch ViT, GViT
+without guidance, GViT with guidance, learned queries, offline Gaussians (a classifier on
+Gaussians fitted by ``gvit fit-dataset`` to the first ``--offline-images`` training images), and
+GViT with guidance for each k of ``--ks``. Finished variants are kept in ``--out`` and not rerun.
+
+    python bench/train.py --accuracy --data ../shared/data/cifar10 --steps 400
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from _util import peak_rss_mb, rss_mb, run_child
 
 CASES = ("patch_vit", "gvit:encoder", "gvit:joint", "gvit:guidance")
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
 
 
 def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     import torch
 
     from gvit.guidance import Phase, Phases
-    from gvit.train import TrainConfig, _train_step, build_models
+    from gvit.train import _train_step, build_models, load_config
 
     model, _, phase_name = case.partition(":")
-    cfg = TrainConfig(model=model, encoder_size=size, classifier_size=size, batch_size=batch, num_gaussians=k,
-                      steps=1000, image_size=32, patch=4)
+    cfg = load_config(RECIPE, [f"model={model}", f"encoder_size={size}", f"classifier_size={size}",
+                               f"batch_size={batch}", f"num_gaussians={k}", "steps=1000", "image_size=32"])
     run = build_models(cfg, 10, torch.device("cpu"))
     images = torch.rand(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
@@ -49,14 +63,86 @@ def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     return {"case": case, "seconds": min(times), "peak_mb": peak_rss_mb(base)}
 
 
+def accuracy_variants(ks: list[int]) -> dict[str, list[str]]:
+    """Variant name -> ``key=value`` overrides of the CPU recipe."""
+    variants = {
+        "patch ViT": ["model=patch_vit"],
+        "GViT, no guidance": ["guidance=false"],
+        "GViT, guidance": [],
+        "GViT, learned queries": ["learned_queries=true", "sample_image=false"],
+        "offline Gaussians": ["model=offline"],
+    }
+    for k in ks:
+        if k != 64:
+            variants[f"GViT, guidance, k={k}"] = [f"num_gaussians={k}"]
+    return variants
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def accuracy(a) -> None:
+    root = Path(a.out)
+    root.mkdir(parents=True, exist_ok=True)
+    common = [f"data={a.data}", f"steps={a.steps}", "epochs=null", f"limit_eval={a.limit_eval}",
+              f"batch_size={a.batch}", "checkpoint_every=100"]
+    rows = []
+    for name, overrides in accuracy_variants(a.ks).items():
+        out = root / _slug(name)
+        if "model=offline" in overrides:
+            overrides = overrides + _offline_data(a, root)
+        if not (out / "result.json").is_file():
+            print(f"training {name} ...", file=sys.stderr, flush=True)
+            resume = ["--resume"] if (out / "checkpoint.pt").is_file() else []
+            subprocess.run([sys.executable, "-m", "gvit.cli", "train", "--config", str(RECIPE), *common, *overrides,
+                            f"out={out}", "--quiet", *resume], check=True)
+        rows.append((name, overrides, json.loads((out / "result.json").read_text())))
+    base = rows[0][2]["top1"]
+    print(f"CIFAR-10, {a.steps} steps of batch {a.batch} per variant (configs/cifar10_cpu.yaml), top-1 on the "
+          f"first {a.limit_eval} test images\n")
+    print("| variant | overrides | top-1 (%) | vs patch ViT | render PSNR (dB) | train s |")
+    print("|---|---|---|---|---|---|")
+    for name, overrides, r in rows:
+        shown = " ".join(o for o in overrides if not o.startswith(("offline_train", "offline_eval"))) or "-"
+        psnr = f"{r['psnr']:.1f}" if "psnr" in r else "-"
+        print(f"| {name} | `{shown}` | {100 * r['top1']:.1f} | {r['top1'] / base:.2f} | {psnr} "
+              f"| {r['train_seconds']:.0f} |")
+
+
+def _offline_data(a, root: Path) -> list[str]:
+    """Fit Gaussians (k = 64, the recipe's k) to the training subset and the evaluation images once."""
+    folders = {}
+    for split, limit in (("train", a.offline_images), ("test", a.limit_eval)):
+        folder = root / f"offline_{split}"
+        if not (folder / "manifest.json").is_file():
+            print(f"fitting Gaussians to {limit} {split} images ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "gvit.cli", "fit-dataset", "--data", a.data, "--split", split,
+                            "--out", str(folder), "--limit", str(limit), "--num-gaussians", "64", "--iters",
+                            str(a.offline_iters), "--quiet"], check=True)
+        folders[split] = folder
+    return [f"offline_train={folders['train']}", f"offline_eval={folders['test']}"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="tiny")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--accuracy", action="store_true", help="train the variants and report top-1 instead")
+    p.add_argument("--data", default="../shared/data/cifar10")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--limit-eval", type=int, default=2000)
+    p.add_argument("--ks", type=int, nargs="*", default=[16, 32, 64, 128])
+    p.add_argument("--offline-images", type=int, default=8192)
+    p.add_argument("--offline-iters", type=int, default=200)
+    p.add_argument("--out", default="runs/bench_accuracy")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.accuracy:
+        accuracy(a)
+        return
     if a.child:
         case, size, batch, k, repeats = a.child
         print(json.dumps(measure(case, size, int(batch), int(k), int(repeats))))
@@ -64,7 +150,7 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {a.size}, batch {a.batch}, 32x32, "
-          f"k = {a.k}, patch 4; best of {a.repeats} steps\n")
+          f"k = {a.k}, other settings from {RECIPE.name}; best of {a.repeats} steps\n")
     print("| model / phase | s / step | images/s | peak RSS (MB) | vs patch ViT |")
     print("|---|---|---|---|---|")
     rows = [run_child(__file__, [c, a.size, str(a.batch), str(a.k), str(a.repeats)]) for c in CASES]

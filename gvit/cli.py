@@ -1,4 +1,4 @@
-"""The ``gvit`` command line: ``gvit demo``, ``gvit fit``, ``gvit fit-dataset``."""
+"""The ``gvit`` command line: demo, fit-demo, fit, fit-dataset, train, finetune, eval, report."""
 
 from __future__ import annotations
 
@@ -41,6 +41,39 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, args.overrides, resume=args.resume, progress=not args.quiet)
+    if "top1" not in summary:
+        return 0
+    extra = f", reconstruction PSNR {summary['psnr']:.1f} dB" if "psnr" in summary else ""
+    print(f"{summary['model']} on {summary['data']}: top-1 {100 * summary['top1']:.1f}% on {summary['eval_images']} "
+          f"test images{extra}, trained in {summary['train_seconds']:.0f} s")
+    print(f"wrote {Path(args.out) / 'report.html'} (examples.png, curves.png, report.json)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import training_report
+
+    summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides)
+    extra = f", PSNR {summary['psnr']:.2f} dB" if "psnr" in summary else ""
+    print(f"top-1 {100 * summary['top1']:.2f}% on {summary['eval_images']} images{extra} "
+          f"-> {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain_files
+
+    summary = explain_files(args.checkpoint, args.inputs, args.out, target=args.target, grid=args.grid,
+                            batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
+    print(f"explained {len(summary['images'])} image(s), {len(summary['skipped'])} unreadable skipped "
+          f"-> {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def _fit_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .data import SHAPE_CLASSES, make_shapes
@@ -73,7 +106,7 @@ def _demo(args: argparse.Namespace) -> int:
                f"SSIM {s.mean():.4f}")
     from ._io import write_text
 
-    write_text(outdir / "report.md", "# gvit demo\n\n" + summary + "\n\n" + "\n".join(lines) + "\n")
+    write_text(outdir / "report.md", "# gvit fit-demo\n\n" + summary + "\n\n" + "\n".join(lines) + "\n")
     print(summary)
     print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
           f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
@@ -134,13 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvit", description="Vision on 2D Gaussians.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="fit Gaussians to the built-in shapes images and write a report")
-    demo.add_argument("--images", type=int, default=8)
-    demo.add_argument("--size", type=int, default=32)
+    demo = sub.add_parser("demo", help="train a small GViT on the built-in shapes (a few minutes on a CPU) and "
+                                       "write a report with accuracy, reconstructions and Gaussian overlays",
+                          description="Settings: gvit.demo.DEMO_SETTINGS; key=value overrides any TrainConfig key.")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     demo.add_argument("--quiet", action="store_true")
-    _add_fit_options(demo, num_gaussians=128, iters=300, dssim_weight=0.2)
     demo.set_defaults(func=_demo)
+
+    fdemo = sub.add_parser("fit-demo", help="fit Gaussians to a few built-in shapes images and write a report")
+    fdemo.add_argument("--images", type=int, default=8)
+    fdemo.add_argument("--size", type=int, default=32)
+    fdemo.add_argument("--out", default="runs/fit-demo")
+    fdemo.add_argument("--quiet", action="store_true")
+    _add_fit_options(fdemo, num_gaussians=128, iters=300, dssim_weight=0.2)
+    fdemo.set_defaults(func=_fit_demo)
 
     fit = sub.add_parser("fit", help="fit Gaussians to image files or folders of images",
                          description="Writes per image NAME.gaussians.safetensors, NAME.recon.png, "
@@ -194,6 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
     ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("explain", help="per image: reconstruction, Gaussian ellipses, det(Sigma) map, CDAM map and "
+                                        "top-5 of a GViT checkpoint, as PNG panels and index.html")
+    ex.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    ex.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--class", dest="target", default=None,
+                    help="explain this class (index or name) instead of the predicted one")
+    ex.add_argument("--grid", type=int, default=16, help="CDAM grid cells per side (default 16, as the paper)")
+    ex.add_argument("--batch-size", type=int, default=32)
+    ex.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
+    ex.add_argument("--quiet", action="store_true")
+    ex.set_defaults(func=_explain)
+
+    rep = sub.add_parser("report", help="evaluate a checkpoint and write report.html with examples and curves")
+    rep.add_argument("--checkpoint", required=True)
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--examples", type=int, default=8, help="test images shown")
+    rep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... limit_eval=1000")
+    rep.set_defaults(func=_report)
     return parser
 
 

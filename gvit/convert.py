@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ._io import write_json, write_text
-from .data import IMAGE_EXTENSIONS, ImageReadError, image_size, open_dataset, read_image
+from .data import IMAGE_EXTENSIONS, ImageReadError, image_size, open_dataset, read_image, spread_indices
 from .fit import FitConfig, compact, compression_ratio, fit_gaussians
 from .gaussians import Gaussians, load_gaussians, save_gaussians
 from .viz import draw_ellipses, save_png, to_uint8
@@ -200,8 +200,9 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
                 skip_bad: bool = False, progress: bool = True, log=print) -> dict:
     """Convert a dataset (anything :func:`gvit.data.open_dataset` opens) into Gaussian shards.
 
-    Shard s holds dataset images ``[s * shard_size, (s + 1) * shard_size)`` (the first ``limit``
-    images when given). Finished shards are skipped on a rerun; the settings are recorded in
+    Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
+    of the ``limit`` images evenly spread over it (:func:`gvit.data.spread_indices`, so folders
+    stored class by class stay balanced); each shard records the dataset indices it holds. Finished shards are skipped on a rerun; the settings are recorded in
     ``settings.json`` and a rerun with different settings into the same folder is refused. Under
     ``torchrun`` each process takes every WORLD_SIZE-th shard and rank 0 writes ``manifest.json``
     once all shards exist. Unreadable images raise (naming the file), or with ``skip_bad`` are
@@ -212,7 +213,8 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
     dataset = open_dataset(data, split)
-    n = len(dataset) if limit is None else min(limit, len(dataset))
+    order = range(len(dataset)) if limit is None else spread_indices(len(dataset), limit)
+    n = len(order)
     if n < 1:
         raise ValueError(f"dataset {data} ({split}) has no images to convert")
     out = Path(out)
@@ -241,7 +243,7 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     for s in mine:
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         images, labels, indices, bad = [], [], [], []
-        for i in range(lo, hi):
+        for i in (order[p] for p in range(lo, hi)):
             try:
                 img, label = dataset[i]
             except ImageReadError as exc:

@@ -183,11 +183,15 @@ def det_covariance(scales: Tensor) -> Tensor:
     return (scales[..., 0] * scales[..., 1]).square()
 
 
+G0_LAYOUTS = ("uniform", "stratified")
+
+
 def sample_initial(
     batch_size: int,
     num_gaussians: int,
     *,
     scale_factor: float = 1.0,
+    layout: str = "uniform",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -198,12 +202,26 @@ def sample_initial(
     ``scale_factor * sigmoid(N(-2, 0.5))`` (about 0.12 * c: a few Gaussians' widths across the
     image for k in the hundreds), the angles uniform in [-pi, pi), and colours and opacities
     are ``sigmoid(N(0, 1))``.
+
+    ``layout="stratified"`` draws the means from a jittered grid instead: the image is cut into
+    ``r x c`` cells (r = floor(sqrt(k)), c = ceil(k / r)), k distinct cells are picked at random
+    and each mean is uniform inside its cell, so every draw covers the image evenly; the slot
+    order stays random. The other fields are drawn as above.
     """
     if batch_size < 0 or num_gaussians < 1:
         raise ValueError(f"batch_size must be >= 0 and num_gaussians >= 1, got {batch_size}, {num_gaussians}")
+    if layout not in G0_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(G0_LAYOUTS)}, got {layout!r}")
     shape = (batch_size, num_gaussians)
     kw = dict(generator=generator, device=device, dtype=dtype)
-    pos = torch.atanh(0.95 * (2 * torch.rand(*shape, 2, **kw) - 1))
+    unit = torch.rand(*shape, 2, **kw)  # position inside the image (uniform) or inside the cell
+    if layout == "stratified":
+        rows = max(1, math.isqrt(num_gaussians))
+        cols = -(-num_gaussians // rows)
+        cells = torch.rand(batch_size, rows * cols, generator=generator, device=device).argsort(1)[:, :num_gaussians]
+        cell_xy = torch.stack([cells % cols, cells // cols], -1).to(dtype)
+        unit = (cell_xy + unit) / torch.tensor([cols, rows], dtype=dtype, device=device)
+    pos = torch.atanh(0.95 * (2 * unit - 1))
     scale = -2.0 + 0.5 * torch.randn(*shape, 2, **kw)
     angle = math.pi * (2 * torch.rand(*shape, 1, **kw) - 1)
     color = torch.randn(*shape, 3, **kw)

@@ -118,7 +118,8 @@ class BatchLosses:
 def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tensor, labels: Tensor | None,
                  g0: Tensor | None, *, scale_factor: float = 1.0, pixel_loss: str = "bce",
                  lambda_perc: float = 0.0) -> BatchLosses:
-    """Run the encoder (and the classifier, when given) on one batch."""
+    """Run the encoder (and the classifier, when given) on one batch; without ``labels`` the
+    classification loss is None (the logits are still computed)."""
     return _losses_of(encoder(images, g0), classifier, images, labels, scale_factor, pixel_loss, lambda_perc)
 
 
@@ -130,7 +131,7 @@ def _losses_of(g: Tensor, classifier: nn.Module | None, images: Tensor, labels: 
     logits = cls = None
     if classifier is not None:
         logits = classifier(g)
-        cls = F.cross_entropy(logits, labels)
+        cls = F.cross_entropy(logits, labels) if labels is not None else None
     return BatchLosses(rec, cls, g, rendered, logits)
 
 

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussians import RAW_DIM
+from .gaussians import RAW_DIM, decode
 
 __all__ = ["ViTSize", "SIZES", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "PatchViT",
-           "GaussianEncoder", "GaussianClassifier"]
+           "GaussianEncoder", "GaussianClassifier", "sample_footprints"]
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,27 @@ class GaussianClassifier(_TokenViT):
         return self.head(self.features(self.embed(gaussians), valid))
 
 
+STENCIL = torch.tensor([(u, v) for v in (-1.0, 0.0, 1.0) for u in (-1.0, 0.0, 1.0)])  # [9, 2], row-major
+
+
+def sample_footprints(images: Tensor, g0: Tensor, scale_factor: float = 1.0) -> Tensor:
+    """The image seen through each Gaussian of g0: ``[B, k, 9 * C]``.
+
+    Bilinear samples (border padding) at the centre and at +-1 standard deviation along the
+    Gaussian's own axes, a 3x3 stencil ``mu + R(phi) diag(sx, sy) (u, v)`` with u, v in
+    {-1, 0, 1}, in normalised coordinates (``grid_sample`` with ``align_corners=False`` uses the
+    pixel-centre convention of :mod:`gvit.gaussians`). Ordered stencil point-major, channel-minor.
+    """
+    g = decode(g0, scale_factor)
+    cos, sin = g.angles.cos(), g.angles.sin()
+    st = STENCIL.to(g0) * g.scales[:, :, None, :]  # [B, k, 9, 2] in the Gaussian's frame
+    offset = torch.stack([cos[..., None] * st[..., 0] - sin[..., None] * st[..., 1],
+                          sin[..., None] * st[..., 0] + cos[..., None] * st[..., 1]], -1)
+    points = (g.means[:, :, None, :] + offset).to(images.dtype)
+    samples = F.grid_sample(images, points, mode="bilinear", padding_mode="border", align_corners=False)
+    return samples.permute(0, 2, 3, 1).flatten(2)  # [B, C, k, 9] -> [B, k, 9 * C]
+
+
 class GaussianEncoder(nn.Module):
     """Denoising Gaussian encoder: images ``[B, 3, H, W]`` and g0 ``[B, k, 9]`` -> raw g ``[B, k, 9]``.
 
@@ -227,19 +248,29 @@ class GaussianEncoder(nn.Module):
     g = g0 + delta g (paper 2.2). The MLP's last layer starts at zero, so an untrained encoder
     returns g0. With ``learned_queries`` the k tokens are learned vectors instead of g0 and the
     MLP predicts g directly (the variant of Table 1d); g0 is then not needed.
+
+    ``sample_image`` adds to each Gaussian token a projection of the image seen through g0's
+    footprint (:func:`sample_footprints`, 27 values), so the token starts out knowing the colours
+    under and around it instead of having to find its patch by attention; ``scale_factor`` is
+    the c used to decode g0 for that stencil.
     """
 
     def __init__(self, image_size: int | tuple[int, int], patch: int, num_gaussians: int,
-                 size: str | ViTSize = "tiny", learned_queries: bool = False):
+                 size: str | ViTSize = "tiny", learned_queries: bool = False, sample_image: bool = False,
+                 scale_factor: float = 1.0, channels: int = 3):
         super().__init__()
         size = get_size(size)
+        if sample_image and learned_queries:
+            raise ValueError("sample_image needs g0 (it cannot be combined with learned_queries)")
         self.num_gaussians, self.learned_queries = num_gaussians, learned_queries
-        self.patch_embed = PatchEmbed(image_size, patch, size.width)
+        self.sample_image, self.scale_factor = sample_image, scale_factor
+        self.patch_embed = PatchEmbed(image_size, patch, size.width, channels)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + num_gaussians, size.width))
         if learned_queries:
             self.queries = nn.Parameter(torch.zeros(1, num_gaussians, size.width))
         else:
             self.gaussian_embed = nn.Linear(RAW_DIM, size.width)
+        self.footprint_embed = nn.Linear(len(STENCIL) * channels, size.width) if sample_image else None
         self.transformer = Transformer(size)
         self.head = Mlp(size.width, size.width, RAW_DIM)
         init_weights(self)
@@ -259,6 +290,8 @@ class GaussianEncoder(nn.Module):
                 raise ValueError(f"g0: expected [B={b}, k={k}, {RAW_DIM}], got "
                                  f"{None if g0 is None else tuple(g0.shape)}")
             tokens = self.gaussian_embed(g0)
+            if self.footprint_embed is not None:
+                tokens = tokens + self.footprint_embed(sample_footprints(images, g0, self.scale_factor))
         x = self.transformer(torch.cat([patches, tokens], 1) + self.pos_embed)
         out = self.head(x[:, -k:])
         return out if self.learned_queries else g0 + out

@@ -37,14 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import atomic_path
-from .data import open_dataset
+from .data import Subset, open_dataset, spread_indices
 from .data.transforms import crop_boxes, resized_crop
-from .gaussians import ANGLE, POS, sample_initial
+from .gaussians import ANGLE, G0_LAYOUTS, POS, sample_initial
 from .guidance import Phases, batch_losses, guidance_backward
 from .losses import RECONSTRUCTION_LOSSES, psnr
 from .models import SIZES, GaussianClassifier, GaussianEncoder, PatchViT
 
-__all__ = ["TrainConfig", "load_config", "train", "evaluate", "evaluate_checkpoint", "load_checkpoint", "MODELS"]
+__all__ = ["TrainConfig", "load_config", "train", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_trained",
+           "MODELS"]
 
 MODELS = ("gvit", "patch_vit", "offline")
 _PHASE_FIELDS = ("perceptual_from", "classifier_from", "pretrain_until", "guidance_from", "lambda_perc",
@@ -67,10 +68,13 @@ class TrainConfig:
     model: str = "gvit"
     encoder_size: str = "tiny"
     classifier_size: str = "tiny"
-    patch: int = 4
+    patch: int = 4  # patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder
+    encoder_patch: int | None = None
     num_gaussians: int = 64
+    g0_layout: str = "uniform"  # g0's means: uniform (paper) or stratified (jittered grid); see sample_initial
     scale_factor: float = 1.0
     learned_queries: bool = False
+    sample_image: bool = False  # Gaussian tokens also see the image through g0's footprint (GaussianEncoder)
     pool: str = "cls"
     offline_train: str | None = None
     offline_eval: str | None = None
@@ -113,7 +117,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"model": MODELS, "encoder_size": tuple(SIZES), "classifier_size": tuple(SIZES),
                    "pool": ("cls", "mean"), "pixel_loss": tuple(RECONSTRUCTION_LOSSES),
-                   "device": ("auto", "cpu", "cuda")}
+                   "device": ("auto", "cpu", "cuda"), "g0_layout": G0_LAYOUTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -122,8 +126,10 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
-        if self.image_size % self.patch:
-            raise ValueError(f"config: image_size {self.image_size} must be divisible by patch {self.patch}")
+        for key in ("patch", "encoder_patch"):
+            value = getattr(self, key)
+            if value is not None and (value < 1 or self.image_size % value):
+                raise ValueError(f"config: {key} must be >= 1 and divide image_size {self.image_size}, got {value}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if self.epochs is not None and not self.epochs > 0:
@@ -134,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
+        if self.sample_image and self.learned_queries:
+            raise ValueError("config: sample_image needs g0, so it cannot be combined with learned_queries")
         if self.model == "offline" and not self.offline_train:
             raise ValueError("config: model=offline needs offline_train (a folder written by gvit fit-dataset)")
         self.phases()  # validates the phase fractions
@@ -320,11 +328,10 @@ def _datasets(cfg: TrainConfig):
 
 
 def _limit(ds, n: int | None):
+    """The whole dataset, or ``n`` images evenly spread over it (balanced for class-sorted folders)."""
     if n is None or n >= len(ds):
         return ds
-    sub = torch.utils.data.Subset(ds, range(n))
-    sub.classes = ds.classes
-    return sub
+    return Subset(ds, spread_indices(len(ds), n))
 
 
 # --------------------------------------------------------------------------- models and optimisers
@@ -372,8 +379,9 @@ def build_models(cfg: TrainConfig, num_classes: int, device) -> _Run:
     else:
         classifier = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
         if cfg.model == "gvit":
-            encoder = GaussianEncoder(cfg.image_size, cfg.patch, cfg.num_gaussians, cfg.encoder_size,
-                                      learned_queries=cfg.learned_queries).to(device)
+            encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
+                                      learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
+                                      scale_factor=cfg.scale_factor).to(device)
     classifier = classifier.to(device)
 
     def adamw(model, layer_decay=1.0):
@@ -596,8 +604,8 @@ def _train_step(cfg: TrainConfig, run: _Run, phases: Phases, step: int, inputs, 
         with autocast:
             loss = F.cross_entropy(run.classifier(images), labels)
         return _apply(cfg, [(run.classifier, run.cls_opt)], loss, metrics | {"loss_cls": _num(loss)})
-    g0 = None if cfg.learned_queries else sample_initial(cfg.batch_size, cfg.num_gaussians,
-                                                         generator=gen)[rank::world].to(device)
+    g0 = _sample_g0(cfg, cfg.batch_size, gen)
+    g0 = None if g0 is None else g0[rank::world].to(device)
     kw = dict(scale_factor=cfg.scale_factor, pixel_loss=cfg.pixel_loss, lambda_perc=phase.lambda_perc)
     if phase.guidance:
         run.enc_opt.zero_grad(set_to_none=True)
@@ -626,6 +634,13 @@ def _train_step(cfg: TrainConfig, run: _Run, phases: Phases, step: int, inputs, 
     return _apply(cfg, trained, loss, metrics)
 
 
+def _sample_g0(cfg: TrainConfig, n: int, gen: torch.Generator) -> Tensor | None:
+    """The encoder's random input Gaussians for ``n`` images (None for learned queries)."""
+    if cfg.learned_queries:
+        return None
+    return sample_initial(n, cfg.num_gaussians, layout=cfg.g0_layout, generator=gen)
+
+
 def _apply(cfg: TrainConfig, trained, loss: Tensor | None, metrics: dict) -> dict | None:
     """Backward (unless the gradients are already set), average over ranks, guard, clip, step."""
     if loss is not None:
@@ -651,23 +666,32 @@ def _apply(cfg: TrainConfig, trained, loss: Tensor | None, metrics: dict) -> dic
     return metrics
 
 
-def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """Evaluate a checkpoint on its config's evaluation split (``key=value`` overrides, e.g.
-    ``data=...``, apply on top of the saved config)."""
+def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, device=None):
+    """``(cfg, run, classes)`` from a checkpoint, models in eval mode on ``device`` (the config's
+    when None); ``key=value`` overrides (e.g. ``data=...``) apply on top of the saved config."""
     state = load_checkpoint(path)
     cfg = TrainConfig(**state["config"])
     if overrides:
         changed = load_config(None, overrides)
         cfg = replace(cfg, **{k.partition("=")[0]: getattr(changed, k.partition("=")[0]) for k in overrides})
-    device = _device(cfg)
+    device = _device(cfg) if device is None else torch.device(device)
+    run = build_models(cfg, len(state["classes"]), device)
+    run.classifier.load_state_dict(state["classifier"])
+    run.classifier.eval()
+    if run.encoder is not None:
+        run.encoder.load_state_dict(state["encoder"])
+        run.encoder.eval()
+    return cfg, run, list(state["classes"])
+
+
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Evaluate a checkpoint on its config's evaluation split (``key=value`` overrides, e.g.
+    ``data=...``, apply on top of the saved config)."""
+    cfg, run, _ = load_trained(path, overrides)
     _, test_ds, collate = _datasets(cfg)
     if test_ds is None:
         raise ValueError(f"no evaluation split {cfg.eval_split!r} in {cfg.data}")
-    run = build_models(cfg, len(state["classes"]), device)
-    run.classifier.load_state_dict(state["classifier"])
-    if run.encoder is not None:
-        run.encoder.load_state_dict(state["encoder"])
-    return evaluate(cfg, run, _limit(test_ds, cfg.limit_eval), collate, device)
+    return evaluate(cfg, run, _limit(test_ds, cfg.limit_eval), collate, next(run.classifier.parameters()).device)
 
 
 @torch.no_grad()
@@ -690,7 +714,8 @@ def evaluate(cfg: TrainConfig, run: _Run, dataset, collate, device) -> dict:
             logits = run.classifier(inputs.to(device))
         else:
             images = inputs.to(device)
-            g0 = None if cfg.learned_queries else sample_initial(len(images), cfg.num_gaussians, generator=gen).to(device)
+            g0 = _sample_g0(cfg, len(images), gen)
+            g0 = None if g0 is None else g0.to(device)
             out = batch_losses(run.encoder, run.classifier, images, labels, g0, scale_factor=cfg.scale_factor,
                                pixel_loss=cfg.pixel_loss)
             logits = out.logits

@@ -203,6 +203,8 @@ def test_fit_dataset_on_the_shared_cifar10_test_split(tmp_path):
     manifest = fit_dataset(SHARED_CIFAR, tmp_path, FitConfig(num_gaussians=32, iters=5), split="test", limit=40,
                            shard_size=16, progress=False)
     g, labels, indices, _ = load_shards(tmp_path)
-    assert indices.tolist() == list(range(40)) and manifest["classes"][0] == "airplane"
-    assert torch.equal(labels, open_dataset(SHARED_CIFAR, "test").labels[:40])
+    # 40 images spread over the class-sorted split: every 250th, four of each class
+    assert indices.tolist() == list(range(0, 10000, 250)) and manifest["classes"][0] == "airplane"
+    assert torch.equal(labels, open_dataset(SHARED_CIFAR, "test").labels[::250])
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10
     assert manifest["height"] == manifest["width"] == 32 and g.means.shape == (40, 32, 2)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def test_shapes_are_deterministic_and_well_formed():
 
 
 def test_demo_writes_report_and_loadable_gaussians(tmp_path, capsys):
-    assert main(["demo", "--images", "2", "--num-gaussians", "48", "--iters", "60", "--out", str(tmp_path),
+    assert main(["fit-demo", "--images", "2", "--num-gaussians", "48", "--iters", "60", "--out", str(tmp_path),
                  "--quiet"]) == 0
     g, labels, meta = load_gaussians(tmp_path / "gaussians.safetensors")
     assert g.means.shape == (2, 48, 2) and labels.shape == (2,)
@@ -36,7 +38,40 @@ def test_demo_writes_report_and_loadable_gaussians(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_arguments(capsys):
-    assert main(["demo", "--iters", "-1"]) == 2
+    assert main(["fit-demo", "--iters", "-1"]) == 2
     assert "iters" in capsys.readouterr().err
-    assert main(["demo", "--images", "0"]) == 2
+    assert main(["fit-demo", "--images", "0"]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+def test_gvit_demo_trains_and_writes_the_report(tmp_path, capsys):
+    args = ["steps=8", "data=shapes:96", "limit_eval=24", "batch_size=16", "checkpoint_every=4", "log_every=2"]
+    assert main(["demo", *args, "--out", str(tmp_path), "--quiet"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "gvit" and report["eval_images"] == 24 and 0 <= report["top1"] <= 1
+    assert report["psnr"] > 5 and report["steps"] == 8
+    for name in ("report.html", "examples.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    page = (tmp_path / "report.html").read_text()
+    assert "examples.png" in page and "top-1" in page and "sample_image" in page
+    # the examples figure is a real image with one row of three panels per example
+    from PIL import Image
+
+    with Image.open(tmp_path / "examples.png") as im:
+        assert 2 * im.width < im.height < 3.5 * im.width  # 8 rows of 3 square panels
+
+
+def test_report_command_for_a_patch_vit(tmp_path, capsys):
+    from gvit.train import TrainConfig, train
+
+    cfg = TrainConfig(model="patch_vit", data="shapes:64", limit_eval=16, steps=3, batch_size=16,
+                      classifier_size="micro", out=str(tmp_path / "run"))
+    train(cfg, progress=False)
+    assert main(["report", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "rep"),
+                 "--examples", "3"]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["model"] == "patch_vit" and "psnr" not in report
+    assert (tmp_path / "rep" / "examples.png").is_file()
+    assert main(["report", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.pt" in capsys.readouterr().err

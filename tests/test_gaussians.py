@@ -64,6 +64,20 @@ def test_sample_initial_shapes_ranges_and_determinism():
         sample_initial(2, 0)
 
 
+@pytest.mark.parametrize("k", [64, 50, 7, 1])
+def test_sample_initial_stratified_puts_one_mean_per_cell(k):
+    g0 = sample_initial(3, k, layout="stratified", generator=torch.Generator().manual_seed(2))
+    rows = int(k ** 0.5)
+    cols = -(-k // rows)
+    means = decode(g0.double()).means / 0.95  # back to [-1, 1]
+    cell = ((means[..., 1] + 1) / 2 * rows).floor() * cols + ((means[..., 0] + 1) / 2 * cols).floor()
+    for b in range(3):  # k distinct cells of the rows x cols grid
+        assert len(cell[b].unique()) == k and cell[b].min() >= 0 and cell[b].max() < rows * cols
+    assert k == 1 or not torch.equal(cell[0], cell[1])  # the cells and the slot order are random per set
+    with pytest.raises(ValueError, match="layout"):
+        sample_initial(1, k, layout="grid")
+
+
 def _gaussians(b=4, k=6, ch=3, valid=False):
     g = decode(_raw(b, k).float())
     if ch != 3:

@@ -2,8 +2,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from gvit.models import Attention, GaussianClassifier, GaussianEncoder, PatchViT
+from gvit.gaussians import decode
+
+from gvit.models import Attention, GaussianClassifier, GaussianEncoder, PatchViT, sample_footprints
 
 
 def test_vit_s16_and_b16_have_the_standard_parameter_counts():
@@ -50,6 +53,59 @@ def test_encoder_starts_at_g0_and_learns_a_residual():
         enc(images, torch.randn(2, 7, 9))
     with pytest.raises(ValueError, match="images"):
         enc(torch.rand(2, 3, 12, 16), g0)
+
+
+def _bilinear_reference(image, x, y):
+    """Dense float64 bilinear sample of ``image [C, H, W]`` at normalised (x, y), edges clamped."""
+    c, h, w = image.shape
+    col, row = (x + 1) * w / 2 - 0.5, (y + 1) * h / 2 - 0.5
+    col, row = min(max(col, 0.0), w - 1.0), min(max(row, 0.0), h - 1.0)
+    c0, r0 = int(math.floor(col)), int(math.floor(row))
+    c1, r1 = min(c0 + 1, w - 1), min(r0 + 1, h - 1)
+    fc, fr = col - c0, row - r0
+    top = image[:, r0, c0] * (1 - fc) + image[:, r0, c1] * fc
+    bottom = image[:, r1, c0] * (1 - fc) + image[:, r1, c1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+def test_sample_footprints_matches_a_dense_bilinear_reference():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 10, 14, generator=gen, dtype=torch.float64)
+    g0 = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+    g0[0, 0, :2] = 4.0  # a centre at the corner: stencil points outside the image are clamped
+    out = sample_footprints(images, g0, scale_factor=0.5)
+    assert out.shape == (2, 5, 27)
+    g = decode(g0, 0.5)
+    for b in range(2):
+        for i in range(5):
+            mx, my = g.means[b, i].tolist()
+            sx, sy = g.scales[b, i].tolist()
+            phi = float(g.angles[b, i])
+            for n, (v, u) in enumerate([(v, u) for v in (-1, 0, 1) for u in (-1, 0, 1)]):
+                x = mx + math.cos(phi) * u * sx - math.sin(phi) * v * sy
+                y = my + math.sin(phi) * u * sx + math.cos(phi) * v * sy
+                ref = _bilinear_reference(images[b], x, y)
+                assert torch.allclose(out[b, i, 3 * n:3 * n + 3], ref, atol=1e-10), (b, i, n)
+    # the centre sample of a Gaussian sitting on a pixel centre is that pixel
+    g0c = torch.zeros(1, 1, 9, dtype=torch.float64)
+    g0c[0, 0, 0], g0c[0, 0, 1] = math.atanh((2 * 3 + 1) / 14 - 1), math.atanh((2 * 6 + 1) / 10 - 1)
+    assert torch.allclose(sample_footprints(images[:1], g0c)[0, 0, 12:15], images[0, :, 6, 3])
+
+
+def test_encoder_with_image_footprints():
+    torch.manual_seed(0)
+    enc = GaussianEncoder(16, 8, 8, "micro", sample_image=True, scale_factor=0.5)
+    images, g0 = torch.rand(2, 3, 16, 16), torch.randn(2, 8, 9)
+    assert torch.equal(enc(images, g0), g0)  # still starts at g0
+    nn.init.normal_(enc.head.fc2.weight, std=0.1)
+    out = enc(images, g0)
+    enc.patch_embed.proj.weight.data.zero_()  # the patches carry nothing: only the footprints see the image
+    out = enc(images, g0)
+    assert not torch.allclose(out, enc(images.flip(-1), g0))
+    out.sum().backward()
+    assert enc.footprint_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="learned_queries"):
+        GaussianEncoder(16, 4, 8, "micro", learned_queries=True, sample_image=True)
 
 
 def test_learned_queries_and_patch_vit_shapes_and_gradients():

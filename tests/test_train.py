@@ -94,8 +94,14 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["gamma=lots"])
     with pytest.raises(ValueError, match="model must be one of gvit, patch_vit, offline"):
         load_config(None, ["model=resnet"])
-    with pytest.raises(ValueError, match="divisible by patch"):
+    with pytest.raises(ValueError, match="patch must be >= 1 and divide image_size 30"):
         load_config(None, ["image_size=30", "patch=4"])
+    with pytest.raises(ValueError, match="encoder_patch must be >= 1 and divide image_size 32, got 5"):
+        load_config(None, ["encoder_patch=5"])
+    with pytest.raises(ValueError, match="g0_layout must be one of uniform, stratified"):
+        load_config(None, ["g0_layout=grid"])
+    with pytest.raises(ValueError, match="sample_image"):
+        load_config(None, ["sample_image=true", "learned_queries=true"])
     with pytest.raises(ValueError, match="guidance_from"):
         load_config(None, ["guidance_from=0.1"])
     with pytest.raises(ValueError, match="offline_train"):
@@ -174,3 +180,25 @@ def test_finetune_freezes_the_encoder_and_trains_the_classifier(tmp_path, capsys
     assert phases == {"classifier-pretrain"}
     with pytest.raises(ValueError, match="finetune_from needs model=gvit"):
         load_config(None, ["model=patch_vit", "finetune_from=x.pt"])
+
+
+def test_limits_take_images_spread_over_the_split():
+    from gvit.data import spread_indices
+    from gvit.train import _limit
+
+    assert spread_indices(10, 4) == [0, 2, 5, 7] and spread_indices(3, 5) == [0, 1, 2] and spread_indices(5, 0) == []
+    with pytest.raises(ValueError):
+        spread_indices(-1, 2)
+
+    class Sorted(torch.utils.data.Dataset):  # stored class by class, like the CIFAR-10 ImageFolder zips
+        classes = ["a", "b", "c"]
+
+        def __len__(self):
+            return 300
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 4, 4), i // 100
+
+    sub = _limit(Sorted(), 30)
+    assert len(sub) == 30 and sub.classes == ["a", "b", "c"]
+    assert sorted(label for _, label in sub).count(1) == 10  # balanced, not the first class only

@@ -3,10 +3,11 @@ download); :mod:`gvit.data.images` reads image files and ImageFolder trees (dire
 :mod:`gvit.data.cifar` reads CIFAR python batches without running pickled code;
 :func:`open_dataset` opens any of them by path."""
 
+from .base import Subset, spread_indices
 from .cifar import CifarBatches, load_pickle
 from .datasets import ShapesDataset, open_dataset
 from .images import IMAGE_EXTENSIONS, ImageFolder, ImageReadError, decode_image, image_size, read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
-           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset"]
+           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices", "Subset"]

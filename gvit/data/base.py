@@ -1,4 +1,4 @@
-"""The in-memory dataset shape shared by CIFAR and the procedural shapes."""
+"""The in-memory dataset shape shared by CIFAR and the procedural shapes; subsets."""
 
 from __future__ import annotations
 
@@ -25,3 +25,23 @@ class InMemoryImages(torch.utils.data.Dataset):
         image = self.images[i]
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         return image, int(self.targets[i])
+
+
+def spread_indices(total: int, n: int) -> list[int]:
+    """``n`` indices evenly spread over ``range(total)`` (``i * total // n``), in order.
+
+    Used wherever a run takes "n images of a split": datasets stored class by class (ImageFolder
+    trees, e.g. the CIFAR-10 zips) would otherwise give only the first classes.
+    """
+    if n < 0 or total < 0:
+        raise ValueError(f"need total >= 0 and n >= 0, got {total}, {n}")
+    n = min(n, total)
+    return [i * total // n for i in range(n)]
+
+
+class Subset(torch.utils.data.Subset):
+    """A subset that keeps the dataset's ``classes``."""
+
+    def __init__(self, dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        self.classes = getattr(dataset, "classes", None)

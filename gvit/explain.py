@@ -1,0 +1,247 @@
+"""Where the Gaussians went and which ones carried the decision (paper 4, Fig. 5).
+
+* :func:`cdam`: Class-Discriminative Attention Map scores per Gaussian (after Brocki et al.):
+  ``S_i = sum_j x_ij * d f_c / d x_ij`` with x the tokens entering the classifier's last
+  transformer block (its last attention layer) and f_c the logit of class c.
+* :func:`cell_map`: per-Gaussian values placed on a ``grid x grid`` map by the cell that holds
+  each Gaussian's centre (values of Gaussians sharing a cell add up; empty cells are 0), the
+  paper's 16x16 projection of CDAM.
+* :func:`det_sigma_map`: the "shrinking-for-saliency" signal as an image: log det(Sigma) of the
+  Gaussians, alpha-composited per pixel with the rasterizer (small values: small Gaussians).
+
+Maps follow the image's orientation (row 0 at the top, :mod:`gvit.gaussians` conventions).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .gaussians import Gaussians, det_covariance
+from .render import render
+
+__all__ = ["cdam", "cell_map", "det_sigma_map", "explain_images", "explain_files"]
+
+
+def cdam(classifier, g: Tensor, target: Tensor | int | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """CDAM scores ``[B, k]`` of raw Gaussians ``g [B, k, 9]`` for class ``target`` (an int, a
+    ``[B]`` tensor, or None for each set's predicted class); returns ``(scores, target)``.
+
+    ``classifier`` is a :class:`gvit.models.GaussianClassifier`; the class token (when there is
+    one) gets no score. The classifier's weights receive no gradient.
+    """
+    blocks = classifier.transformer.blocks
+    captured = {}
+
+    def keep_input(module, args):
+        x = args[0]
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        captured["x"] = x
+        return (x, *args[1:])
+
+    handle = blocks[-1].register_forward_pre_hook(keep_input)
+    try:
+        with torch.enable_grad():
+            logits = classifier(g.detach(), valid)
+            if target is None:
+                target = logits.argmax(-1)
+            target = torch.as_tensor(target, device=logits.device).expand(len(logits))
+            chosen = logits.gather(1, target[:, None]).sum()
+            x = captured["x"]
+            (grad,) = torch.autograd.grad(chosen, x)
+    finally:
+        handle.remove()
+    scores = (x * grad).sum(-1).detach()
+    k = g.shape[1]
+    scores = scores[:, -k:]  # drop the class token
+    if valid is not None:
+        scores = scores * valid.to(scores.dtype)
+    return scores, target
+
+
+def cell_map(values: Tensor, means: Tensor, grid: int = 16, valid: Tensor | None = None) -> Tensor:
+    """``values [B, k]`` at centres ``means [B, k, 2]`` (normalised) -> ``[B, grid, grid]`` sums per cell."""
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    b, k = values.shape
+    cell = ((means.clamp(-1, 1 - 1e-6) + 1) / 2 * grid).floor().long()  # column, row
+    index = cell[..., 1] * grid + cell[..., 0]
+    v = values if valid is None else values * valid.to(values.dtype)
+    out = torch.zeros(b, grid * grid, dtype=values.dtype, device=values.device)
+    out.scatter_add_(1, index, v)
+    return out.view(b, grid, grid)
+
+
+def det_sigma_map(gaussians: Gaussians, height: int, width: int) -> Tensor:
+    """Per-pixel log det(Sigma) ``[B, H, W]`` of the Gaussians covering each pixel, alpha-composited
+    with their opacities and normalised by the accumulated opacity (uncovered pixels: NaN).
+    Sigma is in pixel units here, so the values read as log of squared pixel areas."""
+    # det(D Sigma D) with D = diag(W/2, H/2), the normalised-to-pixel scaling
+    logdet = (det_covariance(gaussians.scales) * (width * height / 4) ** 2).clamp_min(1e-12).log()
+    ones = torch.ones_like(logdet)
+    both = Gaussians(gaussians.means, gaussians.scales, gaussians.angles, torch.stack([logdet, ones], -1),
+                     gaussians.opacities, gaussians.valid)
+    out = render(both, height=height, width=width)
+    weight = out[:, 1]
+    return torch.where(weight > 1e-3, out[:, 0] / weight.clamp_min(1e-3), torch.full_like(weight, float("nan")))
+
+
+# --------------------------------------------------------------------------- a trained model on images
+
+
+def explain_images(cfg, run, images: Tensor, *, target: int | None = None, grid: int = 16, top: int = 5) -> dict:
+    """Everything ``gvit explain`` draws, as tensors, for ``images [B, 3, S, S]`` (S = the model's
+    image size) and a trained GViT (``cfg, run`` from :func:`gvit.train.load_trained`):
+
+    ``g`` raw Gaussians ``[B, k, 9]``, ``gaussians`` (decoded), ``rendered [B, 3, S, S]``, ``psnr [B]``,
+    ``logits [B, classes]``, ``top_classes`` / ``top_probs [B, top]``, ``target [B]`` (the class
+    explained: ``target`` or the prediction), ``cdam [B, k]`` (per Gaussian), ``cdam_map
+    [B, grid, grid]``, ``det_sigma [B, k]`` (normalised units), ``det_map [B, S, S]``
+    (:func:`det_sigma_map`, pixel units, log).
+    """
+    from .gaussians import decode
+    from .report import predict
+
+    if cfg.model != "gvit":
+        raise ValueError(f"explain needs a GViT checkpoint (model=gvit), got model={cfg.model!r}")
+    out = predict(cfg, run, images)
+    g = out["g"].float()
+    gaussians = decode(g.cpu(), cfg.scale_factor)
+    probs = out["logits"].float().softmax(-1).cpu()
+    top_probs, top_classes = probs.topk(min(top, probs.shape[-1]), dim=-1)
+    if target is not None and not 0 <= target < probs.shape[-1]:
+        raise ValueError(f"class {target} out of range: the model has {probs.shape[-1]} classes")
+    scores, chosen = cdam(run.classifier, out["g"], target)
+    scores = scores.float().cpu()
+    size = images.shape[-2:]
+    return {"g": g.cpu(), "gaussians": gaussians, "rendered": out["rendered"].float().cpu(),
+            "psnr": out["psnr"].float().cpu(), "logits": out["logits"].float().cpu(), "top_classes": top_classes,
+            "top_probs": top_probs, "target": chosen.cpu(), "cdam": scores,
+            "cdam_map": cell_map(scores, gaussians.means, grid), "det_sigma": det_covariance(gaussians.scales),
+            "det_map": det_sigma_map(gaussians, *size)}
+
+
+def _panel(path, image: Tensor, maps: dict, i: int, classes: list[str], grid: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _figure
+    from .viz import draw_ellipses
+
+    one = maps["gaussians"]
+    gaussians = Gaussians(one.means[i:i + 1], one.scales[i:i + 1], one.angles[i:i + 1], one.colors[i:i + 1],
+                          one.opacities[i:i + 1])
+    fig, axes = plt.subplots(1, 5, figsize=(16, 3.4))
+    size = image.shape[-1]
+    extent = (0, size, size, 0)
+    axes[0].imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest", extent=extent)
+    axes[0].set_title("input (model size)", fontsize=9)
+    axes[1].imshow(maps["rendered"][i].permute(1, 2, 0).numpy(), interpolation="nearest", extent=extent)
+    axes[1].set_title(f"render {float(maps['psnr'][i]):.1f} dB", fontsize=9)
+    axes[2].imshow(draw_ellipses(image, gaussians), extent=extent)
+    axes[2].set_title(f"{one.num_gaussians} Gaussians (2 sigma)", fontsize=9)
+    det = axes[3].imshow(maps["det_map"][i].numpy(), cmap="magma", interpolation="nearest", extent=extent)
+    axes[3].set_title("log det(Sigma), dark = small", fontsize=9)
+    fig.colorbar(det, ax=axes[3], fraction=0.046)
+    cam = maps["cdam_map"][i].numpy()
+    bound = max(abs(float(cam.min())), abs(float(cam.max())), 1e-12)
+    axes[4].imshow(image.permute(1, 2, 0).numpy() * 0.5 + 0.25, interpolation="nearest", extent=extent)
+    shown = axes[4].imshow(cam, cmap="RdBu_r", vmin=-bound, vmax=bound, alpha=0.75, interpolation="nearest",
+                           extent=extent)
+    axes[4].set_title(f"CDAM: {classes[int(maps['target'][i])]}", fontsize=9)
+    fig.colorbar(shown, ax=axes[4], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    top = ", ".join(f"{classes[int(c)]} {100 * float(p):.1f}%" for c, p in zip(maps["top_classes"][i], maps["top_probs"][i]))
+    fig.suptitle(f"top-{len(maps['top_classes'][i])}: {top}", fontsize=11)
+    _figure(path, fig)
+
+
+def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = None, grid: int = 16,
+                  batch_size: int = 32, skip_bad: bool = False, progress: bool = True) -> dict:
+    """``gvit explain``: one panel PNG per image (input, reconstruction, ellipses, det(Sigma) map,
+    CDAM map, top-5) under ``out`` (named like the input, see :func:`gvit.convert.collect_images`),
+    ``explain.json`` with the predictions and ``index.html`` showing every panel. Images of any
+    size and mode are read as RGB (:func:`gvit.data.read_image`) and resized to the model's input
+    size (squashed when not square). Unreadable files raise naming the file, or with
+    ``skip_bad`` are listed and skipped. Returns the summary written to ``explain.json``."""
+    import html
+    import json
+    from pathlib import Path
+
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from ._io import write_json, write_text
+    from .convert import collect_images
+    from .data import ImageReadError, read_image
+    from .train import load_trained
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg, run, classes = load_trained(checkpoint)
+    if isinstance(target, str):
+        if target.isdigit():
+            target = int(target)
+        elif target in classes:
+            target = classes.index(target)
+        else:
+            raise ValueError(f"--class {target!r}: not a class of this model ({', '.join(classes)})")
+    jobs = collect_images(inputs)
+    if not jobs:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = cfg.image_size
+    records, skipped = [], []
+    bar = tqdm(total=len(jobs), desc="explain", unit="img", disable=not progress)
+    for start in range(0, len(jobs), batch_size):
+        batch, names = [], []
+        for path, name in jobs[start:start + batch_size]:
+            try:
+                img = read_image(path)
+            except ImageReadError as exc:
+                if not skip_bad:
+                    raise
+                skipped.append(str(exc))
+                continue
+            original = tuple(img.shape[-2:])
+            if original != (size, size):
+                img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False)[0].clamp(0, 1)
+            batch.append(img)
+            names.append((path, name, original))
+        if batch:
+            images = torch.stack(batch)
+            maps = explain_images(cfg, run, images, target=target, grid=grid)
+            for i, (path, name, original) in enumerate(names):
+                png = out / f"{name}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                _panel(png, images[i], maps, i, classes, grid)
+                records.append({"image": str(path), "panel": str(png.relative_to(out)), "size": list(original),
+                                "explained_class": classes[int(maps["target"][i])],
+                                "top5": [[classes[int(c)], round(float(p), 4)]
+                                         for c, p in zip(maps["top_classes"][i], maps["top_probs"][i])],
+                                "psnr": round(float(maps["psnr"][i]), 2)})
+        bar.update(len(jobs[start:start + batch_size]))
+    bar.close()
+    summary = {"checkpoint": str(checkpoint), "classes": classes, "grid": grid, "images": records,
+               "skipped": skipped}
+    write_json(out / "explain.json", summary)
+    cards = "\n".join(
+        f'<figure><img src="{html.escape(r["panel"])}" alt="{html.escape(r["image"])}"><figcaption>'
+        f'{html.escape(r["image"])}: ' + html.escape(", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top5"]))
+        + "</figcaption></figure>" for r in records)
+    write_text(out / "index.html", f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gvit explain</title>
+<style>body{{font-family:sans-serif;margin:2em}} img{{max-width:100%}} figure{{margin:0 0 2em 0}}</style></head>
+<body><h1>gvit explain</h1><p>{html.escape(str(checkpoint))}: {len(records)} image(s). Panels: input, reconstruction,
+2-sigma ellipses of every Gaussian, log det(Sigma) per pixel (dark: small Gaussians), CDAM of the explained class on a
+{grid}x{grid} grid (red: evidence for, blue: against).</p>
+{cards}
+</body></html>
+""")
+    return summary

@@ -1,0 +1,176 @@
+"""The report of a trained model: accuracy, reconstructions, Gaussian overlays, training curves.
+
+``training_report(checkpoint, out)`` evaluates a checkpoint written by :func:`gvit.train.train`
+on its evaluation split and writes, into ``out``:
+
+* ``report.html`` (open it in a browser) and ``report.json`` (the same figures, for scripts);
+* ``examples.png``: for the first test images, input | reconstruction | 2-sigma ellipses of
+  the Gaussians (GViT), with the true and predicted class (patch ViT: the inputs only);
+* ``curves.png``: the losses of ``metrics.jsonl`` against the step, phases shaded.
+
+matplotlib draws the figures (non-interactive Agg backend); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_path, write_json, write_text
+
+__all__ = ["training_report", "predict"]
+
+
+@torch.no_grad()
+def predict(cfg, run, images: torch.Tensor, *, seed: int | None = None) -> dict:
+    """Run a trained model on ``images [B, 3, H, W]`` in [0, 1].
+
+    Returns ``logits [B, classes]`` and, for GViT, the raw Gaussians ``g [B, k, 9]``, their
+    render ``rendered [B, 3, H, W]`` and ``psnr [B]``. g0 comes from a generator seeded with
+    ``seed`` (the config's seed by default), so the output is deterministic.
+    """
+    from .guidance import batch_losses
+    from .losses import psnr
+    from .train import _sample_g0
+
+    device = next(run.classifier.parameters()).device
+    images = images.to(device)
+    if cfg.model == "patch_vit":
+        return {"logits": run.classifier(images)}
+    if cfg.model != "gvit":
+        raise ValueError(f"predict: needs a patch_vit or gvit checkpoint, got model={cfg.model!r}")
+    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    g0 = _sample_g0(cfg, len(images), gen)
+    out = batch_losses(run.encoder, run.classifier, images, None, None if g0 is None else g0.to(device),
+                       scale_factor=cfg.scale_factor, pixel_loss=cfg.pixel_loss)
+    return {"logits": out.logits, "g": out.g, "rendered": out.rendered.clamp(0, 1),
+            "psnr": psnr(out.rendered.clamp(0, 1), images)}
+
+
+def _figure(path: Path, fig) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .gaussians import decode
+    from .viz import draw_ellipses
+
+    n = len(images)
+    gvit = "g" in pred
+    cols = 3 if gvit else 1
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    top = pred["logits"].softmax(-1).max(-1)
+    for i in range(n):
+        guess = int(pred["logits"][i].argmax())
+        title = f"{classes[int(labels[i])]} -> {classes[guess]} ({100 * float(top.values[i]):.0f}%)"
+        panels = [images[i].permute(1, 2, 0).numpy()]
+        names = [title]
+        if gvit:
+            g = decode(pred["g"][i:i + 1].float().cpu(), cfg.scale_factor)
+            panels += [pred["rendered"][i].cpu().permute(1, 2, 0).numpy(), draw_ellipses(images[i], g)]
+            names += [f"render {float(pred['psnr'][i]):.1f} dB", f"{g.num_gaussians} Gaussians (2 sigma)"]
+        for ax, panel, name in zip(axes[i], panels, names):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(name, fontsize=8, color="black" if guess == int(labels[i]) or name != title else "red")
+            ax.axis("off")
+    _figure(path, fig)
+
+
+def _curves_figure(path: Path, metrics: list[dict]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss_rec", "loss_cls") if any(k in m for m in metrics)]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        rows = [m for m in metrics if key in m]
+        ax.plot([m["step"] for m in rows], [m[key] for m in rows], lw=1.2)
+        seen = set()
+        for m in metrics:  # mark where each phase is first logged
+            if m.get("phase") not in seen:
+                seen.add(m.get("phase"))
+                ax.axvline(m["step"], color="0.8", lw=0.8)
+                ax.text(m["step"], 1, f" {m.get('phase')}", fontsize=7, rotation=90, va="top", ha="left",
+                        color="0.4", transform=ax.get_xaxis_transform())
+        ax.set_xlabel("step")
+        ax.set_title({"loss_rec": "reconstruction loss", "loss_cls": "classification loss"}[key], fontsize=9)
+    _figure(path, fig)
+    return True
+
+
+def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, num_examples: int = 8,
+                    overrides: list[str] | None = None, device=None) -> dict:
+    """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary."""
+    from .train import _datasets, _limit, evaluate, load_trained
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg, run, classes = load_trained(checkpoint, overrides, device)
+    _, test_ds, collate = _datasets(cfg)
+    if test_ds is None:
+        raise ValueError(f"{checkpoint}: no evaluation split {cfg.eval_split!r} in {cfg.data} to report on")
+    test_ds = _limit(test_ds, cfg.limit_eval)
+    device = next(run.classifier.parameters()).device
+    summary = {"checkpoint": str(checkpoint), "model": cfg.model, "data": cfg.data, "classes": classes}
+    summary.update(evaluate(cfg, run, test_ds, collate, device))
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(num_examples, len(test_ds))
+    files = {}
+    if n and cfg.model != "offline":
+        images, labels = collate([test_ds[i] for i in range(n)])
+        pred = predict(cfg, run, images)
+        _examples_figure(out / "examples.png", cfg, images, labels, {k: v.cpu() for k, v in pred.items()}, classes)
+        files["examples"] = "examples.png"
+    metrics_path = checkpoint.parent / "metrics.jsonl"
+    if metrics_path.is_file():
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if metrics and _curves_figure(out / "curves.png", metrics):
+            files["curves"] = "curves.png"
+        if metrics and "seconds" in metrics[-1]:
+            summary["train_seconds"] = metrics[-1]["seconds"]
+            summary["steps"] = metrics[-1]["step"]
+    summary["files"] = files
+    write_json(out / "report.json", summary)
+    write_text(out / "report.html", _html(summary, cfg))
+    return summary
+
+
+def _html(summary: dict, cfg) -> str:
+    from dataclasses import asdict
+
+    rows = [("model", summary["model"]), ("data", summary["data"]),
+            ("top-1", f"{100 * summary['top1']:.2f}% of {summary['eval_images']} test images")]
+    if "psnr" in summary:
+        rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
+    if "train_seconds" in summary:
+        rows.append(("training", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s"))
+    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    config = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in asdict(cfg).items())
+    figures = "".join(f'<h2>{html.escape(name)}</h2><img src="{html.escape(file)}" alt="{html.escape(name)}">\n'
+                      for name, file in summary["files"].items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gvit report</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} th{{text-align:left;padding-right:1em}}
+img{{max-width:100%}} details{{margin-top:2em}}</style></head>
+<body><h1>gvit report</h1>
+<table>{table}</table>
+{figures}<details><summary>configuration</summary><table>{config}</table></details>
+</body></html>
+"""
