@@ -10,9 +10,9 @@ table gives the best of ``--repeats`` steps after warm-up and the ratio to the p
 
 Accuracy (``--accuracy``): every variant of the paper's Table 1d / Fig. 3 trained with the CPU
 CIFAR-10 recipe (configs/cifar10_cpu.yaml) for the same number of steps, each in its own
-``gvit train`` process, evaluated on the first ``--limit-eval`` test images: patch ViT, GViT
+``gvit train`` process, evaluated on ``--limit-eval`` test images spread over the split: patch ViT, GViT
 without guidance, GViT with guidance, learned queries, offline Gaussians (a classifier on
-Gaussians fitted by ``gvit fit-dataset`` to the first ``--offline-images`` training images), and
+Gaussians fitted by ``gvit fit-dataset`` to ``--offline-images`` training images spread over the split), and
 GViT with guidance for each k of ``--ks``. Finished variants are kept in ``--out`` and not rerun.
 
     python bench/train.py --accuracy --data ../shared/data/cifar10 --steps 400
@@ -71,6 +71,7 @@ def accuracy_variants(ks: list[int]) -> dict[str, list[str]]:
         "GViT, guidance": [],
         "GViT, learned queries": ["learned_queries=true", "sample_image=false"],
         "offline Gaussians": ["model=offline"],
+        "GViT, guidance, paper's g0 input": ["g0_layout=uniform", "sample_image=false"],
     }
     for k in ks:
         if k != 64:
@@ -100,7 +101,7 @@ def accuracy(a) -> None:
         rows.append((name, overrides, json.loads((out / "result.json").read_text())))
     base = rows[0][2]["top1"]
     print(f"CIFAR-10, {a.steps} steps of batch {a.batch} per variant (configs/cifar10_cpu.yaml), top-1 on the "
-          f"first {a.limit_eval} test images\n")
+          f"{a.limit_eval} test images spread over the split\n")
     print("| variant | overrides | top-1 (%) | vs patch ViT | render PSNR (dB) | train s |")
     print("|---|---|---|---|---|---|")
     for name, overrides, r in rows:
