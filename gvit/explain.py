@@ -172,12 +172,12 @@ def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = N
     import json
     from pathlib import Path
 
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     from ._io import write_json, write_text
     from .convert import collect_images
     from .data import ImageReadError, read_image
+    from .data.transforms import resize_square
     from .train import load_trained
 
     if batch_size < 1:
@@ -209,10 +209,7 @@ def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = N
                 skipped.append(str(exc))
                 continue
             original = tuple(img.shape[-2:])
-            if original != (size, size):
-                img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True,
-                                    align_corners=False)[0].clamp(0, 1)
-            batch.append(img)
+            batch.append(resize_square(img, size))
             names.append((path, name, original))
         if batch:
             images = torch.stack(batch)

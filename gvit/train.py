@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ._io import atomic_path
 from .data import Subset, open_dataset, spread_indices
-from .data.transforms import crop_boxes, resized_crop
+from .data.transforms import crop_boxes, resize_square, resized_crop
 from .gaussians import ANGLE, G0_LAYOUTS, POS, sample_initial
 from .guidance import Phases, batch_losses, guidance_backward
 from .losses import RECONSTRUCTION_LOSSES, psnr
@@ -269,12 +269,7 @@ class _StepBatches(torch.utils.data.Sampler):
 
 def _collate(size: int):
     def collate(items):
-        images = []
-        for img, _ in items:
-            if img.shape[-2:] != (size, size):
-                img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True,
-                                    align_corners=False)[0].clamp(0, 1)
-            images.append(img)
+        images = [resize_square(img, size) for img, _ in items]
         return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.long)
 
     return collate

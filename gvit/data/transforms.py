@@ -61,3 +61,12 @@ def random_hflip(images: Tensor, *, p: float = 0.5, generator: torch.Generator |
     """Flip each image left-right with probability ``p``."""
     flip = torch.rand(images.shape[0], generator=generator) < p
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+
+
+def resize_square(image: Tensor, size: int) -> Tensor:
+    """``[C, H, W]`` -> ``[C, size, size]`` (antialiased bilinear, clamped to [0, 1]); unchanged when
+    already that size. Non-square images are squashed, as models with one input size need."""
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp(0, 1)
