@@ -1,8 +1,9 @@
 """Where the Gaussians went and which ones carried the decision (paper 4, Fig. 5).
 
 * :func:`cdam`: Class-Discriminative Attention Map scores per Gaussian (after Brocki et al.):
-  ``S_i = sum_j x_ij * d f_c / d x_ij`` with x the tokens entering the classifier's last
-  transformer block (its last attention layer) and f_c the logit of class c.
+  ``S_i = sum_j x_ij * d f_c / d x_ij`` with x the tokens fed to the classifier's last attention
+  layer (in a pre-norm block: after its LayerNorm; the block's input itself would give S = 0 up to
+  the LayerNorm's epsilon, since LayerNorm ignores a token's scale) and f_c the logit of class c.
 * :func:`cell_map`: per-Gaussian values placed on a ``grid x grid`` map by the cell that holds
   each Gaussian's centre (values of Gaussians sharing a cell add up; empty cells are 0), the
   paper's 16x16 projection of CDAM.
@@ -40,7 +41,7 @@ def cdam(classifier, g: Tensor, target: Tensor | int | None = None, valid: Tenso
         captured["x"] = x
         return (x, *args[1:])
 
-    handle = blocks[-1].register_forward_pre_hook(keep_input)
+    handle = blocks[-1].attn.register_forward_pre_hook(keep_input)
     try:
         with torch.enable_grad():
             logits = classifier(g.detach(), valid)

@@ -9,13 +9,13 @@ from gvit.models import GaussianClassifier
 
 
 def _logit_with_token_scaled(model, g, b, i, c, factor):
-    """Logit c of set b when token i entering the last block is multiplied by ``factor``."""
+    """Logit c of set b when token i fed to the last attention layer is multiplied by ``factor``."""
     def scale(module, args):
         x = args[0].clone()
         x[b, x.shape[1] - g.shape[1] + i] *= factor
         return (x, *args[1:])
 
-    handle = model.transformer.blocks[-1].register_forward_pre_hook(scale)
+    handle = model.transformer.blocks[-1].attn.register_forward_pre_hook(scale)
     try:
         with torch.no_grad():
             return float(model(g)[b, c])
@@ -37,6 +37,7 @@ def test_cdam_equals_a_finite_difference_of_token_scaling(pool):
             fd = (_logit_with_token_scaled(model, g, b, i, 2, 1 + eps)
                   - _logit_with_token_scaled(model, g, b, i, 2, 1 - eps)) / (2 * eps)
             assert math.isclose(float(scores[b, i]), fd, rel_tol=1e-5, abs_tol=1e-8)
+    assert scores.abs().max() > 1e-3  # not the degenerate S = 0 of the block's (pre-LayerNorm) input
     assert all(p.grad is None for p in model.parameters())
     predicted, chosen = cdam(model, g)
     assert torch.equal(chosen, model(g).argmax(-1))
