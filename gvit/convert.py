@@ -202,8 +202,8 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
 
     Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
     of the ``limit`` images evenly spread over it (:func:`gvit.data.spread_indices`, so folders
-    stored class by class stay balanced); each shard records the dataset indices it holds. Finished shards are skipped on a rerun; the settings are recorded in
-    ``settings.json`` and a rerun with different settings into the same folder is refused. Under
+    stored class by class stay balanced); each shard records the dataset indices it holds.
+    Finished shards are skipped on a rerun; the settings are recorded in ``settings.json`` and a rerun with different settings into the same folder is refused. Under
     ``torchrun`` each process takes every WORLD_SIZE-th shard and rank 0 writes ``manifest.json``
     once all shards exist. Unreadable images raise (naming the file), or with ``skip_bad`` are
     left out and listed in their shard's metadata and the manifest. Returns the manifest (rank 0)

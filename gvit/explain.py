@@ -106,13 +106,14 @@ def explain_images(cfg, run, images: Tensor, *, target: int | None = None, grid:
 
     if cfg.model != "gvit":
         raise ValueError(f"explain needs a GViT checkpoint (model=gvit), got model={cfg.model!r}")
+    num_classes = run.classifier.head.out_features
+    if target is not None and not 0 <= target < num_classes:
+        raise ValueError(f"class {target} out of range: the model has {num_classes} classes")
     out = predict(cfg, run, images)
     g = out["g"].float()
     gaussians = decode(g.cpu(), cfg.scale_factor)
     probs = out["logits"].float().softmax(-1).cpu()
-    top_probs, top_classes = probs.topk(min(top, probs.shape[-1]), dim=-1)
-    if target is not None and not 0 <= target < probs.shape[-1]:
-        raise ValueError(f"class {target} out of range: the model has {probs.shape[-1]} classes")
+    top_probs, top_classes = probs.topk(min(top, num_classes), dim=-1)
     scores, chosen = cdam(run.classifier, out["g"], target)
     scores = scores.float().cpu()
     size = images.shape[-2:]
@@ -132,9 +133,7 @@ def _panel(path, image: Tensor, maps: dict, i: int, classes: list[str], grid: in
     from .report import _figure
     from .viz import draw_ellipses
 
-    one = maps["gaussians"]
-    gaussians = Gaussians(one.means[i:i + 1], one.scales[i:i + 1], one.angles[i:i + 1], one.colors[i:i + 1],
-                          one.opacities[i:i + 1])
+    gaussians = maps["gaussians"][i]
     fig, axes = plt.subplots(1, 5, figsize=(16, 3.4))
     size = image.shape[-1]
     extent = (0, size, size, 0)
@@ -143,7 +142,7 @@ def _panel(path, image: Tensor, maps: dict, i: int, classes: list[str], grid: in
     axes[1].imshow(maps["rendered"][i].permute(1, 2, 0).numpy(), interpolation="nearest", extent=extent)
     axes[1].set_title(f"render {float(maps['psnr'][i]):.1f} dB", fontsize=9)
     axes[2].imshow(draw_ellipses(image, gaussians), extent=extent)
-    axes[2].set_title(f"{one.num_gaussians} Gaussians (2 sigma)", fontsize=9)
+    axes[2].set_title(f"{gaussians.num_gaussians} Gaussians (2 sigma)", fontsize=9)
     det = axes[3].imshow(maps["det_map"][i].numpy(), cmap="magma", interpolation="nearest", extent=extent)
     axes[3].set_title("log det(Sigma), dark = small", fontsize=9)
     fig.colorbar(det, ax=axes[3], fraction=0.046)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussians import RAW_DIM, decode
+from .gaussians import RAW_DIM, decode, rotation
 
 __all__ = ["ViTSize", "SIZES", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "PatchViT",
            "GaussianEncoder", "GaussianClassifier", "sample_footprints"]
@@ -231,10 +231,8 @@ def sample_footprints(images: Tensor, g0: Tensor, scale_factor: float = 1.0) -> 
     pixel-centre convention of :mod:`gvit.gaussians`). Ordered stencil point-major, channel-minor.
     """
     g = decode(g0, scale_factor)
-    cos, sin = g.angles.cos(), g.angles.sin()
-    st = STENCIL.to(g0) * g.scales[:, :, None, :]  # [B, k, 9, 2] in the Gaussian's frame
-    offset = torch.stack([cos[..., None] * st[..., 0] - sin[..., None] * st[..., 1],
-                          sin[..., None] * st[..., 0] + cos[..., None] * st[..., 1]], -1)
+    local = STENCIL.to(g0) * g.scales[:, :, None, :]  # [B, k, 9, 2] in the Gaussian's frame
+    offset = (rotation(g.angles)[:, :, None] @ local[..., None])[..., 0]
     points = (g.means[:, :, None, :] + offset).to(images.dtype)
     samples = F.grid_sample(images, points, mode="bilinear", padding_mode="border", align_corners=False)
     return samples.permute(0, 2, 3, 1).flatten(2)  # [B, C, k, 9] -> [B, k, 9 * C]
@@ -263,7 +261,7 @@ class GaussianEncoder(nn.Module):
         if sample_image and learned_queries:
             raise ValueError("sample_image needs g0 (it cannot be combined with learned_queries)")
         self.num_gaussians, self.learned_queries = num_gaussians, learned_queries
-        self.sample_image, self.scale_factor = sample_image, scale_factor
+        self.scale_factor = scale_factor
         self.patch_embed = PatchEmbed(image_size, patch, size.width, channels)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + num_gaussians, size.width))
         if learned_queries:

@@ -70,6 +70,7 @@ def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
 
     n = len(images)
     gvit = "g" in pred
+    gaussians = decode(pred["g"].float(), cfg.scale_factor) if gvit else None
     cols = 3 if gvit else 1
     fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
     top = pred["logits"].softmax(-1).max(-1)
@@ -79,9 +80,8 @@ def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
         panels = [images[i].permute(1, 2, 0).numpy()]
         names = [title]
         if gvit:
-            g = decode(pred["g"][i:i + 1].float().cpu(), cfg.scale_factor)
-            panels += [pred["rendered"][i].cpu().permute(1, 2, 0).numpy(), draw_ellipses(images[i], g)]
-            names += [f"render {float(pred['psnr'][i]):.1f} dB", f"{g.num_gaussians} Gaussians (2 sigma)"]
+            panels += [pred["rendered"][i].permute(1, 2, 0).numpy(), draw_ellipses(images[i], gaussians[i])]
+            names += [f"render {float(pred['psnr'][i]):.1f} dB", f"{gaussians.num_gaussians} Gaussians (2 sigma)"]
         for ax, panel, name in zip(axes[i], panels, names):
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(name, fontsize=8, color="black" if guess == int(labels[i]) or name != title else "red")
