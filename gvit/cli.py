@@ -1,4 +1,5 @@
-"""The ``gvit`` command line: demo, fit-demo, fit, fit-dataset, train, finetune, eval, report."""
+"""The ``gvit`` command line: demo, fit-demo, fit, fit-dataset, train, finetune, eval, explain, report, sweep,
+leakage, interpret."""
 
 from __future__ import annotations
 
@@ -163,6 +164,42 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import parse_grid, run_sweep
+
+    rows = run_sweep(args.config, parse_grid(args.grid), args.out, overrides=args.overrides, nproc=args.nproc)
+    print(f"{len(rows)} variant(s) finished -> {Path(args.out) / 'results.md'} (results.csv, plot_*.png)")
+    return 0
+
+
+def _leakage(args: argparse.Namespace) -> int:
+    from .leakage import run_leakage
+
+    f = run_leakage(args.checkpoint, args.sgd_train, args.sgd_test, args.out, overrides=args.overrides,
+                    data=args.data, progress=not args.quiet)
+    m, r = f["cross_training"], f["rasterisation"]
+    print(f"cross-training top-1 (trained -> evaluated): SGD->SGD {100 * m['sgd']['sgd']:.1f}%, SGD->learned "
+          f"{100 * m['sgd']['learned']:.1f}%, learned->learned {100 * m['learned']['learned']:.1f}%, learned->SGD "
+          f"{100 * m['learned']['sgd']:.1f}%; renders: SGD {100 * r['sgd']['renders']:.1f}%, learned "
+          f"{100 * r['learned']['renders']:.1f}% -> {Path(args.out) / 'leakage.md'}")
+    return 0
+
+
+def _interpret(args: argparse.Namespace) -> int:
+    from .explain import saliency_statistics
+
+    f = saliency_statistics(args.checkpoint, args.out, limit=args.limit, batch_size=args.batch_size,
+                            overrides=args.overrides, progress=not args.quiet)
+    line = (f"{f['images']} images: Spearman(log det Sigma, CDAM) {f['det_cdam_spearman']['mean']:+.3f}, "
+            f"with |CDAM| {f['det_abs_cdam_spearman']['mean']:+.3f}")
+    if "cdam_mass_inside" in f:
+        m = f["cdam_mass_inside"]
+        line += (f"; positive CDAM mass on the object {100 * m['inside']['mean']:.1f}% (Gaussians there "
+                 f"{100 * m['gaussians_inside']['mean']:.1f}%, object area {100 * m['area']['mean']:.1f}%)")
+    print(line + f" -> {Path(args.out) / 'interpret.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvit", description="Vision on 2D Gaussians.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +287,37 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quiet", action="store_true")
     ex.set_defaults(func=_explain)
 
+    sw = sub.add_parser("sweep", help="train every combination of a grid of config values; resumable; writes a "
+                                      "results table and one plot per key (the paper's Fig. 3 and Table 1)")
+    sw.add_argument("--config", help="base YAML config")
+    sw.add_argument("--grid", action="append", required=True, metavar="key=v1,v2,...",
+                    help="a config key and its values (repeat for more keys)")
+    sw.add_argument("--out", required=True, help="sweep folder (one subfolder per variant)")
+    sw.add_argument("--nproc", type=int, default=1, help="processes per variant (torchrun when > 1)")
+    sw.add_argument("overrides", nargs="*", metavar="key=value", help="settings shared by every variant")
+    sw.set_defaults(func=_sweep)
+
+    lk = sub.add_parser("leakage", help="the paper's leakage tests: cross-training on SGD-fitted vs learned Gaussians, "
+                                        "and classifiers on Gaussians vs on their renders (Markdown and CSV tables)")
+    lk.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint (its encoder makes the learned Gaussians)")
+    lk.add_argument("--sgd-train", required=True, help="gvit fit-dataset folder of the training split (same k)")
+    lk.add_argument("--sgd-test", required=True, help="gvit fit-dataset folder of the test split")
+    lk.add_argument("--out", required=True)
+    lk.add_argument("--data", help="read the images from here instead of the dataset recorded in the SGD folders")
+    lk.add_argument("--quiet", action="store_true")
+    lk.add_argument("overrides", nargs="*", metavar="key=value", help="classifier training settings, e.g. steps=400")
+    lk.set_defaults(func=_leakage)
+
+    it = sub.add_parser("interpret", help="interpretability in numbers over a test set: det(Sigma)-CDAM rank "
+                                          "correlation, and CDAM mass on the object where masks exist (shapes)")
+    it.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
+    it.add_argument("--out", required=True)
+    it.add_argument("--limit", type=int, default=512, help="test images, spread over the split (default 512)")
+    it.add_argument("--batch-size", type=int, default=128)
+    it.add_argument("--quiet", action="store_true")
+    it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
+    it.set_defaults(func=_interpret)
+
     rep = sub.add_parser("report", help="evaluate a checkpoint and write report.html with examples and curves")
     rep.add_argument("--checkpoint", required=True)
     rep.add_argument("--out", required=True)
@@ -268,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImageReadError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, ImageReadError, FloatingPointError, ChildProcessError) as exc:
         print(f"gvit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

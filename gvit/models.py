@@ -52,7 +52,8 @@ def get_size(size: str | ViTSize) -> ViTSize:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention. ``mask`` ``[B, N]`` bool: True for tokens that may be attended to."""
+    """Multi-head self-attention. ``mask`` ``[B, N]`` bool: True for tokens that may be attended to.
+    With ``last`` only the last ``last`` tokens query (all N are keys and values): ``[B, last, D]``."""
 
     def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -62,12 +63,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, last: int | None = None) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last is not None:
+            q = q[:, :, n - last:]
         attn_mask = None if mask is None else mask[:, None, None, :]
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+        return self.proj(x.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class Mlp(nn.Module):
@@ -81,7 +84,8 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)). With ``last`` only the
+    last ``last`` tokens are computed (they still attend to all): ``[B, last, D]``."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -90,22 +94,24 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, last: int | None = None) -> Tensor:
+        x = (x if last is None else x[:, x.shape[1] - last:]) + self.attn(self.norm1(x), mask, last)
         return x + self.mlp(self.norm2(x))
 
 
 class Transformer(nn.Module):
-    """``depth`` blocks and a final LayerNorm."""
+    """``depth`` blocks and a final LayerNorm. ``last``: return only the last ``last`` tokens,
+    which the final block then computes alone (the same values, less work: the encoder keeps
+    only its k Gaussian latents)."""
 
     def __init__(self, size: ViTSize):
         super().__init__()
         self.blocks = nn.ModuleList([Block(size.width, size.heads, size.mlp_ratio) for _ in range(size.depth)])
         self.norm = nn.LayerNorm(size.width, eps=1e-6)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, last: int | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last if i == len(self.blocks) - 1 else None)
         return self.norm(x)
 
 
@@ -250,17 +256,21 @@ class GaussianEncoder(nn.Module):
     ``sample_image`` adds to each Gaussian token a projection of the image seen through g0's
     footprint (:func:`sample_footprints`, 27 values), so the token starts out knowing the colours
     under and around it instead of having to find its patch by attention; ``scale_factor`` is
-    the c used to decode g0 for that stencil.
+    the c used to decode g0 for that stencil. ``image_colors`` replaces g0's random colours by
+    the image's colour at each g0 centre before anything else, so g0 is already a coarse picture
+    and delta g refines it (g = g0' + delta g with g0' the recoloured g0).
     """
 
     def __init__(self, image_size: int | tuple[int, int], patch: int, num_gaussians: int,
                  size: str | ViTSize = "tiny", learned_queries: bool = False, sample_image: bool = False,
-                 scale_factor: float = 1.0, channels: int = 3):
+                 scale_factor: float = 1.0, channels: int = 3, image_colors: bool = False):
         super().__init__()
         size = get_size(size)
-        if sample_image and learned_queries:
-            raise ValueError("sample_image needs g0 (it cannot be combined with learned_queries)")
-        self.num_gaussians, self.learned_queries = num_gaussians, learned_queries
+        if (sample_image or image_colors) and learned_queries:
+            raise ValueError("sample_image and image_colors need g0 (they cannot be combined with learned_queries)")
+        if image_colors and channels != 3:
+            raise ValueError(f"image_colors needs 3 channels, got {channels}")
+        self.num_gaussians, self.learned_queries, self.image_colors = num_gaussians, learned_queries, image_colors
         self.scale_factor = scale_factor
         self.patch_embed = PatchEmbed(image_size, patch, size.width, channels)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + num_gaussians, size.width))
@@ -287,9 +297,15 @@ class GaussianEncoder(nn.Module):
             if g0 is None or g0.shape != (b, k, RAW_DIM):
                 raise ValueError(f"g0: expected [B={b}, k={k}, {RAW_DIM}], got "
                                  f"{None if g0 is None else tuple(g0.shape)}")
+            footprints = None
+            if self.footprint_embed is not None or self.image_colors:
+                footprints = sample_footprints(images, g0, self.scale_factor)
+            if self.image_colors:  # the stencil's centre point (index 4) is the colour at the mean
+                centre = footprints.unflatten(-1, (len(STENCIL), -1))[:, :, len(STENCIL) // 2]
+                g0 = torch.cat([g0[..., :5], torch.logit(centre.clamp(1e-3, 1 - 1e-3)).to(g0), g0[..., 8:]], -1)
             tokens = self.gaussian_embed(g0)
             if self.footprint_embed is not None:
-                tokens = tokens + self.footprint_embed(sample_footprints(images, g0, self.scale_factor))
-        x = self.transformer(torch.cat([patches, tokens], 1) + self.pos_embed)
-        out = self.head(x[:, -k:])
+                tokens = tokens + self.footprint_embed(footprints)
+        x = self.transformer(torch.cat([patches, tokens], 1) + self.pos_embed, last=k)  # the k Gaussian latents
+        out = self.head(x)
         return out if self.learned_queries else g0 + out

@@ -10,7 +10,7 @@
 
 Models (``cfg.model``): ``gvit`` (denoising encoder, or learned queries, + Gaussian classifier),
 ``patch_vit`` (the baseline on pixels) and ``offline`` (the Gaussian classifier on Gaussians saved by
-``gvit fit-dataset``).
+``gvit fit-dataset``, or with ``offline_input=renders`` a patch ViT on their renders).
 
 Reproducibility: the data order, the augmentation and g0 of step s come from generators seeded
 by (seed, s) (and the rank), so a run resumed from a checkpoint (model, optimisers, step) ends
@@ -39,15 +39,17 @@ from torch import Tensor, nn
 from ._io import atomic_path
 from .data import Subset, open_dataset, spread_indices
 from .data.transforms import crop_boxes, resize_square, resized_crop
-from .gaussians import ANGLE, G0_LAYOUTS, POS, sample_initial
+from .gaussians import ANGLE, G0_LAYOUTS, POS, decode, sample_initial
 from .guidance import Phases, batch_losses, guidance_backward
 from .losses import RECONSTRUCTION_LOSSES, psnr
 from .models import SIZES, GaussianClassifier, GaussianEncoder, PatchViT
+from .render import render
 
 __all__ = ["TrainConfig", "load_config", "train", "evaluate", "evaluate_checkpoint", "load_checkpoint", "load_trained",
            "MODELS"]
 
 MODELS = ("gvit", "patch_vit", "offline")
+OFFLINE_INPUTS = ("gaussians", "renders")
 _PHASE_FIELDS = ("perceptual_from", "classifier_from", "pretrain_until", "guidance_from", "lambda_perc",
                  "lambda_cls", "gamma", "guidance_every")
 
@@ -75,9 +77,11 @@ class TrainConfig:
     scale_factor: float = 1.0
     learned_queries: bool = False
     sample_image: bool = False  # Gaussian tokens also see the image through g0's footprint (GaussianEncoder)
+    image_colors: bool = False  # g0's colours read from the image at its centres (GaussianEncoder)
     pool: str = "cls"
     offline_train: str | None = None
     offline_eval: str | None = None
+    offline_input: str = "gaussians"  # model=offline: the classifier reads the Gaussians, or a patch ViT their renders
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = None
@@ -117,7 +121,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"model": MODELS, "encoder_size": tuple(SIZES), "classifier_size": tuple(SIZES),
                    "pool": ("cls", "mean"), "pixel_loss": tuple(RECONSTRUCTION_LOSSES),
-                   "device": ("auto", "cpu", "cuda"), "g0_layout": G0_LAYOUTS}
+                   "device": ("auto", "cpu", "cuda"), "g0_layout": G0_LAYOUTS,
+                   "offline_input": OFFLINE_INPUTS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -140,8 +145,9 @@ class TrainConfig:
             raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
-        if self.sample_image and self.learned_queries:
-            raise ValueError("config: sample_image needs g0, so it cannot be combined with learned_queries")
+        for key in ("sample_image", "image_colors"):
+            if getattr(self, key) and self.learned_queries:
+                raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")
         if self.model == "offline" and not self.offline_train:
             raise ValueError("config: model=offline needs offline_train (a folder written by gvit fit-dataset)")
         self.phases()  # validates the phase fractions
@@ -175,6 +181,20 @@ def _coerce(key: str, text: str, kind):
         raise ValueError(f"config: {key} expects {getattr(base, '__name__', base)}, got {text!r}") from None
 
 
+def _parse_overrides(overrides: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: typed value}``; an unknown key or bad value raises ValueError."""
+    hints = typing.get_type_hints(TrainConfig)
+    values = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"config override {item!r}: expected key=value")
+        if key not in hints:
+            raise ValueError(f"config: unknown key {key!r}; keys are {', '.join(hints)}")
+        values[key] = _coerce(key, text, hints[key])
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """A :class:`TrainConfig` from a YAML (or JSON) file and ``key=value`` overrides; an unknown key
     or a bad value raises ValueError naming it (and the allowed keys or values)."""
@@ -192,14 +212,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {p}: expected a mapping of key: value")
         values.update(loaded)
+    values.update(_parse_overrides(overrides or []))
     hints = typing.get_type_hints(TrainConfig)
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"config override {item!r}: expected key=value")
-        if key not in hints:
-            raise ValueError(f"config: unknown key {key!r}; keys are {', '.join(hints)}")
-        values[key] = _coerce(key, text, hints[key])
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; keys are {', '.join(hints)}")
@@ -369,13 +383,13 @@ def _param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.
 def build_models(cfg: TrainConfig, num_classes: int, device) -> _Run:
     torch.manual_seed(cfg.seed)
     encoder = None
-    if cfg.model == "patch_vit":
+    if cfg.model == "patch_vit" or (cfg.model == "offline" and cfg.offline_input == "renders"):
         classifier = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool)
     else:
         classifier = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
         if cfg.model == "gvit":
             encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
-                                      learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
+                                      learned_queries=cfg.learned_queries, sample_image=cfg.sample_image, image_colors=cfg.image_colors,
                                       scale_factor=cfg.scale_factor).to(device)
     classifier = classifier.to(device)
 
@@ -589,7 +603,7 @@ def _train_step(cfg: TrainConfig, run: _Run, phases: Phases, step: int, inputs, 
         raw, valid = inputs
         raw = _flip_gaussians(raw, flips)
         with autocast:
-            loss = F.cross_entropy(run.classifier(raw.to(device), valid.to(device)), labels)
+            loss = F.cross_entropy(_offline_logits(cfg, run, raw.to(device), valid.to(device)), labels)
         return _apply(cfg, [(run.classifier, run.cls_opt)], loss, metrics | {"loss_cls": _num(loss)})
     size = cfg.image_size
     boxes = crop_boxes(cfg.batch_size, size, size, scale=(cfg.crop_scale_min, 1.0), generator=gen)[rank::world]
@@ -629,6 +643,17 @@ def _train_step(cfg: TrainConfig, run: _Run, phases: Phases, step: int, inputs, 
     return _apply(cfg, trained, loss, metrics)
 
 
+def _offline_logits(cfg: TrainConfig, run: _Run, raw: Tensor, valid: Tensor) -> Tensor:
+    """The classifier on saved Gaussians, or (``offline_input=renders``) the patch ViT on their
+    renders at ``image_size`` (the rasterisation control of the leakage tests)."""
+    if cfg.offline_input == "gaussians":
+        return run.classifier(raw, valid)
+    with torch.no_grad():
+        g = replace(decode(raw.float(), cfg.scale_factor), valid=valid)
+        images = render(g, height=cfg.image_size, width=cfg.image_size).clamp(0, 1)
+    return run.classifier(images)
+
+
 def _sample_g0(cfg: TrainConfig, n: int, gen: torch.Generator) -> Tensor | None:
     """The encoder's random input Gaussians for ``n`` images (None for learned queries)."""
     if cfg.learned_queries:
@@ -661,14 +686,16 @@ def _apply(cfg: TrainConfig, trained, loss: Tensor | None, metrics: dict) -> dic
     return metrics
 
 
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``cfg`` with ``key=value`` overrides applied (parsed and checked as on the command line)."""
+    return replace(cfg, **_parse_overrides(overrides)) if overrides else cfg
+
+
 def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, device=None):
     """``(cfg, run, classes)`` from a checkpoint, models in eval mode on ``device`` (the config's
     when None); ``key=value`` overrides (e.g. ``data=...``) apply on top of the saved config."""
     state = load_checkpoint(path)
-    cfg = TrainConfig(**state["config"])
-    if overrides:
-        changed = load_config(None, overrides)
-        cfg = replace(cfg, **{k.partition("=")[0]: getattr(changed, k.partition("=")[0]) for k in overrides})
+    cfg = apply_overrides(TrainConfig(**state["config"]), overrides or [])
     device = _device(cfg) if device is None else torch.device(device)
     run = build_models(cfg, len(state["classes"]), device)
     run.classifier.load_state_dict(state["classifier"])
@@ -704,7 +731,7 @@ def evaluate(cfg: TrainConfig, run: _Run, dataset, collate, device) -> dict:
         labels = labels.to(device)
         if cfg.model == "offline":
             raw, valid = inputs
-            logits = run.classifier(raw.to(device), valid.to(device))
+            logits = _offline_logits(cfg, run, raw.to(device), valid.to(device))
         elif cfg.model == "patch_vit":
             logits = run.classifier(inputs.to(device))
         else:

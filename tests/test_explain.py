@@ -76,3 +76,51 @@ def test_det_sigma_map_reads_each_gaussians_pixel_area():
         assert math.isclose(float(out[0, row, col]), expected, abs_tol=1e-3)
     assert torch.isnan(out[0, 0, 0])  # far from both: not covered
     assert float(out[0, 16, 12]) < float(out[0, 16, 36])  # the small one reads smaller
+
+
+def test_rank_correlation_matches_scipy_and_ignores_invalid_slots():
+    from scipy.stats import spearmanr
+
+    from gvit.explain import rank_correlation
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 12), torch.randn(4, 12)
+    b[1] = a[1] * 3 + 1  # monotone: rho = 1
+    b[2] = -a[2].exp()  # anti-monotone: rho = -1
+    rho = rank_correlation(a, b)
+    for i in range(4):
+        assert rho[i].item() == pytest.approx(spearmanr(a[i].numpy(), b[i].numpy()).statistic, abs=1e-9)
+    assert rho[1] == pytest.approx(1) and rho[2] == pytest.approx(-1)
+    valid = torch.ones(4, 12, dtype=torch.bool)
+    valid[0, 6:] = False
+    valid[3, 2:] = False  # two slots only: undefined
+    masked = rank_correlation(a, b, valid)
+    assert masked[0].item() == pytest.approx(spearmanr(a[0, :6].numpy(), b[0, :6].numpy()).statistic, abs=1e-9)
+    assert masked[3].isnan() and rank_correlation(a, torch.ones(4, 12))[0].isnan()
+
+
+def test_mask_mass_matches_a_loop_over_the_gaussians():
+    from gvit.explain import mask_mass
+
+    torch.manual_seed(1)
+    b, k, h, w = 3, 10, 8, 6
+    scores, means = torch.randn(b, k), torch.rand(b, k, 2) * 2 - 1
+    masks = torch.rand(b, h, w) < 0.4
+    valid = torch.rand(b, k) < 0.8
+    out = mask_mass(scores, means, masks, valid)
+    for i in range(b):
+        pos_in = pos_all = n_in = n = 0.0
+        for j in range(k):
+            if not valid[i, j]:
+                continue
+            x, y = (means[i, j, 0].item() + 1) / 2 * w, (means[i, j, 1].item() + 1) / 2 * h
+            inside = bool(masks[i, min(int(y), h - 1), min(int(x), w - 1)])
+            s = max(scores[i, j].item(), 0.0)
+            pos_all += s
+            pos_in += s * inside
+            n += 1
+            n_in += inside
+        assert out["inside"][i].item() == pytest.approx(pos_in / pos_all)
+        assert out["gaussians_inside"][i].item() == pytest.approx(n_in / n)
+        assert out["area"][i].item() == pytest.approx(masks[i].float().mean().item())
+    assert mask_mass(-scores.abs(), means, masks)["inside"].isnan().all()  # no positive evidence at all

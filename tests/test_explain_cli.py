@@ -79,3 +79,19 @@ def test_explain_maps_api_shapes_and_ranges(checkpoint):
     assert 0 <= float(maps["rendered"].min()) and float(maps["rendered"].max()) <= 1
     with pytest.raises(ValueError, match="class 9"):
         explain_images(cfg, run, torch.rand(1, 3, 32, 32), target=9)
+
+
+def test_interpret_reports_correlations_and_mask_mass(tmp_path, checkpoint, capsys):
+    out = tmp_path / "interp"
+    assert main(["interpret", "--checkpoint", str(checkpoint), "--out", str(out), "--limit", "24", "--batch-size",
+                 "10", "--quiet"]) == 0
+    assert "Spearman(log det Sigma, CDAM)" in capsys.readouterr().out
+    f = json.loads((out / "interpret.json").read_text())
+    assert f["images"] == 24 and 0 <= f["top1"] <= 1
+    for key in ("det_cdam_spearman", "det_abs_cdam_spearman"):
+        assert -1 <= f[key]["mean"] <= 1 and f[key]["images"] > 0
+    m = f["cdam_mass_inside"]  # the shapes have object masks
+    assert all(0 <= m[k]["mean"] <= 1 for k in ("inside", "gaussians_inside", "area"))
+    assert 0.02 < m["area"]["mean"] < 0.9
+    assert "positive CDAM mass on object Gaussians" in (out / "interpret.md").read_text()
+    assert main(["interpret", "--checkpoint", str(checkpoint), "--out", str(out), "--limit", "0"]) == 2

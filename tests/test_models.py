@@ -28,6 +28,26 @@ def test_attention_matches_a_float64_softmax_reference_with_a_padding_mask():
     assert torch.allclose(out, ref, atol=1e-12)
 
 
+def test_transformer_last_tokens_equal_the_full_computation():
+    # the encoder keeps only its k Gaussian latents: computing just those in the last block
+    # must give the same values (and gradients) as the full sequence sliced afterwards
+    from gvit.models import Transformer, ViTSize
+
+    torch.manual_seed(0)
+    net = Transformer(ViTSize(16, 3, 4)).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 7, [True, False, True, True, False, True, True]])
+    full = net(x, mask)[:, -3:]
+    part = net(x, mask, last=3)
+    assert part.shape == (2, 3, 16)
+    assert torch.allclose(part, full, atol=1e-12)
+    w = torch.randn_like(full)
+    (g_full,) = torch.autograd.grad((full * w).sum(), x)
+    (g_part,) = torch.autograd.grad((part * w).sum(), x)
+    assert torch.allclose(g_part, g_full, atol=1e-12)
+    assert not torch.allclose(net(x, mask, last=3), net(x[:, 1:], mask[:, 1:], last=3))  # all tokens are read
+
+
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_classifier_ignores_invalid_slots(pool):
     torch.manual_seed(0)
@@ -106,6 +126,19 @@ def test_encoder_with_image_footprints():
     assert enc.footprint_embed.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="learned_queries"):
         GaussianEncoder(16, 4, 8, "micro", learned_queries=True, sample_image=True)
+
+
+def test_encoder_with_image_colours_starts_at_the_recoloured_g0():
+    torch.manual_seed(0)
+    enc = GaussianEncoder(16, 8, 6, "micro", image_colors=True, scale_factor=0.5)
+    images, g0 = torch.rand(2, 3, 16, 16), torch.randn(2, 6, 9)
+    out = enc(images, g0)
+    centre = sample_footprints(images, g0, 0.5).view(2, 6, 9, 3)[:, :, 4]  # colour at each g0 mean
+    assert torch.equal(out[..., :5], g0[..., :5]) and torch.equal(out[..., 8:], g0[..., 8:])
+    assert torch.allclose(torch.sigmoid(out[..., 5:8]), centre.clamp(1e-3, 1 - 1e-3), atol=1e-6)
+    assert not torch.allclose(out, enc(images.flip(-1), g0))
+    with pytest.raises(ValueError, match="learned_queries"):
+        GaussianEncoder(16, 4, 8, "micro", learned_queries=True, image_colors=True)
 
 
 def test_learned_queries_and_patch_vit_shapes_and_gradients():

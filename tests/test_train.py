@@ -102,6 +102,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["g0_layout=grid"])
     with pytest.raises(ValueError, match="sample_image"):
         load_config(None, ["sample_image=true", "learned_queries=true"])
+    with pytest.raises(ValueError, match="image_colors"):
+        load_config(None, ["image_colors=true", "learned_queries=true"])
+    with pytest.raises(ValueError, match="offline_input must be one of gaussians, renders"):
+        load_config(None, ["offline_input=pixels"])
     with pytest.raises(ValueError, match="guidance_from"):
         load_config(None, ["guidance_from=0.1"])
     with pytest.raises(ValueError, match="offline_train"):

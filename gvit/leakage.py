@@ -1,0 +1,211 @@
+"""The paper's leakage tests (3.2, Table 4): does the classifier read hidden "cheat codes" in the
+Gaussians, or the picture they draw?
+
+Two frozen collections of Gaussians of the same images: *SGD* Gaussians (fitted per image by
+``gvit fit-dataset``) and *learned* Gaussians (the trained encoder of a GViT checkpoint, written
+by :func:`encode_like` in the same shard format, image for image). Then
+
+* experiment 1, cross-training: a Gaussian classifier trained on each collection, each evaluated
+  on both test collections (a 2x2 matrix; a strong diagonal and similar off-diagonal drops mean
+  the classifier reads structure both encodings share);
+* experiment 2, rasterisation control: a patch ViT trained on the *renders* of each collection
+  (``offline_input=renders``) against the classifier on the Gaussians themselves (a large drop
+  would mean the parameters carry information the picture does not).
+
+:func:`run_leakage` does it all into one folder, resumably (finished runs are kept), and writes
+``leakage.md``, ``leakage.csv`` and ``leakage.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ._io import write_json, write_text
+
+__all__ = ["encode_like", "run_leakage"]
+
+
+@torch.no_grad()
+def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str | os.PathLike, *,
+                data: str | None = None, batch_size: int = 256, progress: bool = True) -> dict:
+    """Write the Gaussians a GViT checkpoint's encoder predicts for exactly the images of the
+    ``gvit fit-dataset`` folder ``like`` (same dataset indices, same shards) into ``out``.
+
+    The images come from ``data`` (default: the dataset recorded in ``like``), resized to the
+    model's image size; g0 of shard s is drawn from a generator seeded by (config seed, s), so
+    the output is reproducible. Finished shards are skipped on a rerun. Returns the manifest.
+    """
+    from .convert import _manifest, load_shards, shard_name
+    from .data import open_dataset
+    from .data.transforms import resize_square
+    from .gaussians import decode, load_gaussians, save_gaussians
+    from .losses import psnr
+    from .render import render
+    from .train import _sample_g0, load_trained
+
+    like, out = Path(like), Path(out)
+    manifest = json.loads((like / "manifest.json").read_text()) if (like / "manifest.json").is_file() else None
+    if manifest is None:
+        load_shards(like)  # raises the usual error naming the folder
+    cfg, run, _ = load_trained(checkpoint, device="cpu")
+    if cfg.model != "gvit":
+        raise ValueError(f"{checkpoint}: learned Gaussians need a GViT checkpoint (model=gvit), got model={cfg.model!r}")
+    source = data or manifest["settings"]["data"]
+    split = manifest["settings"]["split"]
+    settings = {"source": "encoder", "checkpoint": str(checkpoint), "like": str(like), "data": str(source),
+                "split": split, "num_gaussians": cfg.num_gaussians, "image_size": cfg.image_size}
+    settings_path = out / "settings.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out} holds Gaussians made with other settings; use another folder or remove it")
+    write_json(settings_path, settings)
+    dataset = open_dataset(source, split)
+    shards = manifest["shards"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shards), desc=f"encode {split}", unit="shard")
+    for s, name in enumerate(shards):
+        if (out / shard_name(s)).is_file():
+            if bar is not None:
+                bar.update(1)
+            continue
+        _, labels, meta = load_gaussians(like / name)
+        indices = json.loads(meta["indices"])
+        images = torch.stack([resize_square(dataset[i][0], cfg.image_size) for i in indices])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s)
+        raws, psnrs = [], []
+        for b in range(0, len(images), batch_size):
+            x = images[b:b + batch_size]
+            g = run.encoder(x, _sample_g0(cfg, len(x), gen)).float()
+            rendered = render(decode(g, cfg.scale_factor), height=cfg.image_size, width=cfg.image_size)
+            raws.append(g)
+            psnrs.append(psnr(rendered.clamp(0, 1), x))
+        g = decode(torch.cat(raws), cfg.scale_factor)
+        psnr_values = torch.cat(psnrs)
+        save_gaussians(out / shard_name(s), g, labels=labels, metadata={
+            "height": cfg.image_size, "width": cfg.image_size, "shard": s, "indices": json.dumps(indices),
+            "skipped": "[]", "psnr": json.dumps([round(float(v), 3) for v in psnr_values]),
+            "scale_factor": cfg.scale_factor, "split": split, "data": str(source), "source": "encoder"})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    result = _manifest(out, len(shards), settings, 4, manifest.get("classes"))
+    write_json(out / "manifest.json", result)
+    return result
+
+
+_RUNS = {  # name -> (trained on, classifier input)
+    "gs_sgd": ("sgd", "gaussians"),
+    "gs_learned": ("learned", "gaussians"),
+    "img_sgd": ("sgd", "renders"),
+    "img_learned": ("learned", "renders"),
+}
+_LABEL = {"sgd": "SGD Gaussians", "learned": "learned Gaussians"}
+
+
+def run_leakage(checkpoint: str | os.PathLike, sgd_train: str | os.PathLike, sgd_test: str | os.PathLike,
+                out: str | os.PathLike, *, overrides: list[str] | None = None, data: str | None = None,
+                progress: bool = True, log=print) -> dict:
+    """Both leakage experiments for a GViT checkpoint and SGD-fitted train / test folders.
+
+    The four classifiers share the checkpoint's classifier settings (size, patch, batch, lr,
+    steps, seed), which ``key=value`` ``overrides`` change (e.g. ``steps=400``). Every run goes
+    to ``out/<run>/`` and is skipped when its ``result.json`` exists (or resumed from its
+    checkpoint). Returns the figures written to ``leakage.json``.
+    """
+    from dataclasses import replace
+
+    from .convert import load_shards
+    from .train import apply_overrides, evaluate_checkpoint, load_checkpoint, train, TrainConfig
+
+    out = Path(out)
+    state = load_checkpoint(checkpoint)
+    gvit_cfg = TrainConfig(**state["config"])
+    if gvit_cfg.model != "gvit":
+        raise ValueError(f"{checkpoint}: the leakage tests need a GViT checkpoint (model=gvit), got {gvit_cfg.model!r}")
+    folders = {"sgd": {"train": Path(sgd_train), "test": Path(sgd_test)},
+               "learned": {"train": out / "learned_train", "test": out / "learned_test"}}
+    for split, folder in folders["sgd"].items():
+        g, _, _, _ = load_shards(folder)
+        if g.num_gaussians != gvit_cfg.num_gaussians:
+            raise ValueError(f"{folder}: the SGD Gaussians have k = {g.num_gaussians} slots but the checkpoint's encoder "
+                             f"predicts k = {gvit_cfg.num_gaussians}; fit them with --num-gaussians "
+                             f"{gvit_cfg.num_gaussians} (the classifier needs the same k for both)")
+    t0 = time.perf_counter()
+    for split in ("train", "test"):
+        encode_like(checkpoint, folders["sgd"][split], folders["learned"][split], data=data, progress=progress)
+    base = replace(gvit_cfg, model="offline", offline_train=str(sgd_train), limit_train=None, limit_eval=None,
+                   finetune_from=None, guidance=False)
+    base = apply_overrides(base, overrides or [])
+    results = {}
+    for name, (source, kind) in _RUNS.items():
+        run_dir = out / name
+        cfg = replace(base, offline_train=str(folders[source]["train"]), offline_eval=str(folders[source]["test"]),
+                      offline_input=kind, out=str(run_dir))
+        if (run_dir / "result.json").is_file():
+            log(f"leakage: {name} finished before, kept")
+        else:
+            log(f"leakage: training {name} ({kind} of the {_LABEL[source]})")
+            train(cfg, resume=(run_dir / "checkpoint.pt").is_file(), progress=progress, log=log)
+        results[name] = json.loads((run_dir / "result.json").read_text())
+    cross = {}
+    for name, other in (("gs_sgd", "learned"), ("gs_learned", "sgd"), ("img_sgd", "learned"), ("img_learned", "sgd")):
+        path = out / name / f"eval_on_{other}.json"
+        if not path.is_file():
+            write_json(path, evaluate_checkpoint(out / name / "checkpoint.pt",
+                                                 [f"offline_eval={folders[other]['test']}"]))
+        cross[name] = json.loads(path.read_text())
+    figures = _figures(results, cross, base, sgd_train, sgd_test, checkpoint, time.perf_counter() - t0)
+    _write_tables(out, figures)
+    return figures
+
+
+def _figures(results, cross, cfg, sgd_train, sgd_test, checkpoint, seconds) -> dict:
+    def top1(name, on):
+        native = _RUNS[name][0]
+        return (results[name] if on == native else cross[name])["top1"]
+
+    matrix = {t: {e: top1(f"gs_{t}", e) for e in ("sgd", "learned")} for t in ("sgd", "learned")}
+    renders = {t: {e: top1(f"img_{t}", e) for e in ("sgd", "learned")} for t in ("sgd", "learned")}
+    return {"checkpoint": str(checkpoint), "sgd_train": str(sgd_train), "sgd_test": str(sgd_test),
+            "eval_images": results["gs_sgd"]["eval_images"], "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "classifier_size": cfg.classifier_size, "cross_training": matrix, "rasterisation": {
+                t: {"gaussians": matrix[t][t], "renders": renders[t][t]} for t in ("sgd", "learned")},
+            "renders_cross": renders, "seconds": seconds}
+
+
+def _write_tables(out: Path, f: dict) -> None:
+    m, r = f["cross_training"], f["rasterisation"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    md = [
+        f"# Leakage tests\n\nClassifiers ({f['classifier_size']}, {f['steps']} steps of batch {f['batch_size']}) on "
+        f"frozen Gaussians of the same images; top-1 (%) on {f['eval_images']} test images.\n",
+        "## Experiment 1: cross-training\n",
+        "| trained on \\ evaluated on | SGD Gaussians | learned Gaussians |", "|---|---|---|",
+        *[f"| {_LABEL[t]} | {pct(m[t]['sgd'])} | {pct(m[t]['learned'])} |" for t in ("sgd", "learned")],
+        "\n## Experiment 2: rasterisation control\n",
+        "| setup | Gaussians (GS) | renders (IMG) | IMG - GS |", "|---|---|---|---|",
+        *[f"| trained on {_LABEL[t]} | {pct(r[t]['gaussians'])} | {pct(r[t]['renders'])} "
+          f"| {100 * (r[t]['renders'] - r[t]['gaussians']):+.1f} |" for t in ("sgd", "learned")],
+    ]
+    write_text(out / "leakage.md", "\n".join(md) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["experiment", "trained_on", "input", "evaluated_on", "top1"])
+    for t in ("sgd", "learned"):
+        for e in ("sgd", "learned"):
+            w.writerow(["cross_training", t, "gaussians", e, f"{m[t][e]:.4f}"])
+    for t in ("sgd", "learned"):
+        for kind in ("gaussians", "renders"):
+            w.writerow(["rasterisation", t, kind, t, f"{r[t][kind]:.4f}"])
+    write_text(out / "leakage.csv", buf.getvalue())
+    write_json(out / "leakage.json", f)

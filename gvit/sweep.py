@@ -1,0 +1,220 @@
+"""Ablation sweeps: one training run per point of a grid of config values (``gvit sweep``).
+
+``run_sweep(config, {"num_gaussians": ["16", "32"], "guidance": ["false", "true"]}, out)`` trains
+every combination (the Cartesian product, in grid order) with ``gvit train`` in a child process
+(``nproc > 1``: under ``torchrun``), each into ``out/<variant>/``, and after every variant
+rewrites ``results.csv``, ``results.md`` and ``results.json`` and one plot per grid key:
+``plot_<key>.png``, top-1 against that key's values with one line (numeric values, e.g. the
+paper's Fig. 3 with ``num_gaussians`` x ``guidance``) or one bar group (other values, e.g. the
+loss choices of Table 1c) per combination of the other keys.
+
+Resuming: a variant whose ``result.json`` exists is not run again; one that has a checkpoint but
+no result continues from it (``--resume``). Each variant folder records the full resolved
+config in ``variant.json``; rerunning into the same folder with settings that changed for a
+finished variant is refused rather than mixing two experiments in one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ._io import write_json, write_text
+
+__all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep"]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["k=v1,v2", ...]`` -> ``{"k": ["v1", "v2"], ...}`` (keys in order; a key given twice is refused)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--grid: expected key=v1,v2,..., got {item!r}")
+        if key in grid:
+            raise ValueError(f"--grid: key {key!r} is given twice")
+        vals = [v.strip() for v in values.split(",")]
+        if not all(vals) or len(set(vals)) != len(vals):
+            raise ValueError(f"--grid {key}: values must be non-empty and distinct, got {values!r}")
+        grid[key] = vals
+    if not grid:
+        raise ValueError("--grid: give at least one key=v1,v2,...")
+    return grid
+
+
+def grid_variants(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values, the last key varying fastest."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text)
+
+
+def variant_name(values: dict[str, str]) -> str:
+    """Folder name of a variant: ``key-value`` pairs joined by ``__`` (unsafe characters -> ``_``)."""
+    return "__".join(f"{_safe(k)}-{_safe(v)}" for k, v in values.items())
+
+
+def _launch(argv: list[str], nproc: int) -> None:
+    """Run ``gvit <argv>`` in a child process (under torchrun when ``nproc > 1``)."""
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "gvit.cli", *argv]
+    else:
+        cmd = [sys.executable, "-m", "gvit.cli", *argv]
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise ChildProcessError(f"sweep: `{' '.join(cmd)}` failed with exit status {done.returncode}")
+
+
+def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out: str | os.PathLike, *,
+              overrides: list[str] | None = None, nproc: int = 1, launch=None, log=print) -> list[dict]:
+    """Train every variant of ``grid`` on top of ``config`` + ``overrides`` into ``out``; returns
+    the result rows (one per finished variant). ``launch(argv, nproc)`` runs one ``gvit`` command
+    (the default starts a child process). Every variant's config is checked before the first
+    run, so a bad key or value fails at once."""
+    from .train import load_config
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    launch = launch or _launch
+    out = Path(out)
+    base = list(overrides or [])
+    for key in grid:
+        if any(o.partition("=")[0] == key for o in base):
+            raise ValueError(f"sweep: {key} is both a grid key and an override")
+        if key == "out":
+            raise ValueError("sweep: out cannot be a grid key (each variant writes into <out>/<variant>)")
+    plan = []
+    for values in grid_variants(grid):
+        name = variant_name(values)
+        pairs = [f"{k}={v}" for k, v in values.items()]
+        try:
+            cfg = load_config(config, base + pairs + [f"out={out / name}"])
+        except ValueError as exc:
+            raise ValueError(f"sweep variant {name}: {exc}") from None
+        resolved = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        plan.append((name, values, pairs, resolved))
+    for name, _, _, resolved in plan:
+        saved = out / name / "variant.json"
+        if saved.is_file() and json.loads(saved.read_text())["config"] != resolved:
+            old = json.loads(saved.read_text())["config"]
+            diff = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
+            raise ValueError(f"{out / name} was trained with other settings ({', '.join(diff)} differ); "
+                             "use another --out or remove that folder")
+    write_json(out / "sweep.json", {"config": None if config is None else str(config), "overrides": base,
+                                    "grid": grid, "nproc": nproc})
+    rows = _rows(out, plan)
+    for i, (name, values, pairs, resolved) in enumerate(plan):
+        folder = out / name
+        if (folder / "result.json").is_file():
+            log(f"[{i + 1}/{len(plan)}] {name}: finished before, kept")
+            continue
+        write_json(folder / "variant.json", {"values": values, "config": resolved})
+        resume = (folder / "checkpoint.pt").is_file()
+        log(f"[{i + 1}/{len(plan)}] {name}: {'resuming' if resume else 'training'}")
+        argv = ["train", *(["--config", str(config)] if config is not None else []), *base, *pairs,
+                f"out={folder}", "--quiet", *(["--resume"] if resume else [])]
+        launch(argv, nproc)
+        if not (folder / "result.json").is_file():
+            raise ChildProcessError(f"sweep: {name} ended without {folder / 'result.json'} (no evaluation split?)")
+        rows = _rows(out, plan)
+        write_tables(out, rows, list(grid))
+    write_tables(out, rows, list(grid))
+    plot_sweep(rows, grid, out)
+    return rows
+
+
+def _rows(out: Path, plan) -> list[dict]:
+    rows = []
+    for name, values, _, _ in plan:
+        path = out / name / "result.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            rows.append({"variant": name, **values, "top1": r.get("top1"), "psnr": r.get("psnr"),
+                         "eval_images": r.get("eval_images"), "train_seconds": r.get("train_seconds"),
+                         "bad_steps": r.get("bad_steps")})
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict], keys: list[str]) -> None:
+    """``results.csv``, ``results.md`` and ``results.json`` of the finished variants."""
+    fields = ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", buf.getvalue())
+    lines = ["| " + " | ".join(keys) + " | top-1 (%) | PSNR (dB) | eval images | train s |",
+             "|" + "---|" * (len(keys) + 4)]
+    for r in rows:
+        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
+        lines.append("| " + " | ".join(str(r[k]) for k in keys) + f" | {100 * r['top1']:.1f} | {psnr} "
+                     f"| {r['eval_images']} | {r['train_seconds']:.0f} |")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    write_json(out / "results.json", rows)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot_sweep(rows: list[dict], grid: dict[str, list[str]], out: str | os.PathLike) -> list[Path]:
+    """One ``plot_<key>.png`` per grid key with more than one value: top-1 (%) against the key,
+    one series per combination of the other keys. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _figure
+
+    out = Path(out)
+    written = []
+    for key, values in grid.items():
+        if len(values) < 2 or not rows:
+            continue
+        others = [k for k in grid if k != key]
+        series: dict[tuple, dict[str, float]] = {}
+        for r in rows:
+            series.setdefault(tuple(r[k] for k in others), {})[r[key]] = 100 * r["top1"]
+        numeric = all(_number(v) is not None for v in values)
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for j, (combo, points) in enumerate(sorted(series.items())):
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or "top-1"
+            if numeric:
+                xs = sorted((float(v), acc) for v, acc in points.items())
+                ax.plot([x for x, _ in xs], [a for _, a in xs], marker="o", label=label)
+            else:
+                width = 0.8 / len(series)
+                pos = [values.index(v) + (j - (len(series) - 1) / 2) * width for v in points]
+                ax.bar(pos, list(points.values()), width=width, label=label)
+        if numeric:
+            nums = [float(v) for v in values]
+            if min(nums) > 0 and max(nums) / min(nums) >= 8:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(nums, values)
+        else:
+            ax.set_xticks(range(len(values)), values)
+        ax.set_xlabel(key)
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize=8)
+        path = out / f"plot_{_safe(key)}.png"
+        _figure(path, fig)
+        written.append(path)
+    return written
