@@ -69,9 +69,9 @@ def accuracy_variants(ks: list[int]) -> dict[str, list[str]]:
         "patch ViT": ["model=patch_vit"],
         "GViT, no guidance": ["guidance=false"],
         "GViT, guidance": [],
-        "GViT, learned queries": ["learned_queries=true", "sample_image=false"],
+        "GViT, learned queries": ["learned_queries=true", "sample_image=false", "image_colors=false"],
         "offline Gaussians": ["model=offline"],
-        "GViT, guidance, paper's g0 input": ["g0_layout=uniform", "sample_image=false"],
+        "GViT, guidance, paper's g0 input": ["g0_layout=uniform", "sample_image=false", "image_colors=false"],
     }
     for k in ks:
         if k != 64:

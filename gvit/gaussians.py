@@ -183,7 +183,7 @@ def det_covariance(scales: Tensor) -> Tensor:
     return (scales[..., 0] * scales[..., 1]).square()
 
 
-G0_LAYOUTS = ("uniform", "stratified")
+G0_LAYOUTS = ("uniform", "stratified", "grid")
 
 
 def sample_initial(
@@ -206,7 +206,9 @@ def sample_initial(
     ``layout="stratified"`` draws the means from a jittered grid instead: the image is cut into
     ``r x c`` cells (r = floor(sqrt(k)), c = ceil(k / r)), k distinct cells are picked at random
     and each mean is uniform inside its cell, so every draw covers the image evenly; the slot
-    order stays random. The other fields are drawn as above.
+    order stays random. ``layout="grid"`` is the same draw with the slots in row-major cell
+    order, so slot i always lies near the same place (as a patch token does, which gives the
+    classifier's position embeddings a meaning). The other fields are drawn as above.
     """
     if batch_size < 0 or num_gaussians < 1:
         raise ValueError(f"batch_size must be >= 0 and num_gaussians >= 1, got {batch_size}, {num_gaussians}")
@@ -215,10 +217,12 @@ def sample_initial(
     shape = (batch_size, num_gaussians)
     kw = dict(generator=generator, device=device, dtype=dtype)
     unit = torch.rand(*shape, 2, **kw)  # position inside the image (uniform) or inside the cell
-    if layout == "stratified":
+    if layout in ("stratified", "grid"):
         rows = max(1, math.isqrt(num_gaussians))
         cols = -(-num_gaussians // rows)
         cells = torch.rand(batch_size, rows * cols, generator=generator, device=device).argsort(1)[:, :num_gaussians]
+        if layout == "grid":
+            cells = cells.sort(1).values
         cell_xy = torch.stack([cells % cols, cells // cols], -1).to(dtype)
         unit = (cell_xy + unit) / torch.tensor([cols, rows], dtype=dtype, device=device)
     pos = torch.atanh(0.95 * (2 * unit - 1))

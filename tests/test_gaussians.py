@@ -74,8 +74,15 @@ def test_sample_initial_stratified_puts_one_mean_per_cell(k):
     for b in range(3):  # k distinct cells of the rows x cols grid
         assert len(cell[b].unique()) == k and cell[b].min() >= 0 and cell[b].max() < rows * cols
     assert k == 1 or not torch.equal(cell[0], cell[1])  # the cells and the slot order are random per set
+    grid = sample_initial(3, k, layout="grid", generator=torch.Generator().manual_seed(2))
+    means = decode(grid.double()).means / 0.95
+    cell_g = ((means[..., 1] + 1) / 2 * rows).floor() * cols + ((means[..., 0] + 1) / 2 * cols).floor()
+    assert (cell_g.diff(dim=1) > 0).all()  # the same draw, slots in row-major cell order
+    assert torch.equal(cell_g.sort(1).values, cell.sort(1).values)
+    if k == rows * cols:  # a full grid: slot i is always cell i
+        assert (cell_g == torch.arange(k)).all()
     with pytest.raises(ValueError, match="layout"):
-        sample_initial(1, k, layout="grid")
+        sample_initial(1, k, layout="hexagonal")
 
 
 def _gaussians(b=4, k=6, ch=3, valid=False):
