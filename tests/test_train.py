@@ -98,8 +98,8 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["image_size=30", "patch=4"])
     with pytest.raises(ValueError, match="encoder_patch must be >= 1 and divide image_size 32, got 5"):
         load_config(None, ["encoder_patch=5"])
-    with pytest.raises(ValueError, match="g0_layout must be one of uniform, stratified"):
-        load_config(None, ["g0_layout=grid"])
+    with pytest.raises(ValueError, match="g0_layout must be one of uniform, stratified, grid"):
+        load_config(None, ["g0_layout=hexagonal"])
     with pytest.raises(ValueError, match="sample_image"):
         load_config(None, ["sample_image=true", "learned_queries=true"])
     with pytest.raises(ValueError, match="image_colors"):
