@@ -31,7 +31,7 @@ from .fit import FitConfig, compact, compression_ratio, fit_gaussians
 from .gaussians import Gaussians, load_gaussians, save_gaussians
 from .viz import draw_ellipses, save_png, to_uint8
 
-__all__ = ["collect_images", "fit_files", "fit_dataset", "load_shards", "shard_name", "METRIC_FIELDS"]
+__all__ = ["collect_images", "fit_files", "fit_dataset", "load_shards", "read_manifest", "shard_name", "METRIC_FIELDS"]
 
 METRIC_FIELDS = ("name", "file", "height", "width", "count", "psnr", "ssim", "bytes", "compression", "seconds", "iters")
 _DTYPES = {"float32": (torch.float32, 4), "float16": (torch.float16, 2)}
@@ -344,15 +344,21 @@ def _barrier() -> None:
             dist.destroy_process_group()
 
 
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The ``manifest.json`` of a finished :func:`fit_dataset` folder (ValueError naming the folder
+    when it is missing)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no manifest.json (the conversion has not finished; rerun it to resume)")
+    return json.loads(path.read_text())
+
+
 def load_shards(folder: str | os.PathLike) -> tuple[Gaussians, Tensor, Tensor, dict]:
     """Read a folder written by :func:`fit_dataset`: ``(gaussians, labels, indices, manifest)`` in
     dataset order, Gaussians padded to the largest count with a ``valid`` mask (None if no
     shard has one). Raises ValueError naming the folder if it is incomplete."""
     folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"{folder}: no manifest.json (the conversion has not finished; rerun it to resume)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(folder)
     sets, labels, indices = [], [], []
     for name in manifest["shards"]:
         g, lab, meta = load_gaussians(folder / name)

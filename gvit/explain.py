@@ -61,13 +61,19 @@ def cdam(classifier, g: Tensor, target: Tensor | int | None = None, valid: Tenso
     return scores, target
 
 
+def _cell_index(means: Tensor, rows: int, cols: int) -> Tensor:
+    """Row-major index ``[B, k]`` of the cell of a ``rows x cols`` grid over the image that holds
+    each centre ``means [B, k, 2]`` (normalised; the image's edges belong to the edge cells)."""
+    unit = (means.clamp(-1, 1 - 1e-6) + 1) / 2
+    return (unit[..., 1] * rows).floor().long() * cols + (unit[..., 0] * cols).floor().long()
+
+
 def cell_map(values: Tensor, means: Tensor, grid: int = 16, valid: Tensor | None = None) -> Tensor:
     """``values [B, k]`` at centres ``means [B, k, 2]`` (normalised) -> ``[B, grid, grid]`` sums per cell."""
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     b, k = values.shape
-    cell = ((means.clamp(-1, 1 - 1e-6) + 1) / 2 * grid).floor().long()  # column, row
-    index = cell[..., 1] * grid + cell[..., 0]
+    index = _cell_index(means, grid, grid)
     v = values if valid is None else values * valid.to(values.dtype)
     out = torch.zeros(b, grid * grid, dtype=values.dtype, device=values.device)
     out.scatter_add_(1, index, v)
@@ -272,9 +278,7 @@ def mask_mass(scores: Tensor, means: Tensor, masks: Tensor, valid: Tensor | None
     the object, the mass a score blind to the object would put there) and ``area`` (object
     pixels / all pixels)."""
     b, h, w = masks.shape
-    col = ((means[..., 0].clamp(-1, 1 - 1e-6) + 1) / 2 * w).floor().long()
-    row = ((means[..., 1].clamp(-1, 1 - 1e-6) + 1) / 2 * h).floor().long()
-    on = masks.flatten(1).gather(1, row * w + col)  # [B, k]
+    on = masks.flatten(1).gather(1, _cell_index(means, h, w))  # [B, k]: the pixel under each centre
     keep = torch.ones_like(on) if valid is None else valid
     pos = scores.double().clamp_min(0) * keep
     total = pos.sum(1)

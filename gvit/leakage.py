@@ -42,7 +42,7 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
     model's image size; g0 of shard s is drawn from a generator seeded by (config seed, s), so
     the output is reproducible. Finished shards are skipped on a rerun. Returns the manifest.
     """
-    from .convert import _manifest, load_shards, shard_name
+    from .convert import _manifest, read_manifest, shard_name
     from .data import open_dataset
     from .data.transforms import resize_square
     from .gaussians import decode, load_gaussians, save_gaussians
@@ -51,9 +51,7 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
     from .train import _sample_g0, load_trained
 
     like, out = Path(like), Path(out)
-    manifest = json.loads((like / "manifest.json").read_text()) if (like / "manifest.json").is_file() else None
-    if manifest is None:
-        load_shards(like)  # raises the usual error naming the folder
+    manifest = read_manifest(like)
     cfg, run, _ = load_trained(checkpoint, device="cpu")
     if cfg.model != "gvit":
         raise ValueError(f"{checkpoint}: learned Gaussians need a GViT checkpoint (model=gvit), got model={cfg.model!r}")

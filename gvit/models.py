@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussians import RAW_DIM, decode, rotation
+from .gaussians import COLOR, RAW_DIM, decode, rotation
 
 __all__ = ["ViTSize", "SIZES", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "PatchViT",
            "GaussianEncoder", "GaussianClassifier", "sample_footprints"]
@@ -302,7 +302,8 @@ class GaussianEncoder(nn.Module):
                 footprints = sample_footprints(images, g0, self.scale_factor)
             if self.image_colors:  # the stencil's centre point (index 4) is the colour at the mean
                 centre = footprints.unflatten(-1, (len(STENCIL), -1))[:, :, len(STENCIL) // 2]
-                g0 = torch.cat([g0[..., :5], torch.logit(centre.clamp(1e-3, 1 - 1e-3)).to(g0), g0[..., 8:]], -1)
+                colors = torch.logit(centre.clamp(1e-3, 1 - 1e-3)).to(g0)
+                g0 = torch.cat([g0[..., :COLOR.start], colors, g0[..., COLOR.stop:]], -1)
             tokens = self.gaussian_embed(g0)
             if self.footprint_embed is not None:
                 tokens = tokens + self.footprint_embed(footprints)

@@ -107,8 +107,8 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
         plan.append((name, values, pairs, resolved))
     for name, _, _, resolved in plan:
         saved = out / name / "variant.json"
-        if saved.is_file() and json.loads(saved.read_text())["config"] != resolved:
-            old = json.loads(saved.read_text())["config"]
+        old = json.loads(saved.read_text())["config"] if saved.is_file() else resolved
+        if old != resolved:
             diff = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
             raise ValueError(f"{out / name} was trained with other settings ({', '.join(diff)} differ); "
                              "use another --out or remove that folder")

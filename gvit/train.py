@@ -73,7 +73,7 @@ class TrainConfig:
     patch: int = 4  # patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder
     encoder_patch: int | None = None
     num_gaussians: int = 64
-    g0_layout: str = "uniform"  # g0's means: uniform (paper) or stratified (jittered grid); see sample_initial
+    g0_layout: str = "uniform"  # g0's means: uniform (paper), stratified or grid (jittered grid); see sample_initial
     scale_factor: float = 1.0
     learned_queries: bool = False
     sample_image: bool = False  # Gaussian tokens also see the image through g0's footprint (GaussianEncoder)
