@@ -50,7 +50,7 @@ def measure(spec: dict) -> dict:
     h, w = images.shape[2:]
     at = {str(s): p for s, _, p in res.history if s in CHECKPOINTS}
     sec_at = {str(s): t for s, t, _ in res.history if s in CHECKPOINTS}
-    counts = res.counts.double()
+    counts = res.gaussians.counts().double()
     return {
         "spec": spec, "psnr": float(res.psnr.mean()), "psnr_min": float(res.psnr.min()),
         "ssim": float(res.ssim.mean()), "seconds": seconds, "img_per_s": len(images) / seconds,

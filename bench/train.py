@@ -36,29 +36,24 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
 def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     import torch
 
-    from gvit.guidance import Phase, Phases
-    from gvit.train import _train_step, build_models, load_config
+    from gvit.guidance import Phase
+    from gvit.train import load_config, model_step, step_generator
 
     model, _, phase_name = case.partition(":")
     cfg = load_config(RECIPE, [f"model={model}", f"encoder_size={size}", f"classifier_size={size}",
                                f"batch_size={batch}", f"num_gaussians={k}", "steps=1000", "image_size=32"])
-    run = build_models(cfg, 10, torch.device("cpu"))
+    run = model_step(cfg, 10, "cpu")
     images = torch.rand(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
-
-    class Fixed(Phases):
-        def at(self, step, total):  # every step in the phase being measured
-            return {"encoder": Phase("encoder", True, False, 0.1, 0.0, False),
-                    "joint": Phase("joint", True, True, 0.1, 1.0, False),
-                    "guidance": Phase("guidance", True, False, 0.1, 1.0, True)}[phase_name or "joint"]
-
-    phases = Fixed()
+    phase = {"encoder": Phase("encoder", True, False, 0.1, 0.0, False),  # every step in the phase measured
+             "joint": Phase("joint", True, True, 0.1, 1.0, False),
+             "guidance": Phase("guidance", True, False, 0.1, 1.0, True)}[phase_name or "joint"]
     base = rss_mb()
-    _train_step(cfg, run, phases, 0, images, labels, torch.device("cpu"), 0)  # warm-up (numba cache load)
+    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1, phase)  # warm-up (numba cache load)
     times = []
     for step in range(1, repeats + 1):
         t0 = time.perf_counter()
-        _train_step(cfg, run, phases, step, images, labels, torch.device("cpu"), 0)
+        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1, phase)
         times.append(time.perf_counter() - t0)
     return {"case": case, "seconds": min(times), "peak_mb": peak_rss_mb(base)}
 

@@ -5,67 +5,49 @@ from __future__ import annotations
 
 import argparse
 import sys
-import typing
-from dataclasses import fields
 from pathlib import Path
 
-from .fit import INITS, FitConfig
-
-_CHOICES = {"init": INITS, "loss": ("mse", "bce"), "mode": ("alpha", "sum"),
-            "backend": ("auto", "cpu", "torch", "gsplat")}
-_HELP = {
-    "num_gaussians": "Gaussians per image (k)", "iters": "optimisation steps",
-    "init": "initialisation", "loss": "pixel loss", "dssim_weight": "weight of the D-SSIM term",
-    "lr_position": "position step size in pixels", "target_psnr": "stop an image once its PSNR reaches this (dB)",
-    "l1_opacity": "L1 penalty on opacities (drives unneeded Gaussians to 0 before pruning)",
-    "prune_tau": "prune Gaussians whose luminance contribution is below tau x the image mean",
-    "prune_at": "when to prune, as a fraction of the iterations", "scale_factor": "c in scale = c * sigmoid(s)",
-    "mode": "rasterizer compositing", "backend": "rasterizer backend",
-}
+from .fit import FitConfig
+from .settings import add_arguments, from_arguments
 
 
 def _add_fit_options(parser: argparse.ArgumentParser, **defaults) -> None:
-    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (defaults from the dataclass)."""
-    group = parser.add_argument_group("fitting")
-    hints = typing.get_type_hints(FitConfig)
-    for f in fields(FitConfig):
-        default = defaults.get(f.name, f.default)
-        kind = hints[f.name]
-        if kind in (float | None, typing.Optional[float]):
-            kind = float
-        group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
-                           choices=_CHOICES.get(f.name), help=f"{_HELP.get(f.name, f.name)} (default {default})")
+    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (help, choices, defaults declared there)."""
+    add_arguments(parser, FitConfig, title="fitting", **defaults)
 
 
 def _fit_config(args: argparse.Namespace) -> FitConfig:
-    return FitConfig(**{f.name: getattr(args, f.name) for f in fields(FitConfig)})
+    return from_arguments(FitConfig, args)
+
+
+def _score(result: dict) -> str:
+    """``top-1 X% on N images, PSNR Y dB`` of an evaluation result."""
+    extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
+    return f"top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     summary = run_demo(args.out, args.overrides, resume=args.resume, progress=not args.quiet)
     if "top1" not in summary:
         return 0
-    extra = f", reconstruction PSNR {summary['psnr']:.1f} dB" if "psnr" in summary else ""
-    print(f"{summary['model']} on {summary['data']}: top-1 {100 * summary['top1']:.1f}% on {summary['eval_images']} "
-          f"test images{extra}, trained in {summary['train_seconds']:.0f} s")
+    print(f"{summary['model']} on {summary['data']}: {_score(summary)}, trained in {summary['train_seconds']:.0f} s")
     print(f"wrote {Path(args.out) / 'report.html'} (examples.png, curves.png, report.json)")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import training_report
+    from .tools.report import training_report
 
     summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides)
-    extra = f", PSNR {summary['psnr']:.2f} dB" if "psnr" in summary else ""
-    print(f"top-1 {100 * summary['top1']:.2f}% on {summary['eval_images']} images{extra} "
+    print(f"{_score(summary)} "
           f"-> {Path(args.out) / 'report.html'}")
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .explain import explain_files
+    from .tools.explain import explain_files
 
     summary = explain_files(args.checkpoint, args.inputs, args.out, target=args.target, grid=args.grid,
                             batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
@@ -75,47 +57,18 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _fit_demo(args: argparse.Namespace) -> int:
-    import torch
+    from .tools.demo import run_fit_demo
 
-    from .data import SHAPE_CLASSES, make_shapes
-    from .fit import fit_gaussians
-    from .gaussians import save_gaussians
-    from .viz import draw_ellipses, save_png, to_uint8
-
-    for name in ("images", "size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    images, labels, _ = make_shapes(args.images, args.size, seed=args.seed)
-    cfg = _fit_config(args)
-    res = fit_gaussians(images, cfg, progress=not args.quiet)
-    out = res.rendered
+    print(run_fit_demo(args.out, _fit_config(args), images=args.images, size=args.size, seed=args.seed,
+                       progress=not args.quiet))
     outdir = Path(args.out)
-    save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,
-                   metadata={"height": str(args.size), "width": str(args.size), "source": "gvit demo shapes"})
-    rows = []
-    for i in range(args.images):
-        s = 8
-        overlay = torch.tensor(draw_ellipses(images[i], res.gaussians[i], scale=s)).permute(2, 0, 1) / 255
-        big = [x.repeat_interleave(s, 1).repeat_interleave(s, 2) for x in (images[i], out[i])]
-        rows.append(torch.cat([*big, overlay], dim=2))
-    save_png(outdir / "reconstructions.png", to_uint8(torch.cat(rows, dim=1)))
-    p, s = res.psnr, res.ssim
-    lines = ["| image | class | PSNR (dB) | SSIM |", "|---|---|---|---|"]
-    lines += [f"| {i} | {SHAPE_CLASSES[labels[i]]} | {p[i]:.2f} | {s[i]:.4f} |" for i in range(args.images)]
-    summary = (f"{args.images} shape images ({args.size}x{args.size}), {cfg.num_gaussians} Gaussians each "
-               f"({cfg.init} init), {cfg.iters} Adam steps in {res.seconds:.1f} s: mean PSNR {p.mean():.2f} dB, "
-               f"SSIM {s.mean():.4f}")
-    from ._io import write_text
-
-    write_text(outdir / "report.md", "# gvit fit-demo\n\n" + summary + "\n\n" + "\n".join(lines) + "\n")
-    print(summary)
     print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
           f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
     return 0
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from .convert import fit_files
+    from .tools.fit_files import fit_files
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -129,7 +82,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _fit_dataset(args: argparse.Namespace) -> int:
-    from .convert import fit_dataset
+    from .tools.fit_dataset import fit_dataset
 
     result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, shard_size=args.shard_size,
                          batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
@@ -149,8 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     if result.get("finished") and "top1" in result:
-        extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
-        print(f"{cfg.model}: top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra} "
+        print(f"{cfg.model}: {_score(result)} "
               f"-> {cfg.out}/result.json")
     return 0
 
@@ -159,13 +111,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.overrides)
-    extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
-    print(f"{args.checkpoint}: top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}")
+    print(f"{args.checkpoint}: {_score(result)}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import parse_grid, run_sweep
+    from .tools.sweep import parse_grid, run_sweep
 
     rows = run_sweep(args.config, parse_grid(args.grid), args.out, overrides=args.overrides, nproc=args.nproc)
     print(f"{len(rows)} variant(s) finished -> {Path(args.out) / 'results.md'} (results.csv, plot_*.png)")
@@ -173,7 +124,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _leakage(args: argparse.Namespace) -> int:
-    from .leakage import run_leakage
+    from .tools.leakage import run_leakage
 
     f = run_leakage(args.checkpoint, args.sgd_train, args.sgd_test, args.out, overrides=args.overrides,
                     data=args.data, progress=not args.quiet)
@@ -186,7 +137,7 @@ def _leakage(args: argparse.Namespace) -> int:
 
 
 def _interpret(args: argparse.Namespace) -> int:
-    from .explain import saliency_statistics
+    from .tools.interpret import saliency_statistics
 
     f = saliency_statistics(args.checkpoint, args.out, limit=args.limit, batch_size=args.batch_size,
                             overrides=args.overrides, progress=not args.quiet)
@@ -206,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small GViT on the built-in shapes (a few minutes on a CPU) and "
                                        "write a report with accuracy, reconstructions and Gaussian overlays",
-                          description="Settings: gvit.demo.DEMO_SETTINGS; key=value overrides any TrainConfig key.")
+                          description="Settings: gvit.tools.demo.DEMO_SETTINGS; key=value overrides any TrainConfig key.")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")

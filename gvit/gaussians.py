@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ._io import atomic_path
+from .files import atomic_path
 
 RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
 RAW_DIM = len(RAW_LAYOUT)
@@ -99,14 +99,59 @@ class Gaussians:
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
                                 for f in fields(self)})
 
-    def covariance(self) -> Tensor:
-        return covariance(self.scales, self.angles)
 
-    def conic(self) -> Tensor:
-        return conic(self.scales, self.angles)
 
-    def det_covariance(self) -> Tensor:
-        return det_covariance(self.scales)
+# --------------------------------------------------------------------------- set operations
+
+
+def take(t: Tensor, order: Tensor) -> Tensor:
+    """``t[b, order[b, j], ...]`` for a ``[B, k, ...]`` tensor and indices ``[B, k']``."""
+    return torch.gather(t, 1, order.view(*order.shape, *([1] * (t.ndim - 2))).expand(*order.shape, *t.shape[2:]))
+
+
+def take_sets(g: Gaussians, order: Tensor) -> Gaussians:
+    """Reorder / select the Gaussians of every set by ``order`` ``[B, k']`` (all fields, mask included)."""
+    return Gaussians(**{f.name: None if getattr(g, f.name) is None else take(getattr(g, f.name), order)
+                        for f in fields(Gaussians)})
+
+
+def compact(gaussians: Gaussians, raw: Tensor | None = None):
+    """Move each set's valid Gaussians to the front (order kept) and cut the padding to the
+    largest count in the batch. Returns the compacted Gaussians (and raw, when given)."""
+    g = gaussians
+    if g.valid is None:
+        return (g, raw) if raw is not None else g
+    order = (~g.valid).to(torch.int8).argsort(dim=1, stable=True)
+    kmax = max(1, int(g.valid.sum(1).max()))
+    order = order[:, :kmax]
+    out = take_sets(g, order)
+    return (out, take(raw, order)) if raw is not None else out
+
+
+def _full_valid(g: Gaussians) -> Tensor:
+    return g.valid if g.valid is not None else torch.ones(g.means.shape[:2], dtype=torch.bool, device=g.means.device)
+
+
+def concat(sets: list[Gaussians]) -> Gaussians:
+    """Concatenate batches of the same k along B (valid masks kept, or made all-True where one is None)."""
+    valid = torch.cat([_full_valid(g) for g in sets]) if any(g.valid is not None for g in sets) else None
+    return Gaussians(*(torch.cat([getattr(g, f) for g in sets]) for f in _FIELDS), valid=valid)
+
+
+def pad(g: Gaussians, k: int) -> Gaussians:
+    """Pad every set to ``k`` slots with invalid Gaussians (a valid mask is always returned)."""
+    extra = k - g.num_gaussians
+    if extra < 0:
+        raise ValueError(f"pad: the sets already have {g.num_gaussians} > {k} slots")
+    valid = _full_valid(g)
+    if extra == 0:
+        return replace(g, valid=valid)
+
+    def grow(t: Tensor, fill: float) -> Tensor:
+        return torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), fill)], 1)
+
+    return Gaussians(grow(g.means, 0.0), grow(g.scales, 1e-3), grow(g.angles, 0.0), grow(g.colors, 0.0),
+                     grow(g.opacities, 0.0), torch.cat([valid, valid.new_zeros(valid.shape[0], extra)], 1))
 
 
 def decode(raw: Tensor, scale_factor: float = 1.0) -> Gaussians:

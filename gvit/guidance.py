@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gaussians import decode
 from .losses import reconstruction_loss
-from .render import render
+from .settings import setting
 
-__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward", "guidance_step"]
+__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Phase:
     guidance: bool
 
 
-@dataclass(frozen=True)
+@dataclass
 class Phases:
     """The phase schedule as fractions of training (Appendix A; all values in [0, 1]).
 
@@ -49,17 +48,18 @@ class Phases:
     ``lambda_perc`` from ``perceptual_from`` on; [classifier_from, pretrain_until): the classifier alone on
     frozen Gaussians (the pre-training variant of 2.2; none by default); then encoder and classifier
     jointly with ``lambda_cls``; from ``guidance_from`` on, every ``guidance_every``-th step is a guidance
-    step with ``gamma``.
+    step with ``gamma``. The fields are settings (:mod:`gvit.settings`); ``TrainConfig`` extends them.
     """
 
-    perceptual_from: float = 0.1
-    classifier_from: float = 0.25
-    pretrain_until: float | None = None  # None: no classifier pre-training (= classifier_from)
-    guidance_from: float = 0.75
-    lambda_perc: float = 0.1
-    lambda_cls: float = 1.0
-    gamma: float = 0.1
-    guidance_every: int = 10
+    perceptual_from: float = setting(0.1, "D-SSIM joins the reconstruction loss from this fraction of training")
+    classifier_from: float = setting(0.25, "the classifier trains from this fraction of training")
+    pretrain_until: float | None = setting(None, "classifier alone on frozen Gaussians until this fraction "
+                                                 "(none: no pre-training)")
+    guidance_from: float = setting(0.75, "constructive guidance steps from this fraction of training")
+    lambda_perc: float = setting(0.1, "weight of D-SSIM in the reconstruction loss")
+    lambda_cls: float = setting(1.0, "weight of the cross-entropy in joint steps")
+    gamma: float = setting(0.1, "guidance strength: encoder gradient = grad_rec + gamma * grad_cls")
+    guidance_every: int = setting(10, "every n-th step of the guidance phase is a guidance step")
 
     def __post_init__(self) -> None:
         order = (0.0, self.perceptual_from, 1.0)
@@ -115,52 +115,39 @@ class BatchLosses:
     logits: Tensor | None
 
 
-def batch_losses(encoder: nn.Module, classifier: nn.Module | None, images: Tensor, labels: Tensor | None,
-                 g0: Tensor | None, *, scale_factor: float = 1.0, pixel_loss: str = "bce",
-                 lambda_perc: float = 0.0) -> BatchLosses:
-    """Run the encoder (and the classifier, when given) on one batch; without ``labels`` the
-    classification loss is None (the logits are still computed)."""
-    return _losses_of(encoder(images, g0), classifier, images, labels, scale_factor, pixel_loss, lambda_perc)
+def batch_losses(model: nn.Module, images: Tensor, labels: Tensor | None, g0: Tensor | None, *,
+                 classify: bool = True, pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
+    """Run a :class:`gvit.models.GViT` on one batch: encoder, render, reconstruction loss and (when
+    ``classify``) the classifier; without ``labels`` the classification loss is None (the logits
+    are still computed)."""
+    return _losses_of(model, model.gaussians(images, g0), images, labels, classify, pixel_loss, lambda_perc)
 
 
-def _losses_of(g: Tensor, classifier: nn.Module | None, images: Tensor, labels: Tensor | None, scale_factor: float,
-               pixel_loss: str, lambda_perc: float) -> BatchLosses:
-    h, w = images.shape[-2:]
-    rendered = render(decode(g.float(), scale_factor), height=h, width=w)  # rasterize in float32 (bf16 autocast)
+def _losses_of(model: nn.Module, g: Tensor, images: Tensor, labels: Tensor | None, classify: bool, pixel_loss: str,
+               lambda_perc: float) -> BatchLosses:
+    rendered = model.reconstruct(g, *images.shape[-2:])  # rasterized in float32 (also under bf16 autocast)
     rec = reconstruction_loss(rendered, images.float(), pixel_loss, dssim_weight=lambda_perc)
     logits = cls = None
-    if classifier is not None:
-        logits = classifier(g)
+    if classify:
+        logits = model.classifier(g)
         cls = F.cross_entropy(logits, labels) if labels is not None else None
     return BatchLosses(rec, cls, g, rendered, logits)
 
 
-def guidance_step(encoder: nn.Module, classifier: nn.Module, encoder_optimizer: torch.optim.Optimizer,
-                  images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float, scale_factor: float = 1.0,
-                  pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
-    """One constructive-guidance step: :func:`guidance_backward`, then the encoder's optimiser step.
-    Returns the batch's losses before the step."""
-    encoder_optimizer.zero_grad(set_to_none=True)
-    losses = guidance_backward(encoder, classifier, images, labels, g0, gamma=gamma, scale_factor=scale_factor,
-                               pixel_loss=pixel_loss, lambda_perc=lambda_perc)
-    encoder_optimizer.step()
-    return losses
-
-
-def guidance_backward(encoder: nn.Module, classifier: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None,
-                      *, gamma: float, scale_factor: float = 1.0, pixel_loss: str = "bce",
-                      lambda_perc: float = 0.0) -> BatchLosses:
-    """Add grad_rec + gamma * grad_cls to the encoder's ``.grad`` (zero it first) with the classifier
-    frozen (its parameters get no gradient). Non-finite values are left for the caller's guard to see."""
-    frozen = [p for p in classifier.parameters() if p.requires_grad]
+def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float,
+                      pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
+    """Add grad_rec + gamma * grad_cls to the encoder's ``.grad`` of a :class:`gvit.models.GViT`
+    (zero it first) with the classifier frozen (its parameters get no gradient). Non-finite values
+    are left for the caller's guard to see."""
+    frozen = [p for p in model.classifier.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        g = encoder(images, g0)
+        g = model.gaussians(images, g0)
         # both gradients are taken at g and pulled back through the encoder once: J^T (d rec/dg +
         # gamma d cls/dg) = grad_rec + gamma * grad_cls exactly, at the cost of one encoder backward
         at = g.detach().requires_grad_(True)
-        losses = _losses_of(at, classifier, images, labels, scale_factor, pixel_loss, lambda_perc)
+        losses = _losses_of(model, at, images, labels, True, pixel_loss, lambda_perc)
         d_rec, = torch.autograd.grad(losses.reconstruction, at, retain_graph=True)
         d_cls, = torch.autograd.grad(losses.classification, at)
     finally:

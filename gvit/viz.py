@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ._io import atomic_path
+from .files import atomic_path
 from .gaussians import Gaussians
 
 __all__ = ["to_uint8", "upscale_factor", "ellipse_polygons", "draw_ellipses", "save_png"]

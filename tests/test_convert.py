@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from gvit.cli import main
-from gvit.convert import collect_images, fit_dataset, load_shards, shard_name
+from gvit.data.shards import load_shards, shard_name
+from gvit.tools.fit_dataset import fit_dataset
+from gvit.tools.fit_files import collect_images
 from gvit.data import open_dataset
 from gvit.fit import FitConfig
 from gvit.gaussians import load_gaussians

@@ -69,8 +69,8 @@ def test_explain_maps_api_shapes_and_ranges(checkpoint):
     from gvit.explain import explain_images
     from gvit.train import load_trained
 
-    cfg, run, classes = load_trained(checkpoint)
-    maps = explain_images(cfg, run, torch.rand(3, 3, 32, 32), grid=8)
+    model = load_trained(checkpoint).model
+    maps = explain_images(model, torch.rand(3, 3, 32, 32), grid=8)
     assert maps["cdam"].shape == (3, 16) and maps["cdam_map"].shape == (3, 8, 8)
     assert torch.allclose(maps["cdam_map"].sum((1, 2)), maps["cdam"].sum(1), atol=1e-5)
     assert maps["det_map"].shape == (3, 32, 32) and maps["rendered"].shape == (3, 3, 32, 32)
@@ -78,7 +78,7 @@ def test_explain_maps_api_shapes_and_ranges(checkpoint):
     assert torch.equal(maps["target"], maps["logits"].argmax(-1))
     assert 0 <= float(maps["rendered"].min()) and float(maps["rendered"].max()) <= 1
     with pytest.raises(ValueError, match="class 9"):
-        explain_images(cfg, run, torch.rand(1, 3, 32, 32), target=9)
+        explain_images(model, torch.rand(1, 3, 32, 32), target=9)
 
 
 def test_interpret_reports_correlations_and_mask_mass(tmp_path, checkpoint, capsys):

@@ -7,15 +7,14 @@ import torch
 from gvit.data import make_shapes
 from gvit.fit import (
     FitConfig,
-    _split_to_count,
-    compact,
     compression_ratio,
     fit_gaussians,
     gaussians_from_segments,
     initialize,
     luminance_contribution,
 )
-from gvit.gaussians import Gaussians, decode
+from gvit.fit.init import split_to_count
+from gvit.gaussians import Gaussians, compact, decode
 from gvit.losses import psnr
 from gvit.render import render
 
@@ -92,7 +91,7 @@ def test_gaussians_from_segments_matches_numpy_moments():
 def test_split_to_count_gives_exactly_k_nonempty_labels():
     labels = torch.zeros(10, 13, dtype=torch.long)
     labels[:, 7:] = 1
-    out = _split_to_count(labels, 17)
+    out = split_to_count(labels, 17)
     assert out.max() == 16 and torch.bincount(out.flatten()).min() >= 1
     # splitting never merges: each new label lies inside one old label
     for lab in range(17):
@@ -140,7 +139,7 @@ def test_pruning_leaves_fewer_gaussians_and_a_consistent_mask():
     res = fit_gaussians(x, num_gaussians=96, iters=120, l1_opacity=0.01, prune_tau=0.3, prune_at=0.5)
     g = res.gaussians
     assert g.valid is not None and g.valid.dtype == torch.bool
-    counts = res.counts
+    counts = res.gaussians.counts()
     assert (counts < 96).all() and (counts >= 1).all()
     assert torch.isfinite(res.psnr_before_prune).all()
     # the mask is what the render honours: compacting changes nothing

@@ -5,8 +5,8 @@ import torch
 
 from gvit.data import make_shapes
 from gvit.gaussians import sample_initial
-from gvit.guidance import Phases, batch_losses, guidance_step
-from gvit.models import GaussianClassifier, GaussianEncoder
+from gvit.guidance import Phases, batch_losses, guidance_backward
+from gvit.models import GaussianClassifier, GaussianEncoder, GViT
 
 
 def test_phase_schedule_as_fractions_of_training():
@@ -31,54 +31,62 @@ def test_phase_schedule_as_fractions_of_training():
         Phases().at(10, 10)
 
 
+def guidance_step(model, encoder_optimizer, images, labels, g0, *, gamma):
+    """One constructive-guidance step: guidance_backward, then the encoder's optimiser step."""
+    encoder_optimizer.zero_grad(set_to_none=True)
+    losses = guidance_backward(model, images, labels, g0, gamma=gamma)
+    encoder_optimizer.step()
+    return losses
+
+
 def _setup(seed=0):
     torch.manual_seed(seed)
     images, labels, _ = make_shapes(8, 16, seed=seed)
-    encoder = GaussianEncoder(16, 4, 12, "micro")
-    classifier = GaussianClassifier(12, 6, "micro")
+    model = GViT(GaussianEncoder(16, 4, 12, "micro"), GaussianClassifier(12, 6, "micro"))
     g0 = sample_initial(8, 12, generator=torch.Generator().manual_seed(seed))
     # a few joint steps so the encoder's residual head is no longer zero and gradients reach every layer
-    opt = torch.optim.SGD(list(encoder.parameters()) + list(classifier.parameters()), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(3):
-        out = batch_losses(encoder, classifier, images, labels, g0)
+        out = batch_losses(model, images, labels, g0)
         opt.zero_grad()
         (out.reconstruction + out.classification).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return encoder, classifier, images, labels, g0
+    return model, images, labels, g0
 
 
-def _ce_after(encoder, classifier, images, labels, g0, gamma, lr=1e-3):
-    enc = copy.deepcopy(encoder)
-    opt = torch.optim.SGD(enc.parameters(), lr=lr)
-    before = guidance_step(enc, classifier, opt, images, labels, g0, gamma=gamma)
+def _ce_after(model, images, labels, g0, gamma, lr=1e-3):
+    copy_ = copy.deepcopy(model)
+    opt = torch.optim.SGD(copy_.encoder.parameters(), lr=lr)
+    before = guidance_step(copy_, opt, images, labels, g0, gamma=gamma)
     with torch.no_grad():
-        after = batch_losses(enc, classifier, images, labels, g0)
-    return before.classification.item(), after.classification.item(), enc
+        after = batch_losses(copy_, images, labels, g0)
+    return before.classification.item(), after.classification.item(), copy_
 
 
 def test_guidance_lowers_the_classification_loss_and_freezes_the_classifier():
-    encoder, classifier, images, labels, g0 = _setup()
+    model, images, labels, g0 = _setup()
+    encoder, classifier = model.encoder, model.classifier
     state = {k: v.clone() for k, v in classifier.state_dict().items()}
-    before, guided, enc = _ce_after(encoder, classifier, images, labels, g0, gamma=0.1)
-    _, unguided, _ = _ce_after(encoder, classifier, images, labels, g0, gamma=0.0)
+    before, guided, moved = _ce_after(model, images, labels, g0, gamma=0.1)
+    _, unguided, _ = _ce_after(model, images, labels, g0, gamma=0.0)
     assert guided < before  # one small step descends the classification loss
     assert guided < unguided  # and it is the gamma * grad_cls term that does it
-    assert all(torch.equal(state[k], v) for k, v in classifier.state_dict().items())  # bit-identical
-    assert all(p.grad is None and p.requires_grad for p in classifier.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(enc.parameters(), encoder.parameters()))
+    assert all(torch.equal(state[k], v) for k, v in moved.classifier.state_dict().items())  # bit-identical
+    assert all(p.grad is None and p.requires_grad for p in moved.classifier.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(moved.encoder.parameters(), encoder.parameters()))
 
 
 def test_guidance_gradient_is_rec_plus_gamma_cls():
-    encoder, classifier, images, labels, g0 = _setup(1)
-    params = list(encoder.parameters())
-    out = batch_losses(encoder, classifier, images, labels, g0)
+    model, images, labels, g0 = _setup(1)
+    params = list(model.encoder.parameters())
+    out = batch_losses(model, images, labels, g0)
     g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True)
     g_cls = torch.autograd.grad(out.classification, params)
-    enc = copy.deepcopy(encoder)
-    opt = torch.optim.SGD(enc.parameters(), lr=1.0)
-    guidance_step(enc, classifier, opt, images, labels, g0, gamma=0.3)
-    for p0, p1, gr, gc in zip(params, enc.parameters(), g_rec, g_cls):
+    moved = copy.deepcopy(model)
+    opt = torch.optim.SGD(moved.encoder.parameters(), lr=1.0)
+    guidance_step(moved, opt, images, labels, g0, gamma=0.3)
+    for p0, p1, gr, gc in zip(params, moved.encoder.parameters(), g_rec, g_cls):
         assert torch.allclose(p0 - p1, gr + 0.3 * gc, atol=1e-6, rtol=1e-5)
 
 

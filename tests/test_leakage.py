@@ -4,9 +4,10 @@ import json
 import pytest
 
 from gvit.cli import main
-from gvit.convert import fit_dataset, load_shards
+from gvit.data.shards import load_shards
+from gvit.tools.fit_dataset import fit_dataset
 from gvit.fit import FitConfig
-from gvit.leakage import encode_like, run_leakage
+from gvit.tools.leakage import encode_like, run_leakage
 from gvit.train import TrainConfig, train
 
 K = 8

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gvit.cli import main
-from gvit.sweep import _launch, grid_variants, parse_grid, run_sweep, variant_name
+from gvit.tools.sweep import _launch, grid_variants, parse_grid, run_sweep, variant_name
 
 BASE = ["data=shapes:64", "limit_eval=32", "encoder_size=micro", "classifier_size=micro", "image_size=16", "patch=4",
         "batch_size=16", "steps=2", "log_every=1", "checkpoint_every=100"]

@@ -58,7 +58,7 @@ def test_two_processes_match_one(tmp_path):
 def test_baselines_train_and_evaluate(tmp_path, model, capsys):
     extra = {}
     if model == "offline":
-        from gvit.convert import fit_dataset
+        from gvit.tools.fit_dataset import fit_dataset
         from gvit.fit import FitConfig
 
         for split in ("train", "test"):
@@ -73,7 +73,7 @@ def test_baselines_train_and_evaluate(tmp_path, model, capsys):
 
 
 def test_nan_guard_skips_and_then_stops(tmp_path, monkeypatch):
-    import gvit.train as T
+    import gvit.train.steps as T
 
     real = T.batch_losses
 
@@ -158,10 +158,10 @@ def test_epochs_set_the_number_of_steps(tmp_path):
 
 def test_layer_decay_scales_follow_depth():
     from gvit.models import GaussianClassifier
-    from gvit.train import _param_groups
+    from gvit.train import param_groups
 
     model = GaussianClassifier(8, 3, "micro")  # depth 2
-    groups = _param_groups(model, 0.05, layer_decay=0.5)
+    groups = param_groups(model, 0.05, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["transformer.norm.weight"])] == 1.0
@@ -188,7 +188,7 @@ def test_finetune_freezes_the_encoder_and_trains_the_classifier(tmp_path, capsys
 
 def test_limits_take_images_spread_over_the_split():
     from gvit.data import spread_indices
-    from gvit.train import _limit
+    from gvit.train.data import limit
 
     assert spread_indices(10, 4) == [0, 2, 5, 7] and spread_indices(3, 5) == [0, 1, 2] and spread_indices(5, 0) == []
     with pytest.raises(ValueError):
@@ -203,6 +203,6 @@ def test_limits_take_images_spread_over_the_split():
         def __getitem__(self, i):
             return torch.zeros(3, 4, 4), i // 100
 
-    sub = _limit(Sorted(), 30)
+    sub = limit(Sorted(), 30)
     assert len(sub) == 30 and sub.classes == ["a", "b", "c"]
     assert sorted(label for _, label in sub).count(1) == 10  # balanced, not the first class only

@@ -1,4 +1,4 @@
-"""Batched training augmentation in torch: random resized crop and horizontal flip.
+"""Image transforms in torch: batched random resized crops (training augmentation) and square resizing.
 
 Images are ``[B, C, H, W]`` float; every image of the batch gets its own random crop / flip from
 the given generator, so a seeded generator makes a batch's augmentation reproducible.
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["crop_boxes", "resized_crop", "random_resized_crop", "random_hflip"]
+__all__ = ["crop_boxes", "resized_crop", "resize_square"]
 
 
 def crop_boxes(n: int, height: int, width: int, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
@@ -47,20 +47,6 @@ def resized_crop(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor
     gy = (y0[:, None] + v[None] * bh[:, None]) / h * 2 - 1  # [B, oh]
     grid = torch.stack([gx[:, None, :].expand(b, oh, ow), gy[:, :, None].expand(b, oh, ow)], -1)
     return F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def random_resized_crop(images: Tensor, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), size: tuple[int, int] | None = None,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """Random resized crop of every image (to ``size``, default the input size)."""
-    b, _, h, w = images.shape
-    boxes = crop_boxes(b, h, w, scale=scale, ratio=ratio, generator=generator)
-    return resized_crop(images, boxes, size or (h, w))
-
-
-def random_hflip(images: Tensor, *, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
-    """Flip each image left-right with probability ``p``."""
-    flip = torch.rand(images.shape[0], generator=generator) < p
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:

@@ -16,17 +16,16 @@ finished variant is refused rather than mixing two experiments in one table.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from ._io import write_json, write_text
+from ..files import check_settings, write_json, write_text
+from ..train import load_config
+from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
 __all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep"]
 
@@ -83,8 +82,6 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
     the result rows (one per finished variant). ``launch(argv, nproc)`` runs one ``gvit`` command
     (the default starts a child process). Every variant's config is checked before the first
     run, so a bad key or value fails at once."""
-    from .train import load_config
-
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     launch = launch or _launch
@@ -103,15 +100,13 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
             cfg = load_config(config, base + pairs + [f"out={out / name}"])
         except ValueError as exc:
             raise ValueError(f"sweep variant {name}: {exc}") from None
-        resolved = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        resolved = {k: v for k, v in cfg.to_dict().items() if k != "out"}
         plan.append((name, values, pairs, resolved))
     for name, _, _, resolved in plan:
         saved = out / name / "variant.json"
-        old = json.loads(saved.read_text())["config"] if saved.is_file() else resolved
-        if old != resolved:
-            diff = sorted(k for k in set(old) | set(resolved) if old.get(k) != resolved.get(k))
-            raise ValueError(f"{out / name} was trained with other settings ({', '.join(diff)} differ); "
-                             "use another --out or remove that folder")
+        if saved.is_file():
+            check_settings(json.loads(saved.read_text())["config"], resolved, out / name,
+                           hint="use another --out or remove that folder")
     write_json(out / "sweep.json", {"config": None if config is None else str(config), "overrides": base,
                                     "grid": grid, "nproc": nproc})
     rows = _rows(out, plan)
@@ -149,19 +144,10 @@ def _rows(out: Path, plan) -> list[dict]:
 
 def write_tables(out: Path, rows: list[dict], keys: list[str]) -> None:
     """``results.csv``, ``results.md`` and ``results.json`` of the finished variants."""
-    fields = ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "results.csv", buf.getvalue())
-    lines = ["| " + " | ".join(keys) + " | top-1 (%) | PSNR (dB) | eval images | train s |",
-             "|" + "---|" * (len(keys) + 4)]
-    for r in rows:
-        psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f}"
-        lines.append("| " + " | ".join(str(r[k]) for k in keys) + f" | {100 * r['top1']:.1f} | {psnr} "
-                     f"| {r['eval_images']} | {r['train_seconds']:.0f} |")
-    write_text(out / "results.md", "\n".join(lines) + "\n")
+    write_csv(out / "results.csv", ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"], rows)
+    table = [[*(r[k] for k in keys), f"{100 * r['top1']:.1f}", "-" if r["psnr"] is None else f"{r['psnr']:.1f}",
+              r["eval_images"], f"{r['train_seconds']:.0f}"] for r in rows]
+    write_text(out / "results.md", markdown_table([*keys, "top-1 (%)", "PSNR (dB)", "eval images", "train s"], table))
     write_json(out / "results.json", rows)
 
 
@@ -175,13 +161,7 @@ def _number(text: str) -> float | None:
 def plot_sweep(rows: list[dict], grid: dict[str, list[str]], out: str | os.PathLike) -> list[Path]:
     """One ``plot_<key>.png`` per grid key with more than one value: top-1 (%) against the key,
     one series per combination of the other keys. Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import _figure
-
+    plt = pyplot()
     out = Path(out)
     written = []
     for key, values in grid.items():
@@ -215,6 +195,6 @@ def plot_sweep(rows: list[dict], grid: dict[str, list[str]], out: str | os.PathL
         if others:
             ax.legend(fontsize=8)
         path = out / f"plot_{_safe(key)}.png"
-        _figure(path, fig)
+        save_figure(path, fig)
         written.append(path)
     return written

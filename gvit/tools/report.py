@@ -20,54 +20,25 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_path, write_json, write_text
+from ..files import write_json
+from ..gaussians import decode
+from ..train import evaluate, load_trained
+from ..viz import draw_ellipses
+from .artifacts import html_page, html_table, pyplot, save_figure
 
 __all__ = ["training_report", "predict"]
 
 
-@torch.no_grad()
-def predict(cfg, run, images: torch.Tensor, *, seed: int | None = None) -> dict:
-    """Run a trained model on ``images [B, 3, H, W]`` in [0, 1].
-
-    Returns ``logits [B, classes]`` and, for GViT, the raw Gaussians ``g [B, k, 9]``, their
-    render ``rendered [B, 3, H, W]`` and ``psnr [B]``. g0 comes from a generator seeded with
-    ``seed`` (the config's seed by default), so the output is deterministic.
-    """
-    from .guidance import batch_losses
-    from .losses import psnr
-    from .train import _sample_g0
-
-    device = next(run.classifier.parameters()).device
-    images = images.to(device)
-    if cfg.model == "patch_vit":
-        return {"logits": run.classifier(images)}
-    if cfg.model != "gvit":
-        raise ValueError(f"predict: needs a patch_vit or gvit checkpoint, got model={cfg.model!r}")
-    gen = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
-    g0 = _sample_g0(cfg, len(images), gen)
-    out = batch_losses(run.encoder, run.classifier, images, None, None if g0 is None else g0.to(device),
-                       scale_factor=cfg.scale_factor, pixel_loss=cfg.pixel_loss)
-    return {"logits": out.logits, "g": out.g, "rendered": out.rendered.clamp(0, 1),
-            "psnr": psnr(out.rendered.clamp(0, 1), images)}
-
-
-def _figure(path: Path, fig) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+def predict(trained, images: torch.Tensor, *, seed: int | None = None) -> dict:
+    """Run a trained image model on ``images [B, 3, H, W]`` in [0, 1]: ``logits`` and, for GViT,
+    what :meth:`gvit.models.GViT.predict` gives (Gaussians ``g``, ``rendered``, ``psnr``), with g0
+    drawn from a generator seeded with ``seed`` (the config's seed by default)."""
+    gen = torch.Generator().manual_seed(trained.cfg.seed if seed is None else seed)
+    return trained.step.predict_images(images, gen)
 
 
 def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .gaussians import decode
-    from .viz import draw_ellipses
-
+    plt = pyplot()
     n = len(images)
     gvit = "g" in pred
     gaussians = decode(pred["g"].float(), cfg.scale_factor) if gvit else None
@@ -86,15 +57,11 @@ def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(name, fontsize=8, color="black" if guess == int(labels[i]) or name != title else "red")
             ax.axis("off")
-    _figure(path, fig)
+    save_figure(path, fig)
 
 
 def _curves_figure(path: Path, metrics: list[dict]) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in ("loss_rec", "loss_cls") if any(k in m for m in metrics)]
     if not keys:
         return False
@@ -111,30 +78,28 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
                         color="0.4", transform=ax.get_xaxis_transform())
         ax.set_xlabel("step")
         ax.set_title({"loss_rec": "reconstruction loss", "loss_cls": "classification loss"}[key], fontsize=9)
-    _figure(path, fig)
+    save_figure(path, fig)
     return True
 
 
 def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, num_examples: int = 8,
                     overrides: list[str] | None = None, device=None) -> dict:
     """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary."""
-    from .train import _datasets, _limit, evaluate, load_trained
-
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg, run, classes = load_trained(checkpoint, overrides, device)
-    _, test_ds, collate = _datasets(cfg)
-    if test_ds is None:
-        raise ValueError(f"{checkpoint}: no evaluation split {cfg.eval_split!r} in {cfg.data} to report on")
-    test_ds = _limit(test_ds, cfg.limit_eval)
-    device = next(run.classifier.parameters()).device
+    trained = load_trained(checkpoint, overrides, device)
+    cfg, classes = trained.cfg, trained.classes
+    try:
+        test_ds, collate = trained.test_data()
+    except ValueError as exc:
+        raise ValueError(f"{checkpoint}: {exc} to report on") from None
     summary = {"checkpoint": str(checkpoint), "model": cfg.model, "data": cfg.data, "classes": classes}
-    summary.update(evaluate(cfg, run, test_ds, collate, device))
+    summary.update(evaluate(trained.step, test_ds, collate))
     out.mkdir(parents=True, exist_ok=True)
     n = min(num_examples, len(test_ds))
     files = {}
-    if n and cfg.model != "offline":
+    if n and trained.step.reads_images:
         images, labels = collate([test_ds[i] for i in range(n)])
-        pred = predict(cfg, run, images)
+        pred = predict(trained, images)
         _examples_figure(out / "examples.png", cfg, images, labels, {k: v.cpu() for k, v in pred.items()}, classes)
         files["examples"] = "examples.png"
     metrics_path = checkpoint.parent / "metrics.jsonl"
@@ -147,30 +112,19 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
             summary["steps"] = metrics[-1]["step"]
     summary["files"] = files
     write_json(out / "report.json", summary)
-    write_text(out / "report.html", _html(summary, cfg))
+    _html(out / "report.html", summary, cfg)
     return summary
 
 
-def _html(summary: dict, cfg) -> str:
-    from dataclasses import asdict
-
+def _html(path: Path, summary: dict, cfg) -> None:
     rows = [("model", summary["model"]), ("data", summary["data"]),
             ("top-1", f"{100 * summary['top1']:.2f}% of {summary['eval_images']} test images")]
     if "psnr" in summary:
         rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
     if "train_seconds" in summary:
         rows.append(("training", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s"))
-    table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    config = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in asdict(cfg).items())
     figures = "".join(f'<h2>{html.escape(name)}</h2><img src="{html.escape(file)}" alt="{html.escape(name)}">\n'
                       for name, file in summary["files"].items())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>gvit report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} th{{text-align:left;padding-right:1em}}
-img{{max-width:100%}} details{{margin-top:2em}}</style></head>
-<body><h1>gvit report</h1>
-<table>{table}</table>
-{figures}<details><summary>configuration</summary><table>{config}</table></details>
-</body></html>
-"""
+    body = (f"<table>{html_table(rows)}</table>\n{figures}<details><summary>configuration</summary>"
+            f"<table>{html_table(list(cfg.to_dict().items()))}</table></details>")
+    html_page(path, "gvit report", body)

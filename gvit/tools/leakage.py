@@ -18,16 +18,21 @@ by :func:`encode_like` in the same shard format, image for image). Then
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ._io import write_json, write_text
+from ..data import open_dataset
+from ..data.shards import load_shards, read_manifest, read_shard, shard_name, write_manifest, write_shard
+from ..data.transforms import resize_square
+from ..files import record_settings, write_json, write_text
+from ..progress import progress_bar
+from ..train import apply_overrides, evaluate_checkpoint, load_gvit, step_generator, train
+from .artifacts import markdown_table, write_csv
 
 __all__ = ["encode_like", "run_leakage"]
 
@@ -39,66 +44,40 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
     ``gvit fit-dataset`` folder ``like`` (same dataset indices, same shards) into ``out``.
 
     The images come from ``data`` (default: the dataset recorded in ``like``), resized to the
-    model's image size; g0 of shard s is drawn from a generator seeded by (config seed, s), so
-    the output is reproducible. Finished shards are skipped on a rerun. Returns the manifest.
+    model's image size; g0 of shard s is drawn from the run's generator of index s
+    (:func:`gvit.train.step_generator`), so the output is reproducible. Finished shards are
+    skipped on a rerun. Returns the manifest.
     """
-    from .convert import _manifest, read_manifest, shard_name
-    from .data import open_dataset
-    from .data.transforms import resize_square
-    from .gaussians import decode, load_gaussians, save_gaussians
-    from .losses import psnr
-    from .render import render
-    from .train import _sample_g0, load_trained
-
     like, out = Path(like), Path(out)
     manifest = read_manifest(like)
-    cfg, run, _ = load_trained(checkpoint, device="cpu")
-    if cfg.model != "gvit":
-        raise ValueError(f"{checkpoint}: learned Gaussians need a GViT checkpoint (model=gvit), got model={cfg.model!r}")
+    trained = load_gvit(checkpoint, device="cpu", job="the leakage tests")
+    cfg, model = trained.cfg, trained.model
     source = data or manifest["settings"]["data"]
     split = manifest["settings"]["split"]
     settings = {"source": "encoder", "checkpoint": str(checkpoint), "like": str(like), "data": str(source),
                 "split": split, "num_gaussians": cfg.num_gaussians, "image_size": cfg.image_size}
-    settings_path = out / "settings.json"
-    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
-        raise ValueError(f"{out} holds Gaussians made with other settings; use another folder or remove it")
-    write_json(settings_path, settings)
+    record_settings(out / "settings.json", settings)
     dataset = open_dataset(source, split)
     shards = manifest["shards"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(shards), desc=f"encode {split}", unit="shard")
+    bar = progress_bar(len(shards), desc=f"encode {split}", unit="shard", enabled=progress)
     for s, name in enumerate(shards):
         if (out / shard_name(s)).is_file():
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             continue
-        _, labels, meta = load_gaussians(like / name)
-        indices = json.loads(meta["indices"])
-        images = torch.stack([resize_square(dataset[i][0], cfg.image_size) for i in indices])
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s)
+        _, labels, meta = read_shard(like / name)
+        images = torch.stack([resize_square(dataset[i][0], cfg.image_size) for i in meta["indices"]])
+        gen = step_generator(cfg.seed, s)
         raws, psnrs = [], []
         for b in range(0, len(images), batch_size):
-            x = images[b:b + batch_size]
-            g = run.encoder(x, _sample_g0(cfg, len(x), gen)).float()
-            rendered = render(decode(g, cfg.scale_factor), height=cfg.image_size, width=cfg.image_size)
-            raws.append(g)
-            psnrs.append(psnr(rendered.clamp(0, 1), x))
-        g = decode(torch.cat(raws), cfg.scale_factor)
-        psnr_values = torch.cat(psnrs)
-        save_gaussians(out / shard_name(s), g, labels=labels, metadata={
-            "height": cfg.image_size, "width": cfg.image_size, "shard": s, "indices": json.dumps(indices),
-            "skipped": "[]", "psnr": json.dumps([round(float(v), 3) for v in psnr_values]),
-            "scale_factor": cfg.scale_factor, "split": split, "data": str(source), "source": "encoder"})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    result = _manifest(out, len(shards), settings, 4, manifest.get("classes"))
-    write_json(out / "manifest.json", result)
-    return result
+            pred = model.predict(images[b:b + batch_size], generator=gen)
+            raws.append(pred["g"].float())
+            psnrs.append(pred["psnr"])
+        write_shard(out, s, model.decode(torch.cat(raws)), labels, indices=meta["indices"], psnr=torch.cat(psnrs),
+                    height=cfg.image_size, width=cfg.image_size, scale_factor=cfg.scale_factor, split=split,
+                    data=str(source), source="encoder")
+        bar.update(1)
+    bar.close()
+    return write_manifest(out, len(shards), settings, dtype="float32", classes=manifest.get("classes"))
 
 
 _RUNS = {  # name -> (trained on, classifier input)
@@ -120,16 +99,8 @@ def run_leakage(checkpoint: str | os.PathLike, sgd_train: str | os.PathLike, sgd
     to ``out/<run>/`` and is skipped when its ``result.json`` exists (or resumed from its
     checkpoint). Returns the figures written to ``leakage.json``.
     """
-    from dataclasses import replace
-
-    from .convert import load_shards
-    from .train import apply_overrides, evaluate_checkpoint, load_checkpoint, train, TrainConfig
-
     out = Path(out)
-    state = load_checkpoint(checkpoint)
-    gvit_cfg = TrainConfig(**state["config"])
-    if gvit_cfg.model != "gvit":
-        raise ValueError(f"{checkpoint}: the leakage tests need a GViT checkpoint (model=gvit), got {gvit_cfg.model!r}")
+    gvit_cfg = load_gvit(checkpoint, device="cpu", job="the leakage tests").cfg
     folders = {"sgd": {"train": Path(sgd_train), "test": Path(sgd_test)},
                "learned": {"train": out / "learned_train", "test": out / "learned_test"}}
     for split, folder in folders["sgd"].items():
@@ -184,26 +155,17 @@ def _figures(results, cross, cfg, sgd_train, sgd_test, checkpoint, seconds) -> d
 def _write_tables(out: Path, f: dict) -> None:
     m, r = f["cross_training"], f["rasterisation"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    md = [
-        f"# Leakage tests\n\nClassifiers ({f['classifier_size']}, {f['steps']} steps of batch {f['batch_size']}) on "
-        f"frozen Gaussians of the same images; top-1 (%) on {f['eval_images']} test images.\n",
-        "## Experiment 1: cross-training\n",
-        "| trained on \\ evaluated on | SGD Gaussians | learned Gaussians |", "|---|---|---|",
-        *[f"| {_LABEL[t]} | {pct(m[t]['sgd'])} | {pct(m[t]['learned'])} |" for t in ("sgd", "learned")],
-        "\n## Experiment 2: rasterisation control\n",
-        "| setup | Gaussians (GS) | renders (IMG) | IMG - GS |", "|---|---|---|---|",
-        *[f"| trained on {_LABEL[t]} | {pct(r[t]['gaussians'])} | {pct(r[t]['renders'])} "
-          f"| {100 * (r[t]['renders'] - r[t]['gaussians']):+.1f} |" for t in ("sgd", "learned")],
-    ]
-    write_text(out / "leakage.md", "\n".join(md) + "\n")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["experiment", "trained_on", "input", "evaluated_on", "top1"])
-    for t in ("sgd", "learned"):
-        for e in ("sgd", "learned"):
-            w.writerow(["cross_training", t, "gaussians", e, f"{m[t][e]:.4f}"])
-    for t in ("sgd", "learned"):
-        for kind in ("gaussians", "renders"):
-            w.writerow(["rasterisation", t, kind, t, f"{r[t][kind]:.4f}"])
-    write_text(out / "leakage.csv", buf.getvalue())
+    cross = markdown_table(["trained on \\ evaluated on", "SGD Gaussians", "learned Gaussians"],
+                           [[_LABEL[t], pct(m[t]["sgd"]), pct(m[t]["learned"])] for t in ("sgd", "learned")])
+    control = markdown_table(["setup", "Gaussians (GS)", "renders (IMG)", "IMG - GS"],
+                             [[f"trained on {_LABEL[t]}", pct(r[t]["gaussians"]), pct(r[t]["renders"]),
+                               f"{100 * (r[t]['renders'] - r[t]['gaussians']):+.1f}"] for t in ("sgd", "learned")])
+    write_text(out / "leakage.md",
+               f"# Leakage tests\n\nClassifiers ({f['classifier_size']}, {f['steps']} steps of batch {f['batch_size']}) "
+               f"on frozen Gaussians of the same images; top-1 (%) on {f['eval_images']} test images.\n\n"
+               f"## Experiment 1: cross-training\n\n{cross}\n## Experiment 2: rasterisation control\n\n{control}")
+    rows = [["cross_training", t, "gaussians", e, f"{m[t][e]:.4f}"] for t in ("sgd", "learned") for e in ("sgd", "learned")]
+    rows += [["rasterisation", t, kind, t, f"{r[t][kind]:.4f}"] for t in ("sgd", "learned")
+             for kind in ("gaussians", "renders")]
+    write_csv(out / "leakage.csv", ["experiment", "trained_on", "input", "evaluated_on", "top1"], rows)
     write_json(out / "leakage.json", f)

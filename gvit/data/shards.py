@@ -1,0 +1,139 @@
+"""Folders of Gaussian shards: what ``gvit fit-dataset`` writes, the leakage tests write for an
+encoder's Gaussians, and offline training reads. One writer, one reader, one manifest.
+
+A folder holds ``shard-NNNNN.safetensors`` files (Gaussian files of :mod:`gvit.gaussians` with
+labels; Gaussians padded to the shard's largest count with a ``valid`` mask when sets differ in
+size) and, once every shard exists, ``manifest.json``. Each shard's metadata records the dataset
+indices it holds, per-image PSNR, skipped images and the image size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..files import write_json
+from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians
+
+__all__ = ["SHARD_FORMAT", "DTYPES", "shard_name", "write_shard", "read_shard", "write_manifest", "read_manifest",
+           "load_shards", "ShardDataset"]
+
+SHARD_FORMAT, SHARD_VERSION = "gvit.gaussian-shards", "1"
+DTYPES = {"float32": (torch.float32, 4), "float16": (torch.float16, 2)}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _dtype(name: str) -> tuple[torch.dtype, int]:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def write_shard(folder: str | os.PathLike, index: int, gaussians: Gaussians, labels: Tensor, *, indices: list[int],
+                psnr: Tensor, height: int, width: int, scale_factor: float, dtype: str = "float32",
+                skipped: list | None = None, **metadata) -> Path:
+    """Write shard ``index`` of ``folder`` atomically (Gaussians compacted, ``dtype`` float32 / float16);
+    ``metadata`` (e.g. ``data``, ``split``, ``source``) is recorded as strings. Returns its path."""
+    path = Path(folder) / shard_name(index)
+    meta = {"height": height, "width": width, "shard": index, "indices": json.dumps([int(i) for i in indices]),
+            "skipped": json.dumps(skipped or []), "psnr": json.dumps([round(float(v), 3) for v in psnr]),
+            "scale_factor": scale_factor, **metadata}
+    save_gaussians(path, compact(gaussians), labels=labels, dtype=_dtype(dtype)[0], metadata=meta)
+    return path
+
+
+def read_shard(path: str | os.PathLike) -> tuple[Gaussians, Tensor, dict]:
+    """``(gaussians, labels, metadata)`` of one shard, with ``indices``, ``psnr`` and ``skipped`` parsed."""
+    g, labels, meta = load_gaussians(path)
+    for key in ("indices", "psnr", "skipped"):
+        meta[key] = json.loads(meta.get(key, "[]"))
+    if labels is None or len(meta["indices"]) != g.batch_size:
+        raise ValueError(f"{path}: not a shard (labels or dataset indices missing)")
+    return g, labels, meta
+
+
+def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *, dtype: str,
+                   classes: list[str] | None, **extra) -> dict:
+    """Summarise the finished shards ``0 .. num_shards - 1`` of ``folder`` into ``manifest.json``
+    (counts, PSNR, compression against 8-bit pixels, skipped images, the settings); returns it."""
+    from ..fit import compression_ratio
+
+    folder = Path(folder)
+    counts, psnrs, skipped = [], [], []
+    for s in range(num_shards):
+        g, _, meta = read_shard(folder / shard_name(s))
+        counts.append(g.counts())
+        psnrs += meta["psnr"]
+        skipped += meta["skipped"]
+        h, w = int(meta["height"]), int(meta["width"])
+    counts = torch.cat(counts).double()
+    manifest = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "shards": [shard_name(s) for s in range(num_shards)],
+                "num_images": int(len(counts)), "height": h, "width": w, "classes": classes,
+                "mean_count": float(counts.mean()), "mean_psnr": sum(psnrs) / len(psnrs),
+                "compression_vs_8bit": float(compression_ratio(counts, h, w, bytes_per_value=_dtype(dtype)[1]).mean()),
+                "skipped": skipped, "settings": settings, **extra}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The ``manifest.json`` of a finished folder (ValueError naming the folder when it is missing)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no manifest.json (the conversion has not finished; rerun it to resume)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != SHARD_FORMAT:
+        raise ValueError(f"{path}: not a gvit shard manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def load_shards(folder: str | os.PathLike) -> tuple[Gaussians, Tensor, Tensor, dict]:
+    """Read a finished folder: ``(gaussians, labels, indices, manifest)`` in shard order,
+    Gaussians padded to the largest count with a ``valid`` mask (None if no shard has one)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    sets, labels, indices = [], [], []
+    for name in manifest["shards"]:
+        g, lab, meta = read_shard(folder / name)
+        sets.append(g)
+        labels.append(lab)
+        indices.append(torch.tensor(meta["indices"], dtype=torch.long))
+    kmax = max(g.num_gaussians for g in sets)
+    g = concat([pad(s, kmax) for s in sets])
+    if all(s.valid is None and s.num_gaussians == kmax for s in sets):
+        g.valid = None
+    return g, torch.cat(labels), torch.cat(indices), manifest
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """A finished shard folder as a dataset of ``((raw [k, 9], valid [k]), label)`` (raw: the
+    Gaussians encoded with ``scale_factor``), with ``classes`` and ``targets``."""
+
+    def __init__(self, folder: str | os.PathLike, scale_factor: float = 1.0):
+        g, labels, _, manifest = load_shards(folder)
+        self.raw = encode(g, scale_factor=scale_factor)
+        self.valid = g.valid if g.valid is not None else torch.ones(g.means.shape[:2], dtype=torch.bool)
+        self.targets = labels
+        self.classes = manifest.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return (self.raw[i], self.valid[i]), int(self.targets[i])
+
+    @staticmethod
+    def collate(items):
+        raw = torch.stack([r for (r, _), _ in items])
+        valid = torch.stack([v for (_, v), _ in items])
+        return (raw, valid), torch.tensor([label for _, label in items], dtype=torch.long)

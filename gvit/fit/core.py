@@ -1,0 +1,264 @@
+"""Fitting Gaussians to images by optimisation, many images at once (initialisations: :mod:`gvit.fit.init`).
+
+Every image of a batch gets its own k Gaussians; all of them are optimised together with one
+batched render per step. The recipe follows GaussianVision (structured initialisation,
+luminance-aware pruning with an L1 penalty on opacities) and GViT 2.2 (k-means and Felzenszwalb
+initialisations):
+
+* parameters are the raw 9-vectors of :mod:`gvit.gaussians`, decoded with ``scale_factor``;
+* Adam with one learning rate per raw field (positions in pixels per step, the rest in raw units),
+  a short linear warm-up and a cosine decay to ``final_lr_fraction``;
+* loss = MSE or BCE + ``dssim_weight`` * D-SSIM + ``l1_opacity`` * mean opacity;
+* optional early stop per image at ``target_psnr`` (a finished image leaves the batch);
+* optional pruning at ``prune_at`` (a fraction of the iterations): Gaussians whose luminance
+  contribution (:func:`luminance_contribution`) is below ``prune_tau`` times the image's mean
+  contribution are switched off (``valid`` = False); the rest keep fitting.
+
+Images are ``[B, 3, H, W]`` float in [0, 1]; the background of every render is black (zeros),
+as in the rest of gvit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from ..gaussians import ANGLE, COLOR, OPACITY, POS, RAW_DIM, SCALE, Gaussians, decode
+from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
+from ..render import BACKENDS, MODES, render
+from ..progress import progress_bar
+from ..settings import setting, validate_fields
+from .init import INITS, check_images, initialize
+
+__all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution", "compression_ratio"]
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
+
+
+@dataclass
+class FitConfig:
+    """Settings of :func:`fit_gaussians`, declared once (:mod:`gvit.settings`): the ``gvit fit``
+    options, config files and keyword overrides all read these declarations."""
+
+    num_gaussians: int = setting(256, "Gaussians per image (k)")
+    iters: int = setting(500, "optimisation steps")
+    init: str = setting("grid", "initialisation", INITS)
+    loss: str = setting("mse", "pixel loss", RECONSTRUCTION_LOSSES)
+    dssim_weight: float = setting(0.0, "weight of the D-SSIM term")
+    lr_position: float = setting(0.1, "position step size in pixels (Adam's step on the raw position, converted)")
+    lr_scale: float = setting(0.05, "step size of the raw scales")
+    lr_angle: float = setting(0.05, "step size of the angle")
+    lr_color: float = setting(0.05, "step size of the raw colours")
+    lr_opacity: float = setting(0.05, "step size of the raw opacity")
+    warmup: float = setting(0.02, "linear warm-up, as a fraction of the iterations")
+    final_lr_fraction: float = setting(0.01, "the cosine decay ends at this fraction of each step size")
+    target_psnr: float | None = setting(None, "stop an image once its PSNR reaches this (dB)")
+    check_every: int = setting(10, "iterations between PSNR checks (target PSNR, history)")
+    l1_opacity: float = setting(0.0, "L1 penalty on opacities (drives unneeded Gaussians to 0 before pruning)")
+    prune_tau: float | None = setting(None, "prune Gaussians whose luminance contribution is below tau x the image mean")
+    prune_at: float = setting(0.6, "when to prune, as a fraction of the iterations")
+    scale_factor: float = setting(1.0, "c in scale = c * sigmoid(s)")
+    mode: str = setting("alpha", "rasterizer compositing", MODES)
+    backend: str = setting("auto", "rasterizer backend", BACKENDS)
+    seed: int = setting(0, "seed of the random choices of the initialisation")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        validate_fields(self, where="fit config")
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"fit config: {name} must be {what}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.num_gaussians, int) and self.num_gaussians >= 1, "num_gaussians", "an int >= 1")
+        need(isinstance(self.iters, int) and self.iters >= 0, "iters", "an int >= 0")
+        need(self.init in INITS, "init", f"one of {', '.join(INITS)}")
+        need(self.loss in RECONSTRUCTION_LOSSES, "loss", f"one of {', '.join(RECONSTRUCTION_LOSSES)}")
+        need(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
+        for name in ("dssim_weight", "l1_opacity", "lr_position", "lr_scale", "lr_angle", "lr_color",
+                     "lr_opacity"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
+        need(0 <= self.warmup < 1, "warmup", "in [0, 1)")
+        need(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
+        need(0 <= self.prune_at <= 1, "prune_at", "in [0, 1]")
+        need(self.prune_tau is None or self.prune_tau >= 0, "prune_tau", "None or >= 0")
+        need(self.target_psnr is None or self.target_psnr > 0, "target_psnr", "None or > 0")
+        need(self.check_every >= 1, "check_every", ">= 1")
+        need(self.scale_factor > 0, "scale_factor", "> 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_gaussians` returns.
+
+    ``raw`` ``[B, k, 9]`` and ``gaussians`` (decoded with the config's scale factor; ``valid``
+    marks the Gaussians that survived pruning, None without pruning), per-image ``psnr`` and
+    ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]), ``iters`` ``[B]`` steps taken (fewer
+    than the config's when ``target_psnr`` stopped an image early), ``psnr_before_prune`` ``[B]``
+    (NaN without pruning), wall-clock ``seconds`` and ``history``: (step, seconds, mean PSNR of
+    the images still fitting) every ``check_every`` steps.
+    """
+
+    raw: Tensor
+    gaussians: Gaussians
+    psnr: Tensor
+    ssim: Tensor
+    iters: Tensor
+    psnr_before_prune: Tensor
+    seconds: float
+    rendered: Tensor
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- pruning and sizes
+
+
+def luminance_contribution(gaussians: Gaussians, *, height: int, width: int, mode: str = "alpha",
+                           backend: str = "auto") -> Tensor:
+    """How much luminance each Gaussian puts into its render, ``[B, k]`` >= 0 (pixel units).
+
+    E_i = |sum_p w_i(p) (Y(c_i) - Y(R_i(p)))|: the change of the image's total luminance Y
+    (BT.601) if Gaussian i were removed, where w_i is its compositing weight and R_i the colour
+    composited behind it. It equals |o_i * dY_total / do_i|, so one backward pass gives it for
+    all Gaussians at once. In ``mode="sum"`` it is o_i Y(c_i) sum_p G_i(p). Invalid slots get 0.
+    """
+    g = gaussians
+    opac = g.masked_opacities().detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = render(Gaussians(g.means.detach(), g.scales.detach(), g.angles.detach(), g.colors.detach(), opac),
+                     height=height, width=width, mode=mode, backend=backend)
+        luma = out.new_tensor(LUMA).view(1, 3, 1, 1)
+        (grad,) = torch.autograd.grad((out * luma).sum(), opac)
+    return (grad * opac).abs().detach()
+
+
+def compression_ratio(counts: Tensor, height: int, width: int, *, bytes_per_value: int = 2,
+                      values_per_gaussian: int = RAW_DIM) -> Tensor:
+    """Pixel bytes (8-bit RGB) over Gaussian bytes (``values_per_gaussian`` values of
+    ``bytes_per_value`` each), per image: above 1 means the Gaussians are smaller."""
+    return (3.0 * height * width) / (counts.double().clamp_min(1) * values_per_gaussian * bytes_per_value)
+
+
+# --------------------------------------------------------------------------- the fitting loop
+
+
+def _lr_vector(cfg: FitConfig, height: int, width: int, dtype, device) -> Tensor:
+    lr = torch.empty(RAW_DIM, dtype=dtype, device=device)
+    lr[POS] = cfg.lr_position * 2.0 / max(height, width)  # pixels -> normalised units (d tanh ~ 1)
+    lr[SCALE] = cfg.lr_scale
+    lr[ANGLE] = cfg.lr_angle
+    lr[COLOR] = cfg.lr_color
+    lr[OPACITY] = cfg.lr_opacity
+    return lr
+
+
+def _schedule(cfg: FitConfig, step: int) -> float:
+    """Learning-rate factor at ``step`` (0-based): linear warm-up, then cosine to final_lr_fraction."""
+    warm = int(cfg.warmup * cfg.iters)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    t = (step - warm) / max(1, cfg.iters - warm)
+    return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _per_image_psnr(out: Tensor, target: Tensor) -> Tensor:
+    return psnr(out.detach().clamp(0, 1), target)
+
+
+def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
+                  progress: bool = False, **overrides) -> FitResult:
+    """Fit ``config.num_gaussians`` Gaussians to each image of ``images`` ``[B, 3, H, W]``.
+
+    ``config`` fields can be overridden by keyword (``fit_gaussians(x, iters=200)``).
+    ``init_raw`` ``[B, k, 9]`` replaces the configured initialisation. Runs on the images'
+    device; shows a tqdm bar when ``progress`` is true.
+    """
+    cfg = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
+    cfg.validate()
+    check_images(images)
+    b, _, h, w = images.shape
+    target = images.detach()
+    start = time.perf_counter()
+    raw = (initialize(target, cfg.num_gaussians, cfg.init, scale_factor=cfg.scale_factor, seed=cfg.seed)
+           if init_raw is None else init_raw.detach().to(target))
+    if raw.shape != (b, cfg.num_gaussians, RAW_DIM):
+        raise ValueError(f"init_raw: expected shape {(b, cfg.num_gaussians, RAW_DIM)}, got {tuple(raw.shape)}")
+    k = raw.shape[1]
+    raw = raw.clone()
+    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device)
+    exp_avg, exp_sq = torch.zeros_like(raw), torch.zeros_like(raw)
+    lr = _lr_vector(cfg, h, w, raw.dtype, raw.device)
+    beta1, beta2, eps = 0.9, 0.999, 1e-15
+    active = torch.arange(b, device=raw.device)  # images still being fitted
+    steps_taken = torch.full((b,), cfg.iters, dtype=torch.long)
+    before_prune = torch.full((b,), float("nan"), dtype=torch.float64)
+    prune_step = int(round(cfg.prune_at * cfg.iters)) if cfg.prune_tau is not None else -1
+    history: list[tuple[int, float, float]] = []
+    render_kw = dict(height=h, width=w, mode=cfg.mode, backend=cfg.backend)
+
+    bar = progress_bar(cfg.iters, desc=f"fit {b} x {k} Gaussians ({h}x{w})", unit="step", enabled=progress, leave=False)
+    for step in range(cfg.iters):
+        if len(active) == 0:
+            break
+        if step == prune_step:
+            with torch.no_grad():
+                g = decode(raw[active], cfg.scale_factor)
+                g.valid = valid[active]
+                out = render(g, **render_kw)
+                before_prune[active.cpu()] = _per_image_psnr(out, target[active]).double().cpu()
+                contrib = luminance_contribution(g, **render_kw)
+                mean = (contrib * g.valid).sum(1, keepdim=True) / g.valid.sum(1, keepdim=True).clamp_min(1)
+                keep = g.valid & (contrib >= cfg.prune_tau * mean)
+                keep[torch.arange(len(active)), contrib.argmax(1)] = True  # never empty
+                valid[active] = keep
+        x = raw[active].requires_grad_(True)
+        g = decode(x, cfg.scale_factor)
+        g.valid = valid[active]
+        out = render(g, **render_kw)
+        tgt = target[active]
+        loss = reconstruction_loss(out, tgt, cfg.loss, dssim_weight=cfg.dssim_weight)
+        if cfg.l1_opacity > 0:
+            loss = loss + cfg.l1_opacity * g.masked_opacities().mean()
+        # every image's loss is a mean over its own pixels: scale so each image sees its own gradient
+        (grad,) = torch.autograd.grad(loss * len(active), x)
+        with torch.no_grad():
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            t = step + 1
+            m = exp_avg[active].mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = exp_sq[active].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            exp_avg[active], exp_sq[active] = m, v
+            step_size = lr * (_schedule(cfg, step) / (1 - beta1 ** t))
+            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            raw[active] = x.detach() - step_size * m / denom
+            if (step + 1) % cfg.check_every == 0 or step + 1 == cfg.iters:
+                current = _per_image_psnr(out, tgt)  # PSNR of this step's render (before the update)
+                history.append((step + 1, time.perf_counter() - start, float(current.mean())))
+                if cfg.target_psnr is not None:
+                    done = current >= cfg.target_psnr
+                    if done.any():
+                        steps_taken[active[done].cpu()] = step + 1
+                        # keep the parameters that reached the target
+                        raw[active[done]] = x.detach()[done]
+                        active = active[~done]
+        bar.update(1)
+        if history and history[-1][0] == step + 1:
+            bar.set_postfix(psnr=f"{history[-1][2]:.2f}", active=len(active))
+    bar.close()
+
+    with torch.no_grad():
+        g = decode(raw, cfg.scale_factor)
+        g.valid = valid if cfg.prune_tau is not None else None
+        out = render(g, **render_kw).clamp(0, 1)
+        final_psnr, final_ssim = psnr(out, target), ssim(out, target)
+    return FitResult(raw=raw.detach(), gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
+                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start, rendered=out,
+                     history=history)

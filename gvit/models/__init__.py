@@ -1,0 +1,12 @@
+"""Models: ViT layers, the patch ViT, the Gaussian encoder and classifier, and :class:`GViT` which owns
+an encoder, a classifier and g0 sampling (paper 2.2, Appendix A)."""
+
+from .encoder import STENCIL, GaussianEncoder, sample_footprints
+from .gvit import GViT
+from .layers import (SIZES, Attention, Block, Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size,
+                     init_weights)
+from .vit import GaussianClassifier, PatchViT, TokenViT
+
+__all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
+           "TransformerModel", "TokenViT", "PatchViT", "GaussianClassifier", "GaussianEncoder", "sample_footprints",
+           "STENCIL", "GViT"]

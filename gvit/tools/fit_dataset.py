@@ -1,0 +1,102 @@
+"""``gvit fit-dataset``: a whole dataset -> Gaussian shards (:mod:`gvit.data.shards`), resumable and
+``torchrun``-aware."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import ImageReadError, open_dataset, spread_indices
+from ..data.shards import DTYPES, shard_name, write_manifest, write_shard
+from ..distributed import barrier, launched_world, share_threads
+from ..files import record_settings
+from ..fit import FitConfig, fit_gaussians
+from ..gaussians import concat
+from ..progress import progress_bar
+
+__all__ = ["fit_dataset"]
+
+
+def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, split: str = "train",
+                shard_size: int = 1024, batch_size: int = 256, limit: int | None = None, dtype: str = "float16",
+                skip_bad: bool = False, progress: bool = True, log=print) -> dict:
+    """Convert a dataset (anything :func:`gvit.data.open_dataset` opens) into Gaussian shards.
+
+    Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
+    of the ``limit`` images evenly spread over it (:func:`gvit.data.spread_indices`, so folders
+    stored class by class stay balanced); each shard records the dataset indices it holds.
+    Finished shards are skipped on a rerun; the settings are recorded in ``settings.json`` and a
+    rerun with different settings into the same folder is refused. Under ``torchrun`` each process
+    takes every WORLD_SIZE-th shard and rank 0 writes ``manifest.json`` once all shards exist.
+    Unreadable images raise (naming the file), or with ``skip_bad`` are left out and listed in
+    their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    dataset = open_dataset(data, split)
+    order = range(len(dataset)) if limit is None else spread_indices(len(dataset), limit)
+    n = len(order)
+    if n < 1:
+        raise ValueError(f"dataset {data} ({split}) has no images to convert")
+    out = Path(out)
+    rank, world, local_world = launched_world()
+    settings = {"data": str(data), "split": split, "num_images": n, "shard_size": shard_size, "dtype": dtype,
+                "fit": config.to_dict()}
+    record_settings(out / "settings.json", settings, write=rank == 0)
+    if world > 1:
+        share_threads(local_world)
+    n_shards = -(-n // shard_size)
+    mine = [s for s in range(rank, n_shards, world) if not (out / shard_name(s)).is_file()]
+    todo = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine)
+    bar = progress_bar(todo, desc=f"fit-dataset rank {rank}/{world}" if world > 1 else "fit-dataset", unit="img",
+                       enabled=progress)
+    start = time.perf_counter()
+    for s in mine:
+        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+        images, labels, indices, bad = [], [], [], []
+        for i in (order[p] for p in range(lo, hi)):
+            try:
+                img, label = dataset[i]
+            except ImageReadError as exc:
+                if not skip_bad:
+                    raise
+                bad.append({"index": i, "error": str(exc)})
+                continue
+            images.append(img)
+            labels.append(label)
+            indices.append(i)
+        sizes = sorted({tuple(img.shape[1:]) for img in images})
+        if len(sizes) > 1:
+            raise ValueError(f"dataset {data}: shard {s} mixes image sizes {sizes}; fit-dataset needs "
+                             "one size per dataset (use gvit fit for folders of photos)")
+        parts = []
+        for b in range(0, len(images), batch_size):
+            res = fit_gaussians(torch.stack(images[b:b + batch_size]), config, progress=False)
+            parts.append(res)
+            bar.update(len(res.psnr))
+            bar.set_postfix(shard=s, psnr=f"{float(res.psnr.mean()):.2f}")
+        if not parts:
+            raise ValueError(f"dataset {data}: every image of shard {s} is unreadable")
+        h, w = images[0].shape[1:]
+        write_shard(out, s, concat([p.gaussians for p in parts]), torch.tensor(labels), indices=indices,
+                    psnr=torch.cat([p.psnr for p in parts]), height=h, width=w, scale_factor=config.scale_factor,
+                    dtype=dtype, skipped=bad, start=lo, stop=hi, split=split, data=str(data), rank=rank)
+    bar.close()
+    seconds = time.perf_counter() - start
+    if world > 1 and torch.distributed.is_available():
+        barrier()
+    missing = [s for s in range(n_shards) if not (out / shard_name(s)).is_file()]
+    if rank != 0:
+        return {"rank": rank, "shards": len(mine), "seconds": seconds}
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:10]} are missing after this run")
+    manifest = write_manifest(out, n_shards, settings, dtype=dtype,
+                              classes=list(getattr(dataset, "classes", [])) or None, seconds_this_run=seconds)
+    for item in manifest["skipped"]:
+        log(f"skipped image {item['index']}: {item['error']}")
+    return manifest

@@ -1,0 +1,154 @@
+"""``gvit fit``: image files -> Gaussian files, renders, overlays and one ``metrics.csv``.
+
+:func:`fit_files` writes, per image, ``<name>.gaussians.safetensors``, ``<name>.recon.png`` (the
+render), ``<name>.overlay.png`` (2-sigma ellipses over the image) and one ``metrics.csv``. The job
+is resumable: outputs are written atomically and a rerun skips images whose Gaussian file exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
+from ..data.shards import DTYPES
+from ..fit import FitConfig, compression_ratio, fit_gaussians
+from ..gaussians import compact, save_gaussians
+from ..progress import progress_bar
+from ..viz import draw_ellipses, save_png, to_uint8
+from .artifacts import write_csv
+
+__all__ = ["collect_images", "fit_files", "METRIC_FIELDS"]
+
+METRIC_FIELDS = ("name", "file", "height", "width", "count", "psnr", "ssim", "bytes", "compression", "seconds", "iters")
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def collect_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """Expand files and folders (searched recursively) into ``(path, output name)`` pairs.
+
+    The output name is the path relative to the folder it was found in, without its suffix
+    (``photos/a/b.png`` found under ``photos`` -> ``a/b``); names that would collide get
+    ``-2``, ``-3``, ... A missing input raises FileNotFoundError naming it.
+    """
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [(f, str(f.relative_to(p).with_suffix(""))) for f in files]
+        elif p.is_file():
+            found.append((p, p.stem))
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+    seen: dict[str, int] = {}
+    out = []
+    for path, name in found:
+        n = seen.get(name, 0) + 1
+        seen[name] = n
+        out.append((path, name if n == 1 else f"{name}-{n}"))
+    return out
+
+
+def _read_metrics(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
+
+
+def _write_metrics(path: Path, rows: dict[str, dict]) -> None:
+    write_csv(path, list(METRIC_FIELDS), [rows[name] for name in sorted(rows)])
+
+
+def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: FitConfig, *,
+              batch_size: int = 16, dtype: str = "float32", skip_bad: bool = False, overwrite: bool = False,
+              pictures: bool = True, progress: bool = True, log=print) -> dict:
+    """Fit Gaussians to image files (see the module docstring for what is written).
+
+    Images of the same size are fitted together, ``batch_size`` at a time, and read only when
+    their batch comes (memory stays bounded for any number of files). Every file's header is
+    checked first: a file that is not an image raises :class:`~gvit.data.ImageReadError` naming
+    it before anything is fitted (one whose pixels turn out corrupt raises when its batch is
+    read; finished images are kept). With ``skip_bad`` such files are skipped and listed in the
+    summary instead. Images whose Gaussian file exists are skipped unless ``overwrite``. Returns a
+    summary dict (counts, mean PSNR, skipped files, seconds).
+    """
+    torch_dtype, nbytes = _dtype(dtype)
+    out = Path(out)
+    jobs = collect_images(inputs)
+    if not jobs:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    bad: list[str] = []
+    done = 0
+    by_size: dict[tuple[int, int], list[tuple[Path, str]]] = {}
+    for path, name in jobs:
+        if not overwrite and (out / f"{name}.gaussians.safetensors").is_file():
+            done += 1
+            continue
+        try:
+            by_size.setdefault(image_size(path), []).append((path, name))
+        except ImageReadError as exc:
+            if not skip_bad:
+                raise
+            bad.append(str(exc))
+    metrics_path = out / "metrics.csv"
+    rows = _read_metrics(metrics_path)
+    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    bar = progress_bar(sum(len(b) for b in batches), desc="fitting", unit="img", enabled=progress)
+    start = time.perf_counter()
+    fitted: list[str] = []
+    for batch in batches:
+        pixels, names, sources = [], [], {}
+        for path, name in batch:
+            try:
+                pixels.append(read_image(path))
+            except ImageReadError as exc:
+                if not skip_bad:
+                    raise
+                bad.append(str(exc))
+                continue
+            names.append(name)
+            sources[name] = path
+        if not names:
+            continue
+        x = torch.stack(pixels)
+        res = fit_gaussians(x, config, progress=progress)
+        h, w = x.shape[2:]
+        recon = res.rendered
+        for i, name in enumerate(names):
+            g = compact(res.gaussians[i:i + 1])
+            count = int(g.counts()[0])
+            meta = {"height": h, "width": w, "source": str(sources[name]), "psnr": f"{float(res.psnr[i]):.4f}",
+                    "scale_factor": config.scale_factor, "fit_config": json.dumps(config.to_dict())}
+            if pictures:
+                save_png(out / f"{name}.recon.png", to_uint8(recon[i]))
+                save_png(out / f"{name}.overlay.png", draw_ellipses(x[i], g))
+            save_gaussians(out / f"{name}.gaussians.safetensors", g, dtype=torch_dtype, metadata=meta)
+            rows[name] = {"name": name, "file": str(sources[name]), "height": h, "width": w, "count": count,
+                          "psnr": f"{float(res.psnr[i]):.3f}", "ssim": f"{float(res.ssim[i]):.5f}",
+                          "bytes": count * 9 * nbytes,
+                          "compression": f"{float(compression_ratio(torch.tensor([count]), h, w, bytes_per_value=nbytes)):.3f}",
+                          "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
+        _write_metrics(metrics_path, rows)
+        fitted += names
+        bar.update(len(batch))
+        bar.set_postfix(psnr=f"{float(res.psnr.mean()):.2f}")
+    bar.close()
+    fitted = [rows[n] for n in fitted]
+    summary = {"fitted": len(fitted), "already_done": done, "skipped_bad": bad,
+               "mean_psnr": sum(float(r["psnr"]) for r in fitted) / len(fitted) if fitted else float("nan"),
+               "seconds": time.perf_counter() - start, "out": str(out)}
+    for message in bad:
+        log(f"skipped: {message}")
+    return summary

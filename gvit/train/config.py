@@ -1,0 +1,152 @@
+"""``TrainConfig``: every setting of a training run, declared once (:mod:`gvit.settings`).
+
+``gvit train --config FILE key=value ...`` fills it (:func:`load_config`); a checkpoint stores it
+and :func:`gvit.train.load_trained` rebuilds it. The phase-schedule keys (``classifier_from``,
+``gamma``, ...) are those of :class:`gvit.guidance.Phases`, which this class extends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+from ..gaussians import G0_LAYOUTS
+from ..guidance import Phases
+from ..losses import RECONSTRUCTION_LOSSES
+from ..models import SIZES
+from ..settings import apply_overrides, load_settings, setting, validate_fields
+
+__all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
+
+MODELS = ("gvit", "patch_vit", "offline")  # what each is: gvit.train.steps.MODEL_KINDS
+OFFLINE_INPUTS = ("gaussians", "renders")
+
+
+@dataclass
+class TrainConfig(Phases):
+    """Every setting of a run (the phase keys come from :class:`gvit.guidance.Phases`)."""
+
+    # data
+    data: str = setting("shapes", "dataset: shapes[:N], a folder with <split>.zip or <split>/, an ImageFolder, CIFAR")
+    train_split: str = setting("train", "split to train on")
+    eval_split: str = setting("test", "split to evaluate on")
+    image_size: int = setting(32, "model input size (images are resized to it, square)")
+    limit_train: int | None = setting(None, "train on this many images spread over the split")
+    limit_eval: int | None = setting(None, "evaluate on this many images spread over the split")
+    num_workers: int = setting(0, "data loader worker processes")
+    # model
+    model: str = setting("gvit", "model kind", MODELS)
+    encoder_size: str = setting("tiny", "size of the Gaussian encoder", SIZES)
+    classifier_size: str = setting("tiny", "size of the classifier", SIZES)
+    patch: int = setting(4, "patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder")
+    encoder_patch: int | None = setting(None, "patch size of the Gaussian encoder")
+    num_gaussians: int = setting(64, "Gaussians per image (k)")
+    g0_layout: str = setting("uniform", "how g0's means are drawn (uniform as the paper, or a jittered grid)",
+                             G0_LAYOUTS)
+    scale_factor: float = setting(1.0, "c in scale = c * sigmoid(s)")
+    learned_queries: bool = setting(False, "the encoder's Gaussian tokens are learned queries instead of g0")
+    sample_image: bool = setting(False, "Gaussian tokens also see the image through g0's footprint")
+    image_colors: bool = setting(False, "g0's colours are read from the image at its centres")
+    pool: str = setting("cls", "classifier pooling", ("cls", "mean"))
+    offline_train: str | None = setting(None, "model=offline: a gvit fit-dataset folder to train on")
+    offline_eval: str | None = setting(None, "model=offline: a gvit fit-dataset folder to evaluate on")
+    offline_input: str = setting("gaussians", "model=offline: the classifier reads the Gaussians, or a patch ViT "
+                                              "their renders", OFFLINE_INPUTS)
+    # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
+    # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
+    finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
+    layer_decay: float = setting(1.0, "layer-wise lr decay of the classifier (1: none)")
+    # losses and phases (the phase fractions and weights: see gvit.guidance.Phases)
+    pixel_loss: str = setting("bce", "pixel term of the reconstruction loss", RECONSTRUCTION_LOSSES)
+    guidance: bool = setting(True, "constructive guidance steps in the last phase")
+    # optimisation (``epochs``, when set, replaces ``steps`` by ceil(epochs * train images / batch_size))
+    steps: int = setting(1000, "optimisation steps")
+    epochs: float | None = setting(None, "train for this many epochs instead of steps")
+    batch_size: int = setting(128, "global batch size (split over torchrun processes)")
+    base_lr: float = setting(1e-3, "learning rate for batch 256 (scaled linearly with the batch)")
+    weight_decay: float = setting(0.05, "AdamW weight decay (matrices only)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    warmup: float = setting(0.05, "linear warm-up, as a fraction of training")
+    grad_clip: float | None = setting(None, "clip each model's gradient norm to this")
+    max_bad_steps: int = setting(20, "stop after this many steps with NaN/inf losses or gradients")
+    # augmentation
+    crop_scale_min: float = setting(0.5, "random resized crops keep at least this fraction of the area")
+    hflip: bool = setting(True, "random horizontal flips")
+    # run
+    seed: int = setting(0, "seed of the weights, data order, augmentation and g0")
+    out: str = setting("runs/train", "run folder (checkpoint.pt, metrics.jsonl, result.json)")
+    log_every: int = setting(20, "steps between metric lines")
+    checkpoint_every: int = setting(200, "steps between checkpoints")
+    device: str = setting("auto", "device", ("auto", "cpu", "cuda"))
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
+                    "max_bad_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("patch", "encoder_patch"):
+            value = getattr(self, key)
+            if value is not None and (value < 1 or self.image_size % value):
+                raise ValueError(f"config: {key} must be >= 1 and divide image_size {self.image_size}, got {value}")
+        for key in ("limit_train", "limit_eval"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"config: epochs must be > 0 (or null), got {self.epochs}")
+        for key in ("base_lr", "scale_factor"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"config: grad_clip must be > 0 (or null), got {self.grad_clip}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.finetune_from and self.model != "gvit":
+            raise ValueError("config: finetune_from needs model=gvit")
+        for key in ("sample_image", "image_colors"):
+            if getattr(self, key) and self.learned_queries:
+                raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")
+        if self.model == "offline" and not self.offline_train:
+            raise ValueError("config: model=offline needs offline_train (a folder written by gvit fit-dataset)")
+        try:
+            Phases.__post_init__(self)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
+
+    def phase_settings(self, **changes) -> Phases:
+        """The phase schedule of these settings, with ``changes`` (the model kind decides them:
+        :meth:`gvit.train.steps.ModelStep.phases`)."""
+        values = {f.name: getattr(self, f.name) for f in fields(Phases)} | changes
+        try:
+            return Phases(**values)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
+
+    def with_epochs_as_steps(self, train_images: int) -> "TrainConfig":
+        """``epochs`` turned into ``steps`` for a training set of ``train_images`` images."""
+        if self.epochs is None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, steps=max(1, math.ceil(self.epochs * train_images / self.batch_size)), epochs=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML (or JSON) file and ``key=value`` overrides; an unknown key
+    or a bad value raises ValueError naming it (and the allowed keys or values)."""
+    return load_settings(TrainConfig, path, overrides)
+
+
+def config_from_dict(values: dict, *, where: str = "checkpoint") -> TrainConfig:
+    """The config saved in a checkpoint (unknown keys or bad values name ``where``)."""
+    from ..settings import from_mapping
+
+    return from_mapping(TrainConfig, values, where=f"{where} config")

@@ -1,0 +1,92 @@
+"""What a training step reads: seeded batches of indices, image batches, the per-step random
+generator, and the datasets of a config.
+
+Reproducibility: the data order, the augmentation and g0 of step s come from generators seeded by
+(seed, s) (:func:`step_generator`, :class:`StepBatches`), drawn for the whole global batch and then
+sliced by rank, so a run resumed from a checkpoint ends with exactly the weights of an
+uninterrupted run and does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data import Subset, open_dataset, spread_indices
+from ..data.shards import ShardDataset
+from ..data.transforms import resize_square
+from ..gaussians import ANGLE, POS
+
+__all__ = ["StepBatches", "step_generator", "image_collate", "limit", "image_datasets", "shard_datasets",
+           "flip_gaussians"]
+
+
+def step_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of step (or shard) ``index`` of a run seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index lists of steps ``start .. total-1``: epoch e is a permutation seeded by (seed, e),
+    batches are consecutive slices of it (last partial batch dropped), each rank takes its slice."""
+
+    def __init__(self, n: int, batch: int, start: int, total: int, seed: int, rank: int, world: int):
+        if batch > n:
+            raise ValueError(f"batch_size {batch} is larger than the dataset ({n} items)")
+        self.n, self.batch, self.start, self.total, self.seed = n, batch, start, total, seed
+        self.rank, self.world = rank, world
+        self.per_epoch = n // batch
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        order, epoch = None, -1
+        for step in range(self.start, self.total):
+            e, i = divmod(step, self.per_epoch)
+            if e != epoch:
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + e))
+                epoch = e
+            idx = order[i * self.batch:(i + 1) * self.batch]
+            yield idx[self.rank::self.world].tolist()
+
+
+def image_collate(size: int):
+    """Collate ``(image, label)`` items into ``[B, 3, size, size]`` images and ``[B]`` labels."""
+    def collate(items):
+        images = [resize_square(img, size) for img, _ in items]
+        return torch.stack(images), torch.tensor([label for _, label in items], dtype=torch.long)
+
+    return collate
+
+
+def limit(ds, n: int | None):
+    """The whole dataset, or ``n`` images evenly spread over it (balanced for class-sorted folders)."""
+    if ds is None or n is None or n >= len(ds):
+        return ds
+    return Subset(ds, spread_indices(len(ds), n))
+
+
+def image_datasets(cfg) -> tuple:
+    """``(train, test or None)`` images of ``cfg.data`` (the test split may not exist)."""
+    train = open_dataset(cfg.data, cfg.train_split)
+    try:
+        test = open_dataset(cfg.data, cfg.eval_split)
+    except (FileNotFoundError, ValueError):
+        test = None
+    return train, test
+
+
+def shard_datasets(cfg) -> tuple:
+    """``(train, test or None)`` Gaussian shard folders of an offline run."""
+    train = ShardDataset(cfg.offline_train, cfg.scale_factor)
+    test = ShardDataset(cfg.offline_eval, cfg.scale_factor) if cfg.offline_eval else None
+    return train, test
+
+
+def flip_gaussians(raw: Tensor, flip: Tensor) -> Tensor:
+    """Mirror left-right the raw Gaussian sets where ``flip`` ``[B]`` is True: x -> -x, angle -> -angle."""
+    mirrored = raw.clone()
+    mirrored[..., POS.start] = -mirrored[..., POS.start]  # x
+    mirrored[..., ANGLE] = -mirrored[..., ANGLE]
+    return torch.where(flip[:, None, None], mirrored, raw)

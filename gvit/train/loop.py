@@ -1,0 +1,207 @@
+"""The training loop, evaluation, and loading a trained run (paper 2.2, Algorithm 1, Appendix A).
+
+``train(cfg)`` runs ``cfg.steps`` optimisation steps of the model kind ``cfg.model``
+(:mod:`gvit.train.steps`); each step's phase comes from the kind's :class:`gvit.guidance.Phases`.
+Data parallel under torchrun: every rank takes its slice of each global batch and gradients are
+averaged with one all-reduce per model before each optimiser step (a flat all-reduce rather than
+the DistributedDataParallel wrapper, because a guidance step takes two separate gradients with
+``torch.autograd.grad``, which DDP's hooks do not see). A run writes ``checkpoint.pt`` (atomic,
+every ``checkpoint_every`` steps, on interrupt and at the end), ``metrics.jsonl`` and ``result.json``
+into ``cfg.out``; ``resume`` continues from the checkpoint and ends bit-identical to an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..distributed import init_process_group, rank_world
+from ..files import atomic_path, check_settings, write_json
+from ..progress import progress_bar
+from ..settings import apply_overrides
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_from_dict
+from .data import StepBatches, limit, step_generator
+from .steps import GViTStep, ModelStep, model_kind, model_step
+
+__all__ = ["train", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config: device=cuda but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def _state(run: ModelStep, cfg: TrainConfig, step: int, bad_steps: int, classes: list[str]) -> dict:
+    return {"step": step, "bad_steps": bad_steps, "config": cfg.to_dict(), "classes": list(classes)} | run.state_dict()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          log=print) -> dict:
+    """Train per ``cfg``; returns the final evaluation (or a partial summary when ``stop_after``
+    steps of this call ran first, as when a job is interrupted). ``resume`` continues from
+    ``<out>/checkpoint.pt``."""
+    device = _device(cfg)
+    init_process_group(device)
+    rank, world = rank_world()
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    out = Path(cfg.out)
+    if cfg.batch_size % world:
+        raise ValueError(f"config: batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    step_kind = model_kind(cfg)
+    train_ds, test_ds = step_kind.datasets(cfg)
+    train_ds, test_ds = limit(train_ds, cfg.limit_train), limit(test_ds, cfg.limit_eval)
+    collate = step_kind.collate(cfg)
+    classes = list(train_ds.classes)
+    cfg = cfg.with_epochs_as_steps(len(train_ds))
+    run = model_step(cfg, len(classes), device)
+    if cfg.finetune_from and not resume:
+        run.load_pretrained(load_checkpoint(cfg.finetune_from, map_location=device), log)
+    phases = run.phases()
+    start, bad_steps = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        state = load_checkpoint(ckpt_path, map_location=device)
+        check_settings({k: v for k, v in state["config"].items() if k != "out"},
+                       {k: v for k, v in cfg.to_dict().items() if k != "out"}, ckpt_path,
+                       hint="resume with the settings of that run, or train into another out=")
+        run.load_state_dict(state)
+        start, bad_steps = int(state["step"]), int(state["bad_steps"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(out / "metrics.jsonl", start)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    sampler = StepBatches(len(train_ds), cfg.batch_size, start, end, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.num_workers, persistent_workers=False)
+    bar = progress_bar(cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step", enabled=progress and rank == 0)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        for step, (inputs, labels) in enumerate(loader, start=start):
+            metrics = run.step(step, inputs, labels, step_generator(cfg.seed, step), rank, world,
+                               phases.at(step, cfg.steps))
+            if metrics is None:
+                bad_steps += 1
+                if bad_steps > cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"training stopped at step {step}: {bad_steps} steps had NaN/inf losses or gradients "
+                        f"(skipped); lower gamma, base_lr or set grad_clip")
+                continue
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), bad_steps=bad_steps)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            bar.update(1)
+            if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(ckpt_path, _state(run, cfg, step + 1, bad_steps, classes))
+        step = end
+    except KeyboardInterrupt:
+        if rank == 0:
+            save_checkpoint(ckpt_path, _state(run, cfg, step, bad_steps, classes))
+            log(f"interrupted at step {step}; checkpoint written, continue with --resume")
+        raise
+    finally:
+        bar.close()
+    if rank == 0:
+        save_checkpoint(ckpt_path, _state(run, cfg, end, bad_steps, classes))
+    if end < cfg.steps:
+        return {"step": end, "finished": False}
+    result = {"step": end, "finished": True, "bad_steps": bad_steps, "train_seconds": time.perf_counter() - t0}
+    if test_ds is not None and rank == 0:
+        result.update(evaluate(run, test_ds, collate))
+    if rank == 0:
+        write_json(out / "result.json", result)
+    return result
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written by a run that was killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(ln + "\n" for ln in lines))
+
+
+@torch.no_grad()
+def evaluate(run: ModelStep, dataset, collate) -> dict:
+    """Top-1 accuracy (and, for GViT, the mean PSNR of the renders) on ``dataset``; g0 is drawn
+    from a generator seeded by the config's seed, so evaluation is deterministic."""
+    cfg = run.cfg
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
+                                         num_workers=cfg.num_workers)
+    correct, total, psnrs = 0, 0, []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    run.train(False)
+    for inputs, labels in loader:
+        logits, psnr = run.evaluate_batch(inputs, gen)
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        total += len(labels)
+        if psnr is not None:
+            psnrs.append(psnr.float().cpu())
+    run.train(True)
+    result = {"top1": correct / max(1, total), "eval_images": total}
+    if psnrs:
+        result["psnr"] = float(torch.cat(psnrs).mean())
+    return result
+
+
+class TrainedRun:
+    """A finished (or checkpointed) run loaded for use: ``cfg``, ``step`` (the :class:`ModelStep`,
+    models in eval mode), ``classes``; ``model`` is the :class:`gvit.models.GViT` of a GViT run."""
+
+    def __init__(self, cfg: TrainConfig, step: ModelStep, classes: list[str]):
+        self.cfg, self.step, self.classes = cfg, step, classes
+
+    @property
+    def model(self):
+        return getattr(self.step, "model", self.step.classifier)
+
+    def test_data(self):
+        """``(test dataset, collate)`` of the run's evaluation split (limited as configured)."""
+        _, test = model_kind(self.cfg).datasets(self.cfg)
+        if test is None:
+            raise ValueError(f"no evaluation split {self.cfg.eval_split!r} in {self.cfg.data}")
+        return limit(test, self.cfg.limit_eval), model_kind(self.cfg).collate(self.cfg)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.step, *self.test_data())
+
+
+def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, device=None) -> TrainedRun:
+    """A run from its checkpoint, models in eval mode on ``device`` (the config's when None);
+    ``key=value`` overrides (e.g. ``data=...``) apply on top of the saved config."""
+    state = load_checkpoint(path)
+    cfg = apply_overrides(config_from_dict(state["config"], where=str(path)), overrides or [])
+    device = _device(cfg) if device is None else torch.device(device)
+    run = model_step(cfg, len(state["classes"]), device)
+    try:
+        run.load_state_dict(state, optimizers=False)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{path}: the weights do not match the config ({str(exc).splitlines()[0]})") from None
+    run.train(False)
+    return TrainedRun(cfg, run, list(state["classes"]))
+
+
+def load_gvit(path: str | os.PathLike, overrides: list[str] | None = None, device=None, *, job: str = "this job"):
+    """:func:`load_trained` for jobs that need a GViT (ValueError naming the checkpoint otherwise)."""
+    trained = load_trained(path, overrides, device)
+    if not isinstance(trained.step, GViTStep):
+        raise ValueError(f"{path}: {job} needs a GViT checkpoint (model=gvit), got model={trained.cfg.model!r}")
+    return trained
+
+
+def evaluate_checkpoint(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Evaluate a checkpoint on its config's evaluation split (``key=value`` overrides, e.g.
+    ``data=...``, apply on top of the saved config)."""
+    return load_trained(path, overrides).evaluate()

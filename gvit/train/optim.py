@@ -1,0 +1,87 @@
+"""Optimisers and the learning-rate schedule.
+
+AdamW groups come from what each model declares (:class:`gvit.models.TransformerModel`:
+``no_weight_decay()``, ``layer_id()``, ``num_layers``), so nothing here matches parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..distributed import all_ranks, all_reduce_grads
+
+__all__ = ["param_groups", "adamw", "learning_rate", "set_learning_rate", "apply_gradients"]
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not on biases, norms, or what the model's
+    ``no_weight_decay()`` names); with ``layer_decay`` < 1 each group's ``lr_scale`` is
+    layer_decay ** (num_layers - 1 - layer_id)."""
+    skip = model.no_weight_decay()
+    top = model.num_layers - 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        no_decay = p.ndim < 2 or name in skip
+        layer = model.layer_id(name) if layer_decay != 1.0 else 0
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (top - layer) if layer_decay != 1.0 else 1.0
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, layer_decay), lr=cfg.base_lr,
+                             betas=(cfg.beta1, cfg.beta2))
+
+
+def learning_rate(cfg, step: int) -> float:
+    """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine to 0."""
+    peak = cfg.base_lr * cfg.batch_size / 256
+    warm = int(cfg.warmup * cfg.steps)
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_learning_rate(optimizers, lr: float) -> None:
+    """Every group's lr = ``lr`` times its ``lr_scale``."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def _finite_grads(params) -> bool:
+    return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+
+
+def apply_gradients(trained: list[tuple[nn.Module, torch.optim.Optimizer]], loss, *, grad_clip: float | None) -> bool:
+    """Backward ``loss`` (unless the gradients are already set, ``loss`` None), average them over
+    the ranks, skip the step on every rank when anything is NaN/inf, clip, step. Returns whether
+    the step was taken."""
+    if loss is not None:
+        for _, opt in trained:
+            opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        if not all_ranks(finite):  # every rank skips together, or none does
+            for _, opt in trained:
+                opt.zero_grad(set_to_none=True)
+            return False
+    for model, opt in trained:
+        params = [p for p in model.parameters() if p.requires_grad]
+        all_reduce_grads(params)
+        if not _finite_grads(params):
+            opt.zero_grad(set_to_none=True)
+            return False
+    for model, opt in trained:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+    return True

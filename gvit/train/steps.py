@@ -1,0 +1,269 @@
+"""One small step object per model kind, and the one place that maps ``cfg.model`` to it.
+
+A :class:`ModelStep` builds its models and optimisers, names its datasets and collate function,
+decides its phase schedule, takes one optimisation step and gives logits (and, for GViT, PSNR)
+for evaluation. The loop (:mod:`gvit.train.loop`) never asks which kind it runs.
+
+* :class:`PatchViTStep` (``model=patch_vit``): the patch ViT on pixels.
+* :class:`OfflineStep` (``model=offline``): the Gaussian classifier on Gaussians saved by
+  ``gvit fit-dataset``, or with ``offline_input=renders`` a patch ViT on their renders (the
+  rasterisation control of the leakage tests).
+* :class:`GViTStep` (``model=gvit``): :class:`gvit.models.GViT` with its phases (encoder,
+  classifier pre-training, joint, constructive guidance; paper 2.2, Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.transforms import crop_boxes, resized_crop
+from ..gaussians import decode
+from ..guidance import Phase, Phases, batch_losses, guidance_backward
+from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT
+from ..render import render
+from .config import TrainConfig
+from .data import flip_gaussians, image_collate, image_datasets, shard_datasets
+from .optim import adamw, apply_gradients, learning_rate, set_learning_rate
+
+__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "MODEL_KINDS", "model_kind", "model_step", "build_gvit"]
+
+
+def _num(t: Tensor) -> float:
+    return float(t.detach())
+
+
+class ModelStep:
+    """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``."""
+
+    reads_images = True  # its inputs are images (False: saved Gaussians)
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.parts: dict[str, tuple[nn.Module, torch.optim.Optimizer, str]] = {}
+
+    # -- data
+    @staticmethod
+    def datasets(cfg: TrainConfig) -> tuple:
+        """``(train, test or None)``."""
+        return image_datasets(cfg)
+
+    @staticmethod
+    def collate(cfg: TrainConfig):
+        return image_collate(cfg.image_size)
+
+    # -- schedule: a single classifier trains from the first step, with no guidance
+    def phases(self) -> Phases:
+        return self.cfg.phase_settings(classifier_from=0.0, pretrain_until=None, guidance_from=1.0)
+
+    # -- state
+    @property
+    def classifier(self) -> nn.Module:
+        return self.parts["classifier"][0]
+
+    def modules(self) -> list[nn.Module]:
+        return [module for module, _, _ in self.parts.values()]
+
+    def state_dict(self) -> dict:
+        state = {}
+        for name, (module, opt, opt_name) in self.parts.items():
+            state[name], state[opt_name] = module.state_dict(), opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
+        for name, (module, opt, opt_name) in self.parts.items():
+            if name not in state:
+                raise ValueError(f"the checkpoint has no {name} weights")
+            module.load_state_dict(state[name])
+            if optimizers:
+                opt.load_state_dict(state[opt_name])
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)
+
+    # -- one step
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int,
+             phase: Phase) -> dict | None:
+        """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
+        lr = learning_rate(self.cfg, step)
+        set_learning_rate([opt for _, opt, _ in self.parts.values()], lr)
+        # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
+        flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
+        metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
+        return None if metrics is None else {"phase": phase.name, "lr": lr} | metrics
+
+    def _augment(self, images: Tensor, flips: Tensor, gen: torch.Generator, rank: int, world: int) -> Tensor:
+        size = self.cfg.image_size
+        boxes = crop_boxes(self.cfg.batch_size, size, size, scale=(self.cfg.crop_scale_min, 1.0),
+                           generator=gen)[rank::world]
+        images = resized_crop(images, boxes, (size, size))
+        return torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
+
+    def _classifier_step(self, logits_fn, labels: Tensor) -> dict | None:
+        with self.autocast():
+            loss = F.cross_entropy(logits_fn(), labels)
+        ok = apply_gradients([self.parts["classifier"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_cls": _num(loss)} if ok else None
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase) -> dict | None:
+        raise NotImplementedError
+
+    # -- evaluation
+    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """``(logits, per-image PSNR or None)`` of one evaluation batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_images(self, images: Tensor, gen: torch.Generator) -> dict:
+        """What the model makes of ``images [B, 3, S, S]``: ``logits`` (and, for GViT, ``g``,
+        ``rendered`` and ``psnr``)."""
+        if not self.reads_images:
+            raise ValueError(f"model={self.cfg.model} reads saved Gaussians, not images")
+        return {"logits": self.evaluate_batch(images, gen)[0]}
+
+
+class PatchViTStep(ModelStep):
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        torch.manual_seed(cfg.seed)
+        model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool).to(device)
+        self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        images = self._augment(inputs, flips, gen, rank, world)
+        return self._classifier_step(lambda: self.classifier(images), labels)
+
+    def evaluate_batch(self, inputs, gen):
+        return self.classifier(inputs.to(self.device)), None
+
+
+class OfflineStep(ModelStep):
+    reads_images = False
+
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        torch.manual_seed(cfg.seed)
+        if cfg.offline_input == "renders":
+            model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool)
+        else:
+            model = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
+        model = model.to(device)
+        self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
+
+    @staticmethod
+    def datasets(cfg):
+        return shard_datasets(cfg)
+
+    @staticmethod
+    def collate(cfg):
+        from ..data.shards import ShardDataset
+
+        return ShardDataset.collate
+
+    def logits(self, raw: Tensor, valid: Tensor) -> Tensor:
+        """The classifier on saved Gaussians, or the patch ViT on their renders at ``image_size``."""
+        raw, valid = raw.to(self.device), valid.to(self.device)
+        if self.cfg.offline_input == "gaussians":
+            return self.classifier(raw, valid)
+        with torch.no_grad():
+            g = replace(decode(raw.float(), self.cfg.scale_factor), valid=valid)
+            images = render(g, height=self.cfg.image_size, width=self.cfg.image_size).clamp(0, 1)
+        return self.classifier(images)
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        raw, valid = inputs
+        raw = flip_gaussians(raw, flips)
+        return self._classifier_step(lambda: self.logits(raw, valid), labels)
+
+    def evaluate_batch(self, inputs, gen):
+        return self.logits(*inputs), None
+
+
+class GViTStep(ModelStep):
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        self.model = build_gvit(cfg, num_classes).to(device)
+        self.parts["classifier"] = (self.model.classifier, adamw(cfg, self.model.classifier, cfg.layer_decay), "cls_opt")
+        self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
+
+    def phases(self) -> Phases:
+        cfg = self.cfg
+        if cfg.finetune_from:  # the classifier alone, on the frozen encoder's Gaussians
+            return cfg.phase_settings(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
+        return cfg.phase_settings(**({} if cfg.guidance else {"guidance_from": 1.0}))
+
+    def load_pretrained(self, state: dict, log=print) -> None:
+        """Encoder and classifier weights of a GViT checkpoint (``finetune_from``); the head only
+        when the classes match."""
+        if "encoder" not in state:
+            raise ValueError("finetune_from: the checkpoint has no Gaussian encoder (not a model=gvit run)")
+        self.model.encoder.load_state_dict(state["encoder"])
+        try:
+            if not self.model.classifier.load_backbone(state["classifier"]):
+                log(f"finetune: new head for {self.model.num_classes} classes")
+        except ValueError as exc:
+            raise ValueError(f"finetune_from: {exc}") from None
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        cfg, model = self.cfg, self.model
+        images = self._augment(inputs, flips, gen, rank, world)
+        g0 = model.sample_g0(cfg.batch_size, gen)
+        g0 = None if g0 is None else g0[rank::world]
+        kw = dict(pixel_loss=cfg.pixel_loss, lambda_perc=phase.lambda_perc)
+        encoder, classifier = self.parts["encoder"][:2], self.parts["classifier"][:2]
+        if phase.guidance:
+            encoder[1].zero_grad(set_to_none=True)
+            with self.autocast():
+                out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, **kw)
+            ok = apply_gradients([encoder], None, grad_clip=cfg.grad_clip)
+            return {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)} if ok else None
+        if not phase.train_encoder:  # classifier pre-training on the frozen encoder's Gaussians
+            with torch.no_grad(), self.autocast():
+                g = model.gaussians(images, g0)
+            return self._classifier_step(lambda: model.classifier(g), labels)
+        with self.autocast():
+            out = batch_losses(model, images, labels, g0, classify=phase.train_classifier, **kw)
+        loss, metrics, trained = out.reconstruction, {"loss_rec": _num(out.reconstruction)}, [encoder]
+        if out.classification is not None:
+            loss = loss + phase.lambda_cls * out.classification
+            metrics["loss_cls"] = _num(out.classification)
+            trained.append(classifier)
+        return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
+
+    def evaluate_batch(self, inputs, gen):
+        out = self.model.predict(inputs, generator=gen)
+        return out["logits"], out["psnr"]
+
+    def predict_images(self, images, gen):
+        return self.model.predict(images, generator=gen)
+
+
+def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
+    """The :class:`GViT` a config describes (weights seeded by ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    classifier = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
+    encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
+                              learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
+                              image_colors=cfg.image_colors, scale_factor=cfg.scale_factor)
+    return GViT(encoder, classifier, g0_layout=cfg.g0_layout)
+
+
+MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep}
+
+
+def model_kind(cfg: TrainConfig) -> type[ModelStep]:
+    """The kind of ``cfg.model`` (the one place that maps a model name to what it is)."""
+    return MODEL_KINDS[cfg.model]
+
+
+def model_step(cfg: TrainConfig, num_classes: int, device) -> ModelStep:
+    """A fresh step object (models and optimisers) of ``cfg.model``."""
+    return model_kind(cfg)(cfg, num_classes, torch.device(device))

@@ -1,0 +1,92 @@
+"""The layout's promises: GViT owns encoder, classifier and g0; models declare their parameter
+groups; set operations; no private imports across modules; module sizes."""
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+from gvit.gaussians import Gaussians, concat, pad
+from gvit.models import GaussianClassifier, GaussianEncoder, GViT, PatchViT
+from gvit.train import param_groups
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gvit"
+
+
+def _gvit(**kw):
+    torch.manual_seed(0)
+    return GViT(GaussianEncoder(16, 4, 12, "micro", **kw), GaussianClassifier(12, 5, "micro"), g0_layout="grid")
+
+
+def test_gvit_owns_g0_and_gives_gaussians_renders_and_logits():
+    model = _gvit().eval()
+    images = torch.rand(3, 3, 16, 16)
+    a = model.predict(images, generator=torch.Generator().manual_seed(1))
+    b = model.predict(images, generator=torch.Generator().manual_seed(1))
+    assert a["g"].shape == (3, 12, 9) and a["logits"].shape == (3, 5) and a["rendered"].shape == (3, 3, 16, 16)
+    assert torch.equal(a["g"], b["g"]) and torch.equal(a["logits"], b["logits"])  # the seed fixes g0
+    g0 = model.sample_g0(3, torch.Generator().manual_seed(1))
+    assert torch.equal(model.gaussians(images, g0), a["g"])  # an untrained encoder returns g0 (zero-init head)
+    assert torch.allclose(a["logits"], model(images, g0))
+    assert 0 <= float(a["rendered"].min()) and float(a["rendered"].max()) <= 1 and a["psnr"].shape == (3,)
+    assert _gvit(learned_queries=True).sample_g0(3) is None
+    with pytest.raises(ValueError, match="k = 12.*k = 8"):
+        GViT(GaussianEncoder(16, 4, 12, "micro"), GaussianClassifier(8, 5, "micro"))
+
+
+def test_models_declare_no_decay_and_layer_ids():
+    model = PatchViT(16, 4, 3, "micro")  # depth 2
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"} and model.num_layers == 4
+    assert model.layer_id("patch_embed.proj.weight") == 0 and model.layer_id("transformer.blocks.1.attn.qkv.weight") == 2
+    assert model.layer_id("head.weight") == 3 and model.last_attention is model.transformer.blocks[-1].attn
+    encoder = GaussianEncoder(16, 4, 12, "micro", learned_queries=True)
+    assert "queries" in encoder.no_weight_decay()
+    groups = param_groups(encoder, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(encoder.queries) not in decayed and id(encoder.patch_embed.proj.weight) in decayed
+
+
+def test_load_backbone_keeps_a_new_head_when_the_classes_differ():
+    a, b, c = GaussianClassifier(8, 3, "micro"), GaussianClassifier(8, 5, "micro"), GaussianClassifier(8, 3, "micro")
+    head = b.head.weight.clone()
+    assert b.load_backbone(a.state_dict()) is False and torch.equal(b.head.weight, head)
+    assert torch.equal(b.embed.weight, a.embed.weight)
+    assert c.load_backbone(a.state_dict()) is True and torch.equal(c.head.weight, a.head.weight)
+    with pytest.raises(ValueError, match="do not fit"):
+        GaussianClassifier(8, 3, "tiny").load_backbone(a.state_dict())
+
+
+def test_concat_and_pad_keep_sets_and_masks():
+    def sets(b, k, valid=None):
+        return Gaussians(torch.rand(b, k, 2), torch.rand(b, k, 2) + 0.1, torch.rand(b, k), torch.rand(b, k, 3),
+                         torch.rand(b, k), valid)
+
+    x, y = sets(2, 4), sets(3, 4, torch.rand(3, 4) > 0.5)
+    both = concat([x, y])
+    assert both.batch_size == 5 and both.valid[:2].all() and torch.equal(both.valid[2:], y.valid)
+    assert concat([x, x]).valid is None
+    wide = pad(y, 6)
+    assert wide.num_gaussians == 6 and not wide.valid[:, 4:].any() and torch.equal(wide.means[:, :4], y.means)
+    with pytest.raises(ValueError, match="pad"):
+        pad(y, 3)
+
+
+def _modules():
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            # ``from . import _part`` (a package's own private submodule) is fine; ``from .x import _y`` is not
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module is not None:
+                offenders += [f"{path.relative_to(PACKAGE)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert offenders == []
+
+
+def test_modules_stay_small_except_the_numba_kernels():
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in _modules()}
+    assert {name: n for name, n in sizes.items() if n > 400 and not name.endswith("_kernels.py")} == {}
