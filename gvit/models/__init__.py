@@ -2,11 +2,13 @@
 an encoder, a classifier and g0 sampling (paper 2.2, Appendix A)."""
 
 from .encoder import STENCIL, GaussianEncoder, sample_footprints
+from .features import fourier_features, log_covariance, splat_features
 from .gvit import GViT
 from .layers import (SIZES, Attention, Block, Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size,
                      init_weights)
+from .refiner import RefinementEncoder
 from .vit import GaussianClassifier, PatchViT, TokenViT
 
 __all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
            "TransformerModel", "TokenViT", "PatchViT", "GaussianClassifier", "GaussianEncoder", "sample_footprints",
-           "STENCIL", "GViT"]
+           "STENCIL", "GViT", "RefinementEncoder", "splat_features", "log_covariance", "fourier_features"]

@@ -15,17 +15,18 @@ from ..gaussians import G0_LAYOUTS, Gaussians, decode, sample_initial
 from ..losses import psnr
 from ..render import render
 from .encoder import GaussianEncoder
+from .refiner import RefinementEncoder
 from .vit import GaussianClassifier
 
 __all__ = ["GViT"]
 
 
 class GViT(nn.Module):
-    """``encoder`` (:class:`GaussianEncoder`) + ``classifier`` (:class:`GaussianClassifier`) with the
+    """``encoder`` (:class:`GaussianEncoder` or :class:`RefinementEncoder`) + ``classifier`` (:class:`GaussianClassifier`) with the
     same k; ``g0_layout`` is how g0's means are drawn (see :func:`gvit.gaussians.sample_initial`).
     g0 is drawn on the CPU from the given generator (so a seed gives the same g0 on any device)."""
 
-    def __init__(self, encoder: GaussianEncoder, classifier: GaussianClassifier, *, g0_layout: str = "uniform"):
+    def __init__(self, encoder: GaussianEncoder | RefinementEncoder, classifier: GaussianClassifier, *, g0_layout: str = "uniform"):
         super().__init__()
         if encoder.num_gaussians != classifier.num_gaussians:
             raise ValueError(f"GViT: the encoder predicts k = {encoder.num_gaussians} Gaussians but the classifier "
@@ -33,6 +34,9 @@ class GViT(nn.Module):
         if g0_layout not in G0_LAYOUTS:
             raise ValueError(f"g0_layout must be one of {', '.join(G0_LAYOUTS)}, got {g0_layout!r}")
         self.encoder, self.classifier, self.g0_layout = encoder, classifier, g0_layout
+
+    def _device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
 
     @property
     def num_gaussians(self) -> int:
@@ -51,7 +55,7 @@ class GViT(nn.Module):
         if self.encoder.learned_queries:
             return None
         g0 = sample_initial(n, self.num_gaussians, layout=self.g0_layout, generator=generator)
-        return g0.to(self.encoder.pos_embed.device)
+        return g0.to(self._device())
 
     def gaussians(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
         """Raw Gaussians ``[B, k, 9]`` of ``images``; g0 is drawn from ``generator`` when not given."""
@@ -74,7 +78,7 @@ class GViT(nn.Module):
     def predict(self, images: Tensor, *, generator: torch.Generator | None = None) -> dict:
         """``logits``, raw Gaussians ``g``, the clamped render ``rendered`` and per-image ``psnr``
         of ``images`` (moved to the model's device)."""
-        images = images.to(self.encoder.pos_embed.device)
+        images = images.to(self._device())
         g = self.gaussians(images, generator=generator)
         rendered = self.reconstruct(g, *images.shape[-2:]).clamp(0, 1)
         return {"logits": self.classifier(g), "g": g, "rendered": rendered, "psnr": psnr(rendered, images)}

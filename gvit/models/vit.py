@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..gaussians import RAW_DIM
-from .layers import PatchEmbed, Transformer, TransformerModel, ViTSize, get_size, init_weights
+from .features import splat_feature_dim, splat_features
+from .layers import Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size, init_weights
 
 __all__ = ["TokenViT", "PatchViT", "GaussianClassifier"]
 
@@ -64,7 +65,7 @@ class TokenViT(TransformerModel):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
 
-    def features(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    def features_of(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         """Pooled features ``[B, width]`` from embedded tokens ``[B, N, width]``."""
         x = tokens
         if self.cls_token is not None:
@@ -93,23 +94,34 @@ class PatchViT(TokenViT):
         self._init_tokens()
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(self.patch_embed(images)))
+        return self.head(self.features_of(self.patch_embed(images)))
 
 
 class GaussianClassifier(TokenViT):
     """ViT over Gaussian tokens: ``[B, k, 9]`` (+ optional ``valid`` ``[B, k]``) -> logits.
 
-    Each Gaussian's 9 values are projected linearly to the width (the projection between the
-    encoder's output and the classifier of Appendix A). Invalid slots are masked out of attention
+    ``features="raw"``: each Gaussian's 9 raw values are projected linearly to the width (the
+    projection between the encoder's output and the classifier of Appendix A).
+    ``features="splat"``: an MLP on :func:`gvit.models.features.splat_features` (Fourier features of
+    the centre, log-covariance, colour, opacity; decoded with ``scale_factor``), so tokens start
+    from geometry and appearance rather than raw values. Invalid slots are masked out of attention
     and pooling, so padding does not change the output.
     """
 
     def __init__(self, num_gaussians: int, num_classes: int, size: str | ViTSize = "tiny", pool: str = "cls",
-                 in_dim: int = RAW_DIM):
+                 in_dim: int = RAW_DIM, *, features: str = "raw", frequencies: int = 6, scale_factor: float = 1.0):
         size = get_size(size)
         super().__init__(num_gaussians, num_classes, size, pool)
-        self.num_gaussians, self.in_dim = num_gaussians, in_dim
-        self.embed = nn.Linear(in_dim, size.width)
+        if features not in ("raw", "splat"):
+            raise ValueError(f"features must be 'raw' or 'splat', got {features!r}")
+        if features == "splat" and in_dim != RAW_DIM:
+            raise ValueError(f"splat features need raw Gaussians ({RAW_DIM} values), got in_dim={in_dim}")
+        self.num_gaussians, self.in_dim, self.features = num_gaussians, in_dim, features
+        self.frequencies, self.scale_factor = frequencies, scale_factor
+        if features == "raw":
+            self.embed = nn.Linear(in_dim, size.width)
+        else:
+            self.embed = Mlp(splat_feature_dim(frequencies), size.width, size.width)
         init_weights(self)
         self._init_tokens()
 
@@ -117,4 +129,5 @@ class GaussianClassifier(TokenViT):
         if gaussians.ndim != 3 or gaussians.shape[1:] != (self.num_gaussians, self.in_dim):
             raise ValueError(f"gaussians: expected [B, {self.num_gaussians}, {self.in_dim}], "
                              f"got {tuple(gaussians.shape)}")
-        return self.head(self.features(self.embed(gaussians), valid))
+        x = gaussians if self.features == "raw" else splat_features(gaussians, self.scale_factor, self.frequencies)
+        return self.head(self.features_of(self.embed(x), valid))

@@ -21,6 +21,7 @@ __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_over
 
 MODELS = ("gvit", "patch_vit", "offline")  # what each is: gvit.train.steps.MODEL_KINDS
 OFFLINE_INPUTS = ("gaussians", "renders")
+ENCODERS = ("denoise", "refine")
 
 
 @dataclass
@@ -37,7 +38,16 @@ class TrainConfig(Phases):
     num_workers: int = setting(0, "data loader worker processes")
     # model
     model: str = setting("gvit", "model kind", MODELS)
-    encoder_size: str = setting("tiny", "size of the Gaussian encoder", SIZES)
+    encoder: str = setting("denoise", "Gaussian encoder: the paper's denoising ViT over patches and g0 tokens, or "
+                                      "the refinement encoder (CNN features and residuals read at each Gaussian, "
+                                      "refine_rounds rounds)", ENCODERS)
+    encoder_size: str = setting("tiny", "size of the Gaussian encoder (refine: width and heads of each round)", SIZES)
+    refine_rounds: int = setting(3, "encoder=refine: refinement rounds")
+    refine_depth: int = setting(2, "encoder=refine: transformer blocks per round")
+    refine_residual: bool = setting(True, "encoder=refine: each round also reads the current render's residual")
+    token_features: str = setting("raw", "Gaussian classifier tokens: a linear map of the raw 9 values, or an MLP on "
+                                         "splat features (Fourier centre, log-covariance, colour, opacity)",
+                                  ("raw", "splat"))
     classifier_size: str = setting("tiny", "size of the classifier", SIZES)
     patch: int = setting(4, "patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder")
     encoder_patch: int | None = setting(None, "patch size of the Gaussian encoder")
@@ -84,7 +94,7 @@ class TrainConfig(Phases):
     def __post_init__(self) -> None:
         validate_fields(self)
         positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
-                    "max_bad_steps")
+                    "max_bad_steps", "refine_rounds", "refine_depth")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
@@ -108,6 +118,9 @@ class TrainConfig(Phases):
             raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
+        if self.encoder == "refine" and (self.learned_queries or self.sample_image or self.image_colors):
+            raise ValueError("config: encoder=refine reads the image itself; learned_queries, sample_image and "
+                             "image_colors belong to encoder=denoise")
         for key in ("sample_image", "image_colors"):
             if getattr(self, key) and self.learned_queries:
                 raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..data.transforms import crop_boxes, resized_crop
 from ..gaussians import decode
 from ..guidance import Phase, Phases, batch_losses, guidance_backward
-from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT
+from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder
 from ..render import render
 from .config import TrainConfig
 from .data import flip_gaussians, image_collate, image_datasets, shard_datasets
@@ -154,7 +154,7 @@ class OfflineStep(ModelStep):
         if cfg.offline_input == "renders":
             model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool)
         else:
-            model = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
+            model = gaussian_classifier(cfg, num_classes)
         model = model.to(device)
         self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
 
@@ -249,11 +249,20 @@ class GViTStep(ModelStep):
 def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
     """The :class:`GViT` a config describes (weights seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
-    classifier = GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool)
-    encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
-                              learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
-                              image_colors=cfg.image_colors, scale_factor=cfg.scale_factor)
+    classifier = gaussian_classifier(cfg, num_classes)
+    if cfg.encoder == "refine":
+        encoder = RefinementEncoder(cfg.image_size, cfg.num_gaussians, cfg.encoder_size, rounds=cfg.refine_rounds,
+                                    depth=cfg.refine_depth, residual=cfg.refine_residual, scale_factor=cfg.scale_factor)
+    else:
+        encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
+                                  learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
+                                  image_colors=cfg.image_colors, scale_factor=cfg.scale_factor)
     return GViT(encoder, classifier, g0_layout=cfg.g0_layout)
+
+
+def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifier:
+    return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
+                              features=cfg.token_features, scale_factor=cfg.scale_factor)
 
 
 MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep}
