@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 
 __all__ = ["setting", "coerce", "from_mapping", "parse_overrides", "apply_overrides", "load_settings",
-           "add_arguments", "from_arguments", "help_of", "choices_of", "validate_fields"]
+           "add_arguments", "from_arguments", "validate_fields"]
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
@@ -34,14 +34,6 @@ def setting(default, help: str, choices: typing.Iterable | None = None):
     """A dataclass field with its help and (optionally) allowed values."""
     meta = {"help": help, "choices": None if choices is None else tuple(choices)}
     return dataclasses.field(default=default, metadata=meta)
-
-
-def help_of(cls, key: str) -> str:
-    return next(f.metadata.get("help", key) for f in dataclasses.fields(cls) if f.name == key)
-
-
-def choices_of(cls, key: str) -> tuple | None:
-    return next(f.metadata.get("choices") for f in dataclasses.fields(cls) if f.name == key)
 
 
 def _split_optional(kind) -> tuple[type, bool]:

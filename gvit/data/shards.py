@@ -19,7 +19,7 @@ from torch import Tensor
 from ..files import write_json
 from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians
 
-__all__ = ["SHARD_FORMAT", "DTYPES", "shard_name", "write_shard", "read_shard", "write_manifest", "read_manifest",
+__all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "write_shard", "read_shard", "write_manifest", "read_manifest",
            "load_shards", "ShardDataset"]
 
 SHARD_FORMAT, SHARD_VERSION = "gvit.gaussian-shards", "1"
@@ -30,7 +30,8 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _dtype(name: str) -> tuple[torch.dtype, int]:
+def storage_dtype(name: str) -> tuple[torch.dtype, int]:
+    """``(torch dtype, bytes per value)`` of a storage dtype name (ValueError naming the allowed ones)."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
@@ -45,7 +46,7 @@ def write_shard(folder: str | os.PathLike, index: int, gaussians: Gaussians, lab
     meta = {"height": height, "width": width, "shard": index, "indices": json.dumps([int(i) for i in indices]),
             "skipped": json.dumps(skipped or []), "psnr": json.dumps([round(float(v), 3) for v in psnr]),
             "scale_factor": scale_factor, **metadata}
-    save_gaussians(path, compact(gaussians), labels=labels, dtype=_dtype(dtype)[0], metadata=meta)
+    save_gaussians(path, compact(gaussians), labels=labels, dtype=storage_dtype(dtype)[0], metadata=meta)
     return path
 
 
@@ -77,7 +78,7 @@ def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *
     manifest = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "shards": [shard_name(s) for s in range(num_shards)],
                 "num_images": int(len(counts)), "height": h, "width": w, "classes": classes,
                 "mean_count": float(counts.mean()), "mean_psnr": sum(psnrs) / len(psnrs),
-                "compression_vs_8bit": float(compression_ratio(counts, h, w, bytes_per_value=_dtype(dtype)[1]).mean()),
+                "compression_vs_8bit": float(compression_ratio(counts, h, w, bytes_per_value=storage_dtype(dtype)[1]).mean()),
                 "skipped": skipped, "settings": settings, **extra}
     write_json(folder / "manifest.json", manifest)
     return manifest

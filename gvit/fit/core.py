@@ -76,14 +76,12 @@ class FitConfig:
             if not ok:
                 raise ValueError(f"fit config: {name} must be {what}, got {getattr(self, name)!r}")
 
-        need(isinstance(self.num_gaussians, int) and self.num_gaussians >= 1, "num_gaussians", "an int >= 1")
-        need(isinstance(self.iters, int) and self.iters >= 0, "iters", "an int >= 0")
-        need(self.init in INITS, "init", f"one of {', '.join(INITS)}")
-        need(self.loss in RECONSTRUCTION_LOSSES, "loss", f"one of {', '.join(RECONSTRUCTION_LOSSES)}")
-        need(self.mode in MODES, "mode", f"one of {', '.join(MODES)}")
+        # types, finiteness and the declared choices (init, loss, mode, backend) are checked by validate_fields
+        need(self.num_gaussians >= 1, "num_gaussians", "an int >= 1")
+        need(self.iters >= 0, "iters", "an int >= 0")
         for name in ("dssim_weight", "l1_opacity", "lr_position", "lr_scale", "lr_angle", "lr_color",
                      "lr_opacity"):
-            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "a finite number >= 0")
+            need(getattr(self, name) >= 0, name, "a finite number >= 0")
         need(0 <= self.warmup < 1, "warmup", "in [0, 1)")
         need(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
         need(0 <= self.prune_at <= 1, "prune_at", "in [0, 1]")

@@ -65,9 +65,10 @@ class GViT(nn.Module):
 
     def reconstruct(self, g: Tensor, height: int, width: int) -> Tensor:
         """The render ``[B, 3, H, W]`` of raw Gaussians (in float32, also under bf16 autocast; not clamped)."""
-        return render(decode(g.float(), self.scale_factor), height=height, width=width)
+        return render(self.decode(g), height=height, width=width)
 
     def decode(self, g: Tensor) -> Gaussians:
+        """Raw Gaussians decoded (in float32) with the encoder's scale factor."""
         return decode(g.float(), self.scale_factor)
 
     def forward(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:

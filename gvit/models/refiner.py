@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..gaussians import ANGLE, COLOR, OPACITY, POS, RAW_DIM, SCALE, decode
+from ..gaussians import ANGLE, COLOR, OPACITY, RAW_DIM, SCALE, decode
 from ..render import render
 from .encoder import STENCIL, sample_footprints
 from .layers import Mlp, Transformer, TransformerModel, ViTSize, get_size, init_weights
@@ -82,7 +82,7 @@ class RefinementEncoder(TransformerModel):
         h, w = images.shape[-2:]
         spacing = 2.0 / math.sqrt(k * h / w), 2.0 / math.sqrt(k * w / h)  # (x, y) spacing of k near-square cells
         scales = (0.6 * torch.tensor(spacing, dtype=g0.dtype, device=g0.device)).clamp(max=0.9 * self.scale_factor)
-        means = torch.tanh(g0[..., POS])
+        means = decode(g0, self.scale_factor).means
         colors = nn.functional.grid_sample(images, means[:, :, None, :].to(images.dtype), mode="bilinear",
                                            padding_mode="border", align_corners=False)[..., 0].transpose(1, 2)
         raw = g0.clone()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..data import ImageReadError, open_dataset, spread_indices
-from ..data.shards import DTYPES, shard_name, write_manifest, write_shard
+from ..data.shards import shard_name, storage_dtype, write_manifest, write_shard
 from ..distributed import barrier, launched_world, share_threads
 from ..files import record_settings
 from ..fit import FitConfig, fit_gaussians
@@ -34,8 +34,7 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     Unreadable images raise (naming the file), or with ``skip_bad`` are left out and listed in
     their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    storage_dtype(dtype)  # refuse an unknown dtype before any work
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
     dataset = open_dataset(data, split)

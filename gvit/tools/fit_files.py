@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
-from ..data.shards import DTYPES
+from ..data.shards import storage_dtype
 from ..fit import FitConfig, compression_ratio, fit_gaussians
 from ..gaussians import compact, save_gaussians
 from ..progress import progress_bar
@@ -26,12 +26,6 @@ from .artifacts import write_csv
 __all__ = ["collect_images", "fit_files", "METRIC_FIELDS"]
 
 METRIC_FIELDS = ("name", "file", "height", "width", "count", "psnr", "ssim", "bytes", "compression", "seconds", "iters")
-
-
-def _dtype(name: str):
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, str]]:
@@ -84,7 +78,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     summary instead. Images whose Gaussian file exists are skipped unless ``overwrite``. Returns a
     summary dict (counts, mean PSNR, skipped files, seconds).
     """
-    torch_dtype, nbytes = _dtype(dtype)
+    torch_dtype, nbytes = storage_dtype(dtype)
     out = Path(out)
     jobs = collect_images(inputs)
     if not jobs:

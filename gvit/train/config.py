@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases
 from ..losses import RECONSTRUCTION_LOSSES
 from ..models import SIZES
-from ..settings import apply_overrides, load_settings, setting, validate_fields
+from ..settings import apply_overrides, from_mapping, load_settings, setting, validate_fields
 
 __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
 
@@ -144,8 +144,6 @@ class TrainConfig(Phases):
         """``epochs`` turned into ``steps`` for a training set of ``train_images`` images."""
         if self.epochs is None:
             return self
-        from dataclasses import replace
-
         return replace(self, steps=max(1, math.ceil(self.epochs * train_images / self.batch_size)), epochs=None)
 
     def to_dict(self) -> dict:
@@ -160,6 +158,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def config_from_dict(values: dict, *, where: str = "checkpoint") -> TrainConfig:
     """The config saved in a checkpoint (unknown keys or bad values name ``where``)."""
-    from ..settings import from_mapping
-
     return from_mapping(TrainConfig, values, where=f"{where} config")

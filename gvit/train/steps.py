@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.shards import ShardDataset
 from ..data.transforms import crop_boxes, resized_crop
 from ..gaussians import decode
 from ..guidance import Phase, Phases, batch_losses, guidance_backward
@@ -164,8 +165,6 @@ class OfflineStep(ModelStep):
 
     @staticmethod
     def collate(cfg):
-        from ..data.shards import ShardDataset
-
         return ShardDataset.collate
 
     def logits(self, raw: Tensor, valid: Tensor) -> Tensor:
