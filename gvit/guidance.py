@@ -113,6 +113,7 @@ class BatchLosses:
     g: Tensor
     rendered: Tensor
     logits: Tensor | None
+    stats: dict | None = None
 
 
 def batch_losses(model: nn.Module, images: Tensor, labels: Tensor | None, g0: Tensor | None, *,
@@ -135,10 +136,14 @@ def _losses_of(model: nn.Module, g: Tensor, images: Tensor, labels: Tensor | Non
 
 
 def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float,
-                      pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
+                      pixel_loss: str = "bce", lambda_perc: float = 0.0, measure: bool = False) -> BatchLosses:
     """Add grad_rec + gamma * grad_cls to the encoder's ``.grad`` of a :class:`gvit.models.GViT`
     (zero it first) with the classifier frozen (its parameters get no gradient). Non-finite values
-    are left for the caller's guard to see."""
+    are left for the caller's guard to see.
+
+    With ``measure`` the two parts are pulled back separately (one more encoder backward) and
+    ``losses.stats`` holds the L2 norms over the encoder's parameters of ``grad_rec`` and of
+    ``gamma * grad_cls`` and their cosine (``guide_rec_norm``, ``guide_cls_norm``, ``guide_cos``)."""
     frozen = [p for p in model.classifier.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -153,6 +158,18 @@ def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tens
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    g.backward(d_rec + gamma * d_cls)
+    if not measure:
+        g.backward(d_rec + gamma * d_cls)
+        losses.g = g
+        return losses
+    params = [p for p in model.encoder.parameters() if p.requires_grad]
+    before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    g.backward(d_rec, retain_graph=True)
+    rec = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b for p, b in zip(params, before)]
+    g.backward(gamma * d_cls)
+    cls = [(p.grad if p.grad is not None else torch.zeros_like(b)) - b - r for p, b, r in zip(params, before, rec)]
+    rec_flat, cls_flat = torch.cat([r.flatten().float() for r in rec]), torch.cat([c.flatten().float() for c in cls])
+    losses.stats = {"guide_rec_norm": float(rec_flat.norm()), "guide_cls_norm": float(cls_flat.norm()),
+                    "guide_cos": float(F.cosine_similarity(rec_flat, cls_flat, dim=0))}
     losses.g = g
     return losses

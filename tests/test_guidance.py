@@ -93,3 +93,45 @@ def test_guidance_gradient_is_rec_plus_gamma_cls():
 def test_moving_classifier_from_alone_keeps_pretraining_off():
     names = {Phases(classifier_from=0.5).at(s, 10).name for s in range(10)}
     assert "classifier-pretrain" not in names and Phases(classifier_from=0.5).at(5, 10).name == "joint"
+
+
+def test_measured_guidance_gives_the_same_gradient_and_the_norms_of_its_parts():
+    model, images, labels, g0 = _setup(2)
+    params = list(model.encoder.parameters())
+    out = batch_losses(model, images, labels, g0)
+    g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True, allow_unused=True)
+    g_cls = torch.autograd.grad(out.classification, params, allow_unused=True)
+    flat = lambda gs: torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+    rec, cls = flat(g_rec), 0.3 * flat(g_cls)
+    plain = guidance_backward(model, images, labels, g0, gamma=0.3)
+    total = [p.grad.clone() for p in params]
+    model.encoder.zero_grad(set_to_none=True)
+    measured = guidance_backward(model, images, labels, g0, gamma=0.3, measure=True)
+    assert plain.stats is None
+    assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(total, params))  # same update
+    stats = measured.stats
+    assert stats["guide_rec_norm"] == pytest.approx(float(rec.norm()), rel=1e-4)
+    assert stats["guide_cls_norm"] == pytest.approx(float(cls.norm()), rel=1e-4)
+    assert stats["guide_cos"] == pytest.approx(float(torch.nn.functional.cosine_similarity(rec, cls, dim=0)), abs=1e-4)
+
+
+def test_training_logs_every_guidance_step_with_its_measurements(tmp_path):
+    import json
+
+    from gvit.train import TrainConfig, train
+
+    cfg = TrainConfig(data="shapes:64", limit_eval=16, encoder_size="micro", classifier_size="micro", image_size=16,
+                      num_gaussians=16, batch_size=16, steps=12, log_every=100, guidance_from=0.5, guidance_every=2,
+                      measure_guidance=True, out=str(tmp_path / "run"))
+    train(cfg, progress=False)
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    guided = [m for m in lines if m["phase"] == "guidance"]
+    assert [m["step"] for m in guided] == [8, 10, 12]
+    plain = TrainConfig(**{**cfg.to_dict(), "measure_guidance": False, "out": str(tmp_path / "plain")})
+    train(plain, progress=False)
+    plain_lines = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert [m["step"] for m in plain_lines if m["phase"] == "guidance"] == [8, 10, 12]  # logged, not measured
+    assert not any(key.startswith("guide_") for m in plain_lines for key in m)
+    for m in guided:
+        assert m["guide_rec_norm"] > 0 and m["guide_cls_norm"] > 0 and -1 <= m["guide_cos"] <= 1
+        assert m["guide_shift_px"] > 0 and m["guide_color"] >= 0 and "guide_dloss_cls" in m

@@ -6,9 +6,11 @@ from .features import fourier_features, log_covariance, splat_features
 from .gvit import GViT
 from .layers import (SIZES, Attention, Block, Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size,
                      init_weights)
+from .neighbours import NeighbourLayer, edge_features, nearest_neighbours
 from .refiner import RefinementEncoder
 from .vit import GaussianClassifier, PatchViT, TokenViT
 
 __all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
            "TransformerModel", "TokenViT", "PatchViT", "GaussianClassifier", "GaussianEncoder", "sample_footprints",
-           "STENCIL", "GViT", "RefinementEncoder", "splat_features", "log_covariance", "fourier_features"]
+           "STENCIL", "GViT", "RefinementEncoder", "splat_features", "log_covariance", "fourier_features",
+           "NeighbourLayer", "nearest_neighbours", "edge_features"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..gaussians import RAW_DIM
+from ..gaussians import RAW_DIM, decode
 from .features import splat_feature_dim, splat_features
+from .neighbours import NeighbourLayer, edge_features, nearest_neighbours
 from .layers import Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size, init_weights
 
 __all__ = ["TokenViT", "PatchViT", "GaussianClassifier"]
@@ -104,24 +105,33 @@ class GaussianClassifier(TokenViT):
     projection between the encoder's output and the classifier of Appendix A).
     ``features="splat"``: an MLP on :func:`gvit.models.features.splat_features` (Fourier features of
     the centre, log-covariance, colour, opacity; decoded with ``scale_factor``), so tokens start
-    from geometry and appearance rather than raw values. Invalid slots are masked out of attention
-    and pooling, so padding does not change the output.
+    from geometry and appearance rather than raw values.
+    ``neighbours`` > 0: ``neighbour_layers`` EdgeConv layers (:mod:`gvit.models.neighbours`) give
+    each token its ``neighbours`` nearest Gaussians before the transformer (local shape first).
+    Invalid slots are masked out of attention, neighbourhoods and pooling, so padding does not
+    change the output.
     """
 
     def __init__(self, num_gaussians: int, num_classes: int, size: str | ViTSize = "tiny", pool: str = "cls",
-                 in_dim: int = RAW_DIM, *, features: str = "raw", frequencies: int = 6, scale_factor: float = 1.0):
+                 in_dim: int = RAW_DIM, *, features: str = "raw", frequencies: int = 6, scale_factor: float = 1.0,
+                 neighbours: int = 0, neighbour_layers: int = 2):
         size = get_size(size)
         super().__init__(num_gaussians, num_classes, size, pool)
         if features not in ("raw", "splat"):
             raise ValueError(f"features must be 'raw' or 'splat', got {features!r}")
         if features == "splat" and in_dim != RAW_DIM:
             raise ValueError(f"splat features need raw Gaussians ({RAW_DIM} values), got in_dim={in_dim}")
+        if neighbours < 0 or neighbour_layers < 0 or (neighbours and in_dim != RAW_DIM):
+            raise ValueError(f"neighbours and neighbour_layers must be >= 0 (and neighbours need raw Gaussians), "
+                             f"got {neighbours}, {neighbour_layers}, in_dim={in_dim}")
         self.num_gaussians, self.in_dim, self.features = num_gaussians, in_dim, features
         self.frequencies, self.scale_factor = frequencies, scale_factor
         if features == "raw":
             self.embed = nn.Linear(in_dim, size.width)
         else:
             self.embed = Mlp(splat_feature_dim(frequencies), size.width, size.width)
+        self.neighbours = neighbours
+        self.local = nn.ModuleList(NeighbourLayer(size.width) for _ in range(neighbour_layers if neighbours else 0))
         init_weights(self)
         self._init_tokens()
 
@@ -130,4 +140,11 @@ class GaussianClassifier(TokenViT):
             raise ValueError(f"gaussians: expected [B, {self.num_gaussians}, {self.in_dim}], "
                              f"got {tuple(gaussians.shape)}")
         x = gaussians if self.features == "raw" else splat_features(gaussians, self.scale_factor, self.frequencies)
-        return self.head(self.features_of(self.embed(x), valid))
+        x = self.embed(x)
+        if len(self.local):
+            g = decode(gaussians, self.scale_factor)
+            index, mask = nearest_neighbours(g.means, self.neighbours, valid)
+            edges = edge_features(g, index, spacing=2.0 / self.num_gaussians ** 0.5)
+            for layer in self.local:
+                x = layer(x, edges, index, mask)
+        return self.head(self.features_of(x, valid))

@@ -48,6 +48,9 @@ class TrainConfig(Phases):
     token_features: str = setting("raw", "Gaussian classifier tokens: a linear map of the raw 9 values, or an MLP on "
                                          "splat features (Fourier centre, log-covariance, colour, opacity)",
                                   ("raw", "splat"))
+    token_neighbours: int = setting(0, "Gaussian classifier: each token first reads its n nearest Gaussians through "
+                                       "neighbour_layers EdgeConv layers (0: off)")
+    neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
     classifier_size: str = setting("tiny", "size of the classifier", SIZES)
     patch: int = setting(4, "patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder")
     encoder_patch: int | None = setting(None, "patch size of the Gaussian encoder")
@@ -70,6 +73,8 @@ class TrainConfig(Phases):
     # losses and phases (the phase fractions and weights: see gvit.guidance.Phases)
     pixel_loss: str = setting("bce", "pixel term of the reconstruction loss", RECONSTRUCTION_LOSSES)
     guidance: bool = setting(True, "constructive guidance steps in the last phase")
+    measure_guidance: bool = setting(False, "log what each guidance step did (gradient norms, Gaussian shift, loss "
+                                            "changes); one more encoder backward and forward per guidance step")
     # optimisation (``epochs``, when set, replaces ``steps`` by ceil(epochs * train images / batch_size))
     steps: int = setting(1000, "optimisation steps")
     epochs: float | None = setting(None, "train for this many epochs instead of steps")
@@ -87,7 +92,7 @@ class TrainConfig(Phases):
     # run
     seed: int = setting(0, "seed of the weights, data order, augmentation and g0")
     out: str = setting("runs/train", "run folder (checkpoint.pt, metrics.jsonl, result.json)")
-    log_every: int = setting(20, "steps between metric lines")
+    log_every: int = setting(20, "steps between metric lines (every guidance step gets one too)")
     checkpoint_every: int = setting(200, "steps between checkpoints")
     device: str = setting("auto", "device", ("auto", "cpu", "cuda"))
 
@@ -102,6 +107,9 @@ class TrainConfig(Phases):
             value = getattr(self, key)
             if value is not None and (value < 1 or self.image_size % value):
                 raise ValueError(f"config: {key} must be >= 1 and divide image_size {self.image_size}, got {value}")
+        for key in ("token_neighbours", "neighbour_layers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)}")
         for key in ("limit_train", "limit_eval"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")

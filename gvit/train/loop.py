@@ -88,8 +88,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     step = start
     try:
         for step, (inputs, labels) in enumerate(loader, start=start):
-            metrics = run.step(step, inputs, labels, step_generator(cfg.seed, step), rank, world,
-                               phases.at(step, cfg.steps))
+            phase = phases.at(step, cfg.steps)
+            metrics = run.step(step, inputs, labels, step_generator(cfg.seed, step), rank, world, phase)
             if metrics is None:
                 bad_steps += 1
                 if bad_steps > cfg.max_bad_steps:
@@ -97,7 +97,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                         f"training stopped at step {step}: {bad_steps} steps had NaN/inf losses or gradients "
                         f"(skipped); lower gamma, base_lr or set grad_clip")
                 continue
-            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or phase.guidance):
                 metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), bad_steps=bad_steps)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")

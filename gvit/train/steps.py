@@ -219,11 +219,7 @@ class GViTStep(ModelStep):
         kw = dict(pixel_loss=cfg.pixel_loss, lambda_perc=phase.lambda_perc)
         encoder, classifier = self.parts["encoder"][:2], self.parts["classifier"][:2]
         if phase.guidance:
-            encoder[1].zero_grad(set_to_none=True)
-            with self.autocast():
-                out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, **kw)
-            ok = apply_gradients([encoder], None, grad_clip=cfg.grad_clip)
-            return {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)} if ok else None
+            return self._guidance_step(images, labels, g0, kw)
         if not phase.train_encoder:  # classifier pre-training on the frozen encoder's Gaussians
             with torch.no_grad(), self.autocast():
                 g = model.gaussians(images, g0)
@@ -236,6 +232,32 @@ class GViTStep(ModelStep):
             metrics["loss_cls"] = _num(out.classification)
             trained.append(classifier)
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
+
+    def _guidance_step(self, images, labels, g0, kw) -> dict | None:
+        """One guidance step. With ``measure_guidance`` its metrics also carry the gradient norms of
+        :func:`gvit.guidance.guidance_backward`, and on the same batch and g0 how far the step moved
+        the Gaussians (``guide_shift_px``: mean centre shift in pixels; ``guide_color``: mean absolute
+        colour change) and what it did to both losses (``guide_dloss_cls``, ``guide_dloss_rec``:
+        after - before)."""
+        cfg, model = self.cfg, self.model
+        encoder = self.parts["encoder"][:2]
+        encoder[1].zero_grad(set_to_none=True)
+        with self.autocast():
+            out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, measure=cfg.measure_guidance, **kw)
+        if not apply_gradients([encoder], None, grad_clip=cfg.grad_clip):
+            return None
+        metrics = {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)}
+        if not cfg.measure_guidance:
+            return metrics
+        with torch.no_grad(), self.autocast():
+            after = batch_losses(model, images, labels, g0, **kw)
+        old, new = model.decode(out.g.detach()), model.decode(after.g)
+        pixels = max(images.shape[-2:]) / 2  # normalised units -> pixels
+        return {**metrics, **out.stats,
+                "guide_shift_px": _num((new.means - old.means).norm(dim=-1).mean() * pixels),
+                "guide_color": _num((new.colors - old.colors).abs().mean()),
+                "guide_dloss_cls": _num(after.classification - out.classification),
+                "guide_dloss_rec": _num(after.reconstruction - out.reconstruction)}
 
     def evaluate_batch(self, inputs, gen):
         out = self.model.predict(inputs, generator=gen)
@@ -261,7 +283,8 @@ def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
 
 def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifier:
     return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
-                              features=cfg.token_features, scale_factor=cfg.scale_factor)
+                              features=cfg.token_features, scale_factor=cfg.scale_factor,
+                              neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers)
 
 
 MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep}

@@ -1,0 +1,100 @@
+"""Neighbour layers of the Gaussian classifier (gvit.models.neighbours)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gvit.gaussians import RAW_DIM, decode
+from gvit.models import GaussianClassifier, NeighbourLayer, edge_features, nearest_neighbours
+
+
+def _loop_neighbours(points, count, valid):
+    """Reference: sort every point's distances to the other valid points in a Python loop."""
+    b, k, _ = points.shape
+    out = []
+    for n in range(b):
+        rows = []
+        for i in range(k):
+            others = [(float(torch.dist(points[n, i], points[n, j])), j) for j in range(k) if j != i and valid[n, j]]
+            rows.append([j for _, j in sorted(others)[:count]])
+        out.append(rows)
+    return out
+
+
+def test_nearest_neighbours_match_a_sorted_loop_and_skip_invalid_points():
+    torch.manual_seed(0)
+    points = torch.rand(2, 9, 2, dtype=torch.float64) * 2 - 1
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 6:] = False  # 6 valid points: 5 others each, fewer than the 7 asked for
+    index, mask = nearest_neighbours(points, 7, valid)
+    assert index.shape == mask.shape == (2, 9, 7)
+    ref = _loop_neighbours(points, 7, valid)
+    for n in range(2):
+        for i in range(9):
+            assert index[n, i][mask[n, i]].tolist() == ref[n][i]
+    assert mask[0].all() and mask[1].sum(-1).tolist() == [5] * 6 + [6] * 3  # invalid points still see the 6 valid
+    index, mask = nearest_neighbours(points[:, :3], 5)  # more neighbours asked for than points exist
+    assert index.shape == (2, 3, 5) and mask.sum(-1).eq(2).all()
+    with pytest.raises(ValueError, match="count"):
+        nearest_neighbours(points, 0)
+
+
+def test_neighbour_layer_matches_a_float64_per_point_reference():
+    torch.manual_seed(1)
+    layer = NeighbourLayer(8).double()
+    raw = torch.randn(2, 7, RAW_DIM, dtype=torch.float64)
+    g = decode(raw)
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    index, mask = nearest_neighbours(g.means, 3)
+    edges = edge_features(g, index, spacing=0.5)
+    out = layer(x, edges, index, mask)
+    h = layer.norm(x)
+    a_w, b_w = layer.node.weight.chunk(2, 0)
+    a_b, b_b = layer.node.bias.chunk(2, 0)
+    for n in range(2):
+        for i in range(7):
+            messages = []
+            for j in index[n, i].tolist():
+                dc = g.colors[n, j] - g.colors[n, i]
+                e = torch.cat([(g.means[n, j] - g.means[n, i]) / 0.5, dc, dc.abs()])
+                pre = a_w @ h[n, i] + a_b + b_w @ (h[n, j] - h[n, i]) + layer.edge.weight @ e
+                messages.append(layer.out.weight @ F.gelu(pre) + layer.out.bias)
+            ref = x[n, i] + torch.stack(messages).amax(0)
+            assert torch.allclose(out[n, i], ref, atol=1e-12)
+
+
+def test_neighbour_layer_is_permutation_equivariant_and_a_lone_point_passes_through():
+    torch.manual_seed(2)
+    layer = NeighbourLayer(8)
+    raw = torch.randn(1, 10, RAW_DIM)
+    x = torch.randn(1, 10, 8)
+
+    def run(raw, x, valid=None):
+        g = decode(raw)
+        index, mask = nearest_neighbours(g.means, 4, valid)
+        return layer(x, edge_features(g, index, 0.3), index, mask)
+
+    perm = torch.randperm(10)
+    assert torch.allclose(run(raw, x)[:, perm], run(raw[:, perm], x[:, perm]), atol=1e-6)
+    valid = torch.zeros(1, 10, dtype=torch.bool)
+    valid[0, 3] = True  # one valid point has no neighbours: unchanged, finite gradients
+    x.requires_grad_(True)
+    out = run(raw, x, valid)
+    assert torch.allclose(out[0, 3], x[0, 3])
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_classifier_with_neighbours_ignores_padding_and_trains_the_layers():
+    torch.manual_seed(3)
+    model = GaussianClassifier(8, 3, "micro", pool="mean", features="splat", neighbours=3).eval()
+    g = torch.randn(2, 8, RAW_DIM)
+    valid = torch.tensor([[True] * 5 + [False] * 3] * 2)
+    other = g.clone()
+    other[:, 5:] = torch.randn(2, 3, RAW_DIM) * 5
+    assert torch.allclose(model(g, valid), model(other, valid), atol=1e-5)
+    model(g).sum().backward()
+    assert all(layer.edge.weight.grad.abs().sum() > 0 for layer in model.local)
+    assert len(GaussianClassifier(8, 3, "micro", neighbours=0).local) == 0
+    with pytest.raises(ValueError, match="neighbours"):
+        GaussianClassifier(8, 3, "micro", neighbours=-1)
