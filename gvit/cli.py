@@ -29,10 +29,13 @@ def _score(result: dict) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_demo
 
-    summary = run_demo(args.out, args.overrides, resume=args.resume, progress=not args.quiet)
+    summary = run_demo(args.out, args.overrides, resume=args.resume, baseline=not args.no_baseline,
+                       progress=not args.quiet)
     if "top1" not in summary:
         return 0
     print(f"{summary['model']} on {summary['data']}: {_score(summary)}, trained in {summary['train_seconds']:.0f} s")
+    for name, r in summary.get("compare", {}).items():
+        print(f"{name}: top-1 {100 * r['top1']:.2f}%, trained in {r['train_seconds']:.0f} s")
     print(f"wrote {Path(args.out) / 'report.html'} (examples.png, curves.png, report.json)")
     return 0
 
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    demo.add_argument("--no-baseline", action="store_true", help="skip the patch ViT trained with the same budget")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_demo)
 

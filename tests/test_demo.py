@@ -44,22 +44,31 @@ def test_demo_rejects_bad_arguments(capsys):
     assert "--images" in capsys.readouterr().err
 
 
-def test_gvit_demo_trains_and_writes_the_report(tmp_path, capsys):
+def test_gvit_demo_trains_beside_a_patch_vit_and_writes_the_report(tmp_path, capsys):
     args = ["steps=8", "data=shapes:96", "limit_eval=24", "batch_size=16", "checkpoint_every=4", "log_every=2"]
     assert main(["demo", *args, "--out", str(tmp_path), "--quiet"]) == 0
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "patch ViT" in printed
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "gvit" and report["eval_images"] == 24 and 0 <= report["top1"] <= 1
     assert report["psnr"] > 5 and report["steps"] == 8
+    (name, patch), = report["compare"].items()
+    baseline = json.loads((tmp_path / "patch_vit" / "result.json").read_text())
+    assert "patch ViT" in name and patch["top1"] == baseline["top1"] and baseline["step"] == 8
     for name in ("report.html", "examples.png", "curves.png"):
         assert (tmp_path / name).stat().st_size > 1000
     page = (tmp_path / "report.html").read_text()
-    assert "examples.png" in page and "top-1" in page and "sample_image" in page
-    # the examples figure is a real image with one row of three panels per example
+    assert "examples.png" in page and "top-1" in page and "sample_image" in page and "same budget" in page
+    # the examples figure is a real image with one row of four panels (input, render, ellipses, CDAM) per example
     from PIL import Image
 
     with Image.open(tmp_path / "examples.png") as im:
-        assert 2 * im.width < im.height < 3.5 * im.width  # 8 rows of 3 square panels
+        assert 1.5 * im.width < im.height < 2.5 * im.width  # 8 rows of 4 square panels
+    # a rerun with --resume trains nothing again and writes the same comparison
+    mtime = (tmp_path / "patch_vit" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["demo", *args, "--out", str(tmp_path), "--quiet", "--resume"]) == 0
+    assert (tmp_path / "patch_vit" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert json.loads((tmp_path / "report.json").read_text())["compare"] == report["compare"]
 
 
 def test_report_command_for_a_patch_vit(tmp_path, capsys):

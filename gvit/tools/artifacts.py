@@ -51,9 +51,10 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list) -> None:
     write_text(path, buf.getvalue())
 
 
-def html_table(rows: list[tuple[str, object]]) -> str:
-    """A two-column HTML table of (name, value) rows, escaped."""
-    return "\n".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+def html_table(rows: list[tuple]) -> str:
+    """An HTML table of rows (name, value, ...), the first cell of each a header cell; escaped."""
+    return "\n".join(f"<tr><th>{html.escape(str(row[0]))}</th>"
+                     + "".join(f"<td>{html.escape(str(v))}</td>" for v in row[1:]) + "</tr>" for row in rows)
 
 
 def html_page(path: str | os.PathLike, title: str, body: str, *, style: str = "") -> None:

@@ -5,7 +5,9 @@ on its evaluation split and writes, into ``out``:
 
 * ``report.html`` (open it in a browser) and ``report.json`` (the same figures, for scripts);
 * ``examples.png``: for the first test images, input | reconstruction | 2-sigma ellipses of
-  the Gaussians (GViT), with the true and predicted class (patch ViT: the inputs only);
+  the Gaussians | CDAM map of the predicted class (GViT, :func:`gvit.explain.explain_images`), with
+  the true and predicted class (patch ViT: the inputs only);
+* with ``compare``, a table of other runs trained with the same budget (the demo's patch ViT);
 * ``curves.png``: the losses of ``metrics.jsonl`` against the step, phases shaded.
 
 matplotlib draws the figures (non-interactive Agg backend); every file is written atomically.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..explain import explain_images
 from ..files import write_json
 from ..gaussians import decode
 from ..train import evaluate, load_trained
@@ -37,25 +40,32 @@ def predict(trained, images: torch.Tensor, *, seed: int | None = None) -> dict:
     return trained.step.predict_images(images, gen)
 
 
-def _examples_figure(path: Path, cfg, images, labels, pred, classes) -> None:
+def _examples_figure(path: Path, cfg, images, labels, pred, classes, maps: dict | None) -> None:
     plt = pyplot()
     n = len(images)
-    gvit = "g" in pred
-    gaussians = decode(pred["g"].float(), cfg.scale_factor) if gvit else None
-    cols = 3 if gvit else 1
+    gvit = maps is not None
+    cols = 4 if gvit else 1
     fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
     top = pred["logits"].softmax(-1).max(-1)
     for i in range(n):
         guess = int(pred["logits"][i].argmax())
         title = f"{classes[int(labels[i])]} -> {classes[guess]} ({100 * float(top.values[i]):.0f}%)"
-        panels = [images[i].permute(1, 2, 0).numpy()]
-        names = [title]
+        axes[i][0].imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[i][0].set_title(title, fontsize=8, color="black" if guess == int(labels[i]) else "red")
         if gvit:
-            panels += [pred["rendered"][i].permute(1, 2, 0).numpy(), draw_ellipses(images[i], gaussians[i])]
-            names += [f"render {float(pred['psnr'][i]):.1f} dB", f"{gaussians.num_gaussians} Gaussians (2 sigma)"]
-        for ax, panel, name in zip(axes[i], panels, names):
-            ax.imshow(panel, interpolation="nearest")
-            ax.set_title(name, fontsize=8, color="black" if guess == int(labels[i]) or name != title else "red")
+            size = images.shape[-1]
+            axes[i][1].imshow(maps["rendered"][i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            axes[i][1].set_title(f"render {float(maps['psnr'][i]):.1f} dB", fontsize=8)
+            axes[i][2].imshow(draw_ellipses(images[i], maps["gaussians"][i]))
+            axes[i][2].set_title(f"{maps['gaussians'].num_gaussians} Gaussians (2 sigma)", fontsize=8)
+            cam = maps["cdam_map"][i].numpy()
+            bound = max(abs(float(cam.min())), abs(float(cam.max())), 1e-12)
+            axes[i][3].imshow(images[i].permute(1, 2, 0).numpy() * 0.5 + 0.25, interpolation="nearest",
+                              extent=(0, size, size, 0))
+            axes[i][3].imshow(cam, cmap="RdBu_r", vmin=-bound, vmax=bound, alpha=0.75, interpolation="nearest",
+                              extent=(0, size, size, 0))
+            axes[i][3].set_title(f"CDAM: {classes[guess]}", fontsize=8)
+        for ax in axes[i]:
             ax.axis("off")
     save_figure(path, fig)
 
@@ -83,8 +93,10 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
 
 
 def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, num_examples: int = 8,
-                    overrides: list[str] | None = None, device=None) -> dict:
-    """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary."""
+                    overrides: list[str] | None = None, device=None, compare: dict[str, dict] | None = None) -> dict:
+    """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary.
+    ``compare``: results of other runs with the same budget (name -> ``{"top1", "train_seconds", ...}``
+    as :func:`gvit.train.train` returns them), shown in a table beside this one."""
     checkpoint, out = Path(checkpoint), Path(out)
     trained = load_trained(checkpoint, overrides, device)
     cfg, classes = trained.cfg, trained.classes
@@ -99,8 +111,9 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
     files = {}
     if n and trained.step.reads_images:
         images, labels = collate([test_ds[i] for i in range(n)])
-        pred = predict(trained, images)
-        _examples_figure(out / "examples.png", cfg, images, labels, {k: v.cpu() for k, v in pred.items()}, classes)
+        pred = {k: v.cpu() for k, v in predict(trained, images).items()}
+        maps = explain_images(trained.model, images, grid=8, seed=cfg.seed) if "g" in pred else None
+        _examples_figure(out / "examples.png", cfg, images, labels, pred, classes, maps)
         files["examples"] = "examples.png"
     metrics_path = checkpoint.parent / "metrics.jsonl"
     if metrics_path.is_file():
@@ -111,6 +124,9 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
             summary["train_seconds"] = metrics[-1]["seconds"]
             summary["steps"] = metrics[-1]["step"]
     summary["files"] = files
+    if compare:
+        summary["compare"] = {name: {k: r[k] for k in ("top1", "psnr", "train_seconds", "step") if k in r}
+                              for name, r in compare.items()}
     write_json(out / "report.json", summary)
     _html(out / "report.html", summary, cfg)
     return summary
@@ -123,8 +139,18 @@ def _html(path: Path, summary: dict, cfg) -> None:
         rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
     if "train_seconds" in summary:
         rows.append(("training", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s"))
+    compared = ""
+    if summary.get("compare"):
+        table = [("run", "top-1", "PSNR", "training")]
+        table.append((f"this run ({summary['model']})", f"{100 * summary['top1']:.2f}%",
+                      f"{summary['psnr']:.2f} dB" if "psnr" in summary else "-",
+                      f"{summary.get('train_seconds', float('nan')):.0f} s"))
+        for name, r in summary["compare"].items():
+            table.append((name, f"{100 * r['top1']:.2f}%", f"{r['psnr']:.2f} dB" if "psnr" in r else "-",
+                          f"{r.get('train_seconds', float('nan')):.0f} s"))
+        compared = f"<h2>same budget</h2><table>{html_table(table)}</table>\n"
     figures = "".join(f'<h2>{html.escape(name)}</h2><img src="{html.escape(file)}" alt="{html.escape(name)}">\n'
                       for name, file in summary["files"].items())
-    body = (f"<table>{html_table(rows)}</table>\n{figures}<details><summary>configuration</summary>"
+    body = (f"<table>{html_table(rows)}</table>\n{compared}{figures}<details><summary>configuration</summary>"
             f"<table>{html_table(list(cfg.to_dict().items()))}</table></details>")
     html_page(path, "gvit report", body)
