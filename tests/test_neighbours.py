@@ -85,16 +85,17 @@ def test_neighbour_layer_is_permutation_equivariant_and_a_lone_point_passes_thro
     assert torch.isfinite(x.grad).all()
 
 
-def test_classifier_with_neighbours_ignores_padding_and_trains_the_layers():
+@pytest.mark.parametrize("neighbours", [0, 3])
+def test_splat_classifier_ignores_padding_and_trains_its_neighbour_layers(neighbours):
     torch.manual_seed(3)
-    model = GaussianClassifier(8, 3, "micro", pool="mean", features="splat", neighbours=3).eval()
+    model = GaussianClassifier(8, 3, "micro", pool="mean", features="splat", neighbours=neighbours).eval()
     g = torch.randn(2, 8, RAW_DIM)
     valid = torch.tensor([[True] * 5 + [False] * 3] * 2)
     other = g.clone()
     other[:, 5:] = torch.randn(2, 3, RAW_DIM) * 5
     assert torch.allclose(model(g, valid), model(other, valid), atol=1e-5)
     model(g).sum().backward()
+    assert len(model.local) == (2 if neighbours else 0)
     assert all(layer.edge.weight.grad.abs().sum() > 0 for layer in model.local)
-    assert len(GaussianClassifier(8, 3, "micro", neighbours=0).local) == 0
     with pytest.raises(ValueError, match="neighbours"):
         GaussianClassifier(8, 3, "micro", neighbours=-1)
