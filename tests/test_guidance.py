@@ -132,6 +132,12 @@ def test_training_logs_every_guidance_step_with_its_measurements(tmp_path):
     plain_lines = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
     assert [m["step"] for m in plain_lines if m["phase"] == "guidance"] == [8, 10, 12]  # logged, not measured
     assert not any(key.startswith("guide_") for m in plain_lines for key in m)
+    own = TrainConfig(**{**plain.to_dict(), "guidance_lr": 0.5, "out": str(tmp_path / "own")})
+    train(own, progress=False)
+    own_lines = [json.loads(line) for line in open(tmp_path / "own" / "metrics.jsonl")]
+    peak = own.base_lr * own.batch_size / 256
+    assert all(m["lr"] == pytest.approx(0.5 * peak) for m in own_lines if m["phase"] == "guidance")
+    assert all(m["lr"] < 0.5 * peak for m in plain_lines if m["phase"] == "guidance")
     for m in guided:
         assert m["guide_rec_norm"] > 0 and m["guide_cls_norm"] > 0 and -1 <= m["guide_cos"] <= 1
         assert m["guide_shift_px"] > 0 and m["guide_color"] >= 0 and "guide_dloss_cls" in m

@@ -73,6 +73,8 @@ class TrainConfig(Phases):
     # losses and phases (the phase fractions and weights: see gvit.guidance.Phases)
     pixel_loss: str = setting("bce", "pixel term of the reconstruction loss", RECONSTRUCTION_LOSSES)
     guidance: bool = setting(True, "constructive guidance steps in the last phase")
+    guidance_lr: float | None = setting(None, "encoder learning rate on guidance steps as a fraction of the peak lr "
+                                              "(base_lr * batch / 256); none: the schedule's")
     measure_guidance: bool = setting(False, "log what each guidance step did (gradient norms, Gaussian shift, loss "
                                             "changes); one more encoder backward and forward per guidance step")
     # optimisation (``epochs``, when set, replaces ``steps`` by ceil(epochs * train images / batch_size))
@@ -120,6 +122,8 @@ class TrainConfig(Phases):
         for key in ("base_lr", "scale_factor"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)}")
+        if self.guidance_lr is not None and not self.guidance_lr > 0:
+            raise ValueError(f"config: guidance_lr must be > 0 (or null), got {self.guidance_lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"config: grad_clip must be > 0 (or null), got {self.grad_clip}")
         if not 0 < self.layer_decay <= 1:

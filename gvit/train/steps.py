@@ -234,7 +234,7 @@ class GViTStep(ModelStep):
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
 
     def _guidance_step(self, images, labels, g0, kw) -> dict | None:
-        """One guidance step. With ``measure_guidance`` its metrics also carry the gradient norms of
+        """One guidance step, at ``guidance_lr`` times the peak lr when set. With ``measure_guidance`` its metrics also carry the gradient norms of
         :func:`gvit.guidance.guidance_backward`, and on the same batch and g0 how far the step moved
         the Gaussians (``guide_shift_px``: mean centre shift in pixels; ``guide_color``: mean absolute
         colour change) and what it did to both losses (``guide_dloss_cls``, ``guide_dloss_rec``:
@@ -244,9 +244,12 @@ class GViTStep(ModelStep):
         encoder[1].zero_grad(set_to_none=True)
         with self.autocast():
             out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, measure=cfg.measure_guidance, **kw)
+        metrics = {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)}
+        if cfg.guidance_lr is not None:  # the guidance step's own step size (the next step sets the schedule's)
+            metrics["lr"] = cfg.base_lr * cfg.batch_size / 256 * cfg.guidance_lr
+            set_learning_rate([encoder[1]], metrics["lr"])
         if not apply_gradients([encoder], None, grad_clip=cfg.grad_clip):
             return None
-        metrics = {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)}
         if not cfg.measure_guidance:
             return metrics
         with torch.no_grad(), self.autocast():
