@@ -11,7 +11,6 @@ it stopped when run again with ``resume=True`` (a finished run is not trained ag
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..files import write_text
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import save_gaussians
 from ..settings import apply_overrides, from_mapping
-from ..train import TrainConfig, train
+from ..train import TrainConfig, train_or_reuse
 from ..viz import draw_ellipses, save_png, to_uint8
 from .artifacts import markdown_table
 from .report import training_report
@@ -64,26 +63,19 @@ def demo_config(out: str | Path = "runs/demo", overrides: list[str] | None = Non
     return replace(cfg, out=str(Path(out) / "run"))
 
 
-def _train_once(cfg: TrainConfig, resume: bool, progress: bool, log) -> dict:
-    """Train ``cfg``, or return the result of the same finished run when resuming."""
-    run = Path(cfg.out)
-    if resume and (run / "result.json").is_file() and (run / "checkpoint.pt").is_file():
-        return {**json.loads((run / "result.json").read_text()), "finished": True}
-    return train(cfg, resume=resume and (run / "checkpoint.pt").is_file(), progress=progress, log=log)
-
-
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, *, resume: bool = False,
              baseline: bool = True, progress: bool = True, log=print) -> dict:
     """Train GViT per :data:`DEMO_SETTINGS` (+ ``key=value`` overrides) and, with ``baseline``, the
     patch ViT with the same budget; then write the report. Returns the report's summary."""
     out = Path(out)
     cfg = demo_config(out, overrides)
-    result = _train_once(cfg, resume, progress, log)
+    result = train_or_reuse(cfg, resume=resume, progress=progress, log=log)
     if not result.get("finished"):
         return result
     compare = {}
     if baseline:
-        patch = _train_once(replace(cfg, model="patch_vit", out=str(out / "patch_vit")), resume, progress, log)
+        patch = train_or_reuse(replace(cfg, model="patch_vit", out=str(out / "patch_vit")), resume=resume,
+                               progress=progress, log=log)
         if not patch.get("finished"):
             return patch
         compare[f"patch ViT ({cfg.classifier_size}, patch {cfg.patch}, same steps, batch and lr)"] = patch

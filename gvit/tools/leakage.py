@@ -31,7 +31,7 @@ from ..data.shards import load_shards, read_manifest, read_shard, shard_name, wr
 from ..data.transforms import resize_square
 from ..files import record_settings, write_json, write_text
 from ..progress import progress_bar
-from ..train import apply_overrides, evaluate_checkpoint, load_gvit, step_generator, train
+from ..train import apply_overrides, evaluate_checkpoint, load_gvit, step_generator, train_or_reuse
 from .artifacts import markdown_table, write_csv
 
 __all__ = ["encode_like", "run_leakage"]
@@ -120,12 +120,8 @@ def run_leakage(checkpoint: str | os.PathLike, sgd_train: str | os.PathLike, sgd
         run_dir = out / name
         cfg = replace(base, offline_train=str(folders[source]["train"]), offline_eval=str(folders[source]["test"]),
                       offline_input=kind, out=str(run_dir))
-        if (run_dir / "result.json").is_file():
-            log(f"leakage: {name} finished before, kept")
-        else:
-            log(f"leakage: training {name} ({kind} of the {_LABEL[source]})")
-            train(cfg, resume=(run_dir / "checkpoint.pt").is_file(), progress=progress, log=log)
-        results[name] = json.loads((run_dir / "result.json").read_text())
+        log(f"leakage: {name} ({kind} of the {_LABEL[source]})")
+        results[name] = train_or_reuse(cfg, progress=progress, log=log)
     cross = {}
     for name, other in (("gs_sgd", "learned"), ("gs_learned", "sgd"), ("img_sgd", "learned"), ("img_learned", "sgd")):
         path = out / name / f"eval_on_{other}.json"

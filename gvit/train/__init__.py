@@ -11,10 +11,10 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import MODELS, TrainConfig, apply_overrides, load_config
 from .data import step_generator
-from .loop import TrainedRun, evaluate, evaluate_checkpoint, load_gvit, load_trained, train
+from .loop import TrainedRun, evaluate, evaluate_checkpoint, load_gvit, load_trained, train, train_or_reuse
 from .optim import learning_rate, param_groups
 from .steps import MODEL_KINDS, build_gvit, model_kind, model_step
 
-__all__ = ["TrainConfig", "MODELS", "load_config", "apply_overrides", "train", "evaluate", "evaluate_checkpoint",
+__all__ = ["TrainConfig", "MODELS", "load_config", "apply_overrides", "train", "train_or_reuse", "evaluate", "evaluate_checkpoint",
            "load_trained", "load_gvit", "TrainedRun", "load_checkpoint", "save_checkpoint", "step_generator",
            "learning_rate", "param_groups", "MODEL_KINDS", "model_kind", "model_step", "build_gvit"]

@@ -29,7 +29,7 @@ from .config import TrainConfig, config_from_dict
 from .data import StepBatches, limit, step_generator
 from .steps import GViTStep, ModelStep, model_kind, model_step
 
-__all__ = ["train", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
+__all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -122,6 +122,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if rank == 0:
         write_json(out / "result.json", result)
     return result
+
+
+def train_or_reuse(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, log=print) -> dict:
+    """The result of the run ``cfg`` describes. With ``resume``, a run that finished before (its
+    ``<out>/result.json`` exists) is read back, not trained again, and an interrupted one continues
+    from its checkpoint; without it the run is trained from the start."""
+    out = Path(cfg.out)
+    if resume and (out / "result.json").is_file():
+        log(f"{out}: finished before, kept")
+        return json.loads((out / "result.json").read_text())
+    return train(cfg, resume=resume and (out / "checkpoint.pt").is_file(), progress=progress, log=log)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
