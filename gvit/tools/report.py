@@ -24,7 +24,7 @@ import torch
 
 from ..explain import explain_images
 from ..files import write_json
-from ..gaussians import decode
+from ..models import GViT
 from ..train import evaluate, load_trained
 from ..viz import draw_ellipses
 from .artifacts import html_page, html_table, pyplot, save_figure
@@ -40,15 +40,15 @@ def predict(trained, images: torch.Tensor, *, seed: int | None = None) -> dict:
     return trained.step.predict_images(images, gen)
 
 
-def _examples_figure(path: Path, cfg, images, labels, pred, classes, maps: dict | None) -> None:
+def _examples_figure(path: Path, images, labels, logits, classes, maps: dict | None) -> None:
     plt = pyplot()
     n = len(images)
     gvit = maps is not None
     cols = 4 if gvit else 1
     fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
-    top = pred["logits"].softmax(-1).max(-1)
+    top = logits.softmax(-1).max(-1)
     for i in range(n):
-        guess = int(pred["logits"][i].argmax())
+        guess = int(logits[i].argmax())
         title = f"{classes[int(labels[i])]} -> {classes[guess]} ({100 * float(top.values[i]):.0f}%)"
         axes[i][0].imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         axes[i][0].set_title(title, fontsize=8, color="black" if guess == int(labels[i]) else "red")
@@ -111,9 +111,12 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
     files = {}
     if n and trained.step.reads_images:
         images, labels = collate([test_ds[i] for i in range(n)])
-        pred = {k: v.cpu() for k, v in predict(trained, images).items()}
-        maps = explain_images(trained.model, images, grid=8, seed=cfg.seed) if "g" in pred else None
-        _examples_figure(out / "examples.png", cfg, images, labels, pred, classes, maps)
+        if isinstance(trained.model, GViT):  # explain_images predicts with the same g0 as predict would
+            maps = explain_images(trained.model, images, grid=8, seed=cfg.seed)
+            logits = maps["logits"]
+        else:
+            maps, logits = None, predict(trained, images)["logits"].cpu()
+        _examples_figure(out / "examples.png", images, labels, logits, classes, maps)
         files["examples"] = "examples.png"
     metrics_path = checkpoint.parent / "metrics.jsonl"
     if metrics_path.is_file():
