@@ -20,9 +20,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-GUIDE_KEYS = ("guide_rec_norm", "guide_cls_norm", "guide_cos", "guide_shift_px", "guide_dloss_cls", "guide_dloss_rec")
-
-
 def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     mean = statistics.mean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0

@@ -163,12 +163,17 @@ def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tens
         losses.g = g
         return losses
     params = [p for p in model.encoder.parameters() if p.requires_grad]
-    before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-    g.backward(d_rec, retain_graph=True)
-    rec = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b for p, b in zip(params, before)]
-    g.backward(gamma * d_cls)
-    cls = [(p.grad if p.grad is not None else torch.zeros_like(b)) - b - r for p, b, r in zip(params, before, rec)]
-    rec_flat, cls_flat = torch.cat([r.flatten().float() for r in rec]), torch.cat([c.flatten().float() for c in cls])
+    rec = torch.autograd.grad(g, params, d_rec, retain_graph=True, allow_unused=True)
+    cls = torch.autograd.grad(g, params, gamma * d_cls, allow_unused=True)
+    for p, r, c in zip(params, rec, cls):  # accumulate as backward would; untouched parameters keep no grad
+        parts = [x for x in (r, c) if x is not None]
+        if parts:
+            p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
+
+    def flat(grads):
+        return torch.cat([(torch.zeros_like(p) if x is None else x).flatten().float() for x, p in zip(grads, params)])
+
+    rec_flat, cls_flat = flat(rec), flat(cls)
     losses.stats = {"guide_rec_norm": float(rec_flat.norm()), "guide_cls_norm": float(cls_flat.norm()),
                     "guide_cos": float(F.cosine_similarity(rec_flat, cls_flat, dim=0))}
     losses.g = g
