@@ -37,20 +37,31 @@ def init_process_group(device: torch.device) -> None:
         torch.distributed.init_process_group(backend)
 
 
+def _joined() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces CUDA tensors only, gloo takes CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_ranks(flag: bool) -> bool:
     """True when ``flag`` is true on every rank."""
-    if rank_world()[1] == 1:
+    if not _joined():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item() > 0)
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over the ranks (one flat all-reduce)."""
-    world = rank_world()[1]
-    if world == 1:
+    if not _joined():
         return
+    world = rank_world()[1]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)

@@ -29,9 +29,12 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
 
 def bce(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     """Binary cross-entropy of a rendered image against the target, the rendering clamped to
-    [eps, 1 - eps] (alpha compositing can exceed 1 with a bright background)."""
+    [eps, 1 - eps] (alpha compositing can exceed 1 with a bright background). Computed in float32
+    outside autocast, which refuses it (log of a half-precision probability loses the loss)."""
     _check_pair(pred, target)
-    return F.binary_cross_entropy(pred.clamp(eps, 1 - eps), target.clamp(0, 1))
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    with torch.autocast(pred.device.type, enabled=False):
+        return F.binary_cross_entropy(pred.to(dtype).clamp(eps, 1 - eps), target.to(dtype).clamp(0, 1))
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> Tensor:

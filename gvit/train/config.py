@@ -97,6 +97,8 @@ class TrainConfig(Phases):
     log_every: int = setting(20, "steps between metric lines (every guidance step gets one too)")
     checkpoint_every: int = setting(200, "steps between checkpoints")
     device: str = setting("auto", "device", ("auto", "cpu", "cuda"))
+    precision: str = setting("bf16", "arithmetic on CUDA: bf16 autocast or plain fp32 (CPU is always fp32)",
+                             ("bf16", "fp32"))
 
     def __post_init__(self) -> None:
         validate_fields(self)

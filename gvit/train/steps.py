@@ -89,7 +89,9 @@ class ModelStep:
 
     # -- one step
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        if self.device.type == "cuda" and self.cfg.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int,
              phase: Phase) -> dict | None:
