@@ -110,6 +110,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["guidance_from=0.1"])
     with pytest.raises(ValueError, match="offline_train"):
         load_config(None, ["model=offline"])
+    with pytest.raises(ValueError, match="cache_gaussians.*crop_scale_min=1, got 0.5"):
+        load_config(None, ["cache_gaussians=true", "crop_scale_min=0.5"])
+    with pytest.raises(ValueError, match="classifier_lr_scale must be > 0"):
+        load_config(None, ["classifier_lr_scale=0"])
     bad = tmp_path / "c.yaml"
     bad.write_text("steps: [1, 2\n")
     with pytest.raises(ValueError, match="c.yaml"):
@@ -206,3 +210,46 @@ def test_limits_take_images_spread_over_the_split():
     sub = limit(Sorted(), 30)
     assert len(sub) == 30 and sub.classes == ["a", "b", "c"]
     assert sorted(label for _, label in sub).count(1) == 10  # balanced, not the first class only
+
+
+CACHED = TINY | dict(cache_gaussians=True, crop_scale_min=1.0, steps=16, classifier_from=0.25, pretrain_until=0.75,
+                     guidance_from=0.875)
+
+
+def test_cached_phase_resumes_exactly_and_its_cache_holds_the_encoders_gaussians(tmp_path):
+    a = train(TrainConfig(**CACHED, out=str(tmp_path / "a")), progress=False)
+    cfg = TrainConfig(**CACHED, out=str(tmp_path / "b"))
+    train(cfg, stop_after=7, progress=False)  # stops inside the cached phase (steps 4-11)
+    b = train(cfg, resume=True, progress=False)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and b["top1"] == a["top1"]
+    phases = [json.loads(line)["phase"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert "joint" in phases and "guidance" in phases
+
+    # the cache: the frozen encoder's Gaussians of every training image, in dataset order
+    from gvit.train import model_step
+    from gvit.train.data import image_collate, image_datasets
+
+    cfg = TrainConfig(**(CACHED | dict(encoder="denoise", learned_queries=True)), out=str(tmp_path / "c"))
+    train_ds, _ = image_datasets(cfg)
+    run = model_step(cfg, 6, "cpu")
+    collate = image_collate(cfg.image_size)
+    run.attach_training_set(train_ds, collate)
+    raw, labels = run.encode_training_set()
+    images, targets = collate([train_ds[i] for i in range(len(train_ds))])
+    with torch.no_grad():
+        expected = run.model.gaussians(images)
+    assert raw.shape == (96, 12, 9) and torch.allclose(raw, expected, atol=1e-5)
+    assert torch.equal(labels, targets)
+
+
+def test_classifier_lr_scale_sets_the_classifiers_rate_against_the_encoders(tmp_path):
+    from gvit.guidance import Phase
+    from gvit.train import model_step, step_generator
+
+    cfg = TrainConfig(**TINY, classifier_lr_scale=0.25, out=str(tmp_path / "r"))
+    run = model_step(cfg, 6, "cpu")
+    phase = Phase("joint", True, True, 0.0, 1.0, False)
+    run.step(5, torch.rand(16, 3, 16, 16), torch.randint(0, 6, (16,)), step_generator(0, 5), 0, 1, phase)
+    enc, cls = (run.parts[name][1].param_groups[0]["lr"] for name in ("encoder", "classifier"))
+    assert enc > 0 and cls == pytest.approx(0.25 * enc)

@@ -51,6 +51,9 @@ class TrainConfig(Phases):
     token_neighbours: int = setting(0, "Gaussian classifier: each token first reads its n nearest Gaussians through "
                                        "neighbour_layers EdgeConv layers (0: off)")
     neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
+    cache_gaussians: bool = setting(False, "GViT: the classifier-only phase (pretrain_until) reads the frozen "
+                                           "encoder's Gaussians of the whole training set, encoded once, in random "
+                                           "batches (flips applied to the Gaussians; needs crop_scale_min=1)")
     classifier_size: str = setting("tiny", "size of the classifier", SIZES)
     patch: int = setting(4, "patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder")
     encoder_patch: int | None = setting(None, "patch size of the Gaussian encoder")
@@ -85,6 +88,7 @@ class TrainConfig(Phases):
     weight_decay: float = setting(0.05, "AdamW weight decay (matrices only)")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
+    classifier_lr_scale: float = setting(1.0, "the classifier's learning rate, as a multiple of the schedule's")
     warmup: float = setting(0.05, "linear warm-up, as a fraction of training")
     grad_clip: float | None = setting(None, "clip each model's gradient norm to this")
     max_bad_steps: int = setting(20, "stop after this many steps with NaN/inf losses or gradients")
@@ -119,9 +123,12 @@ class TrainConfig(Phases):
                 raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.cache_gaussians and self.crop_scale_min < 1:
+            raise ValueError(f"config: cache_gaussians holds the Gaussians of whole images; it needs crop_scale_min=1, "
+                             f"got {self.crop_scale_min}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"config: epochs must be > 0 (or null), got {self.epochs}")
-        for key in ("base_lr", "scale_factor"):
+        for key in ("base_lr", "scale_factor", "classifier_lr_scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)}")
         if self.guidance_lr is not None and not self.guidance_lr > 0:

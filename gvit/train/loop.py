@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     classes = list(train_ds.classes)
     cfg = cfg.with_epochs_as_steps(len(train_ds))
     run = model_step(cfg, len(classes), device)
+    run.attach_training_set(train_ds, collate)
     if cfg.finetune_from and not resume:
         run.load_pretrained(load_checkpoint(cfg.finetune_from, map_location=device), log)
     phases = run.phases()

@@ -97,7 +97,8 @@ class ModelStep:
              phase: Phase) -> dict | None:
         """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
         lr = learning_rate(self.cfg, step)
-        set_learning_rate([opt for _, opt, _ in self.parts.values()], lr)
+        for name, (_, opt, _) in self.parts.items():
+            set_learning_rate([opt], lr * (self.cfg.classifier_lr_scale if name == "classifier" else 1.0))
         # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
         flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
         metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
@@ -118,6 +119,9 @@ class ModelStep:
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase) -> dict | None:
         raise NotImplementedError
+
+    def attach_training_set(self, dataset, collate) -> None:
+        """The training set, for steps that read more than their batch (called once by the loop)."""
 
     # -- evaluation
     def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -213,8 +217,15 @@ class GViTStep(ModelStep):
         except ValueError as exc:
             raise ValueError(f"finetune_from: {exc}") from None
 
+    def attach_training_set(self, dataset, collate) -> None:
+        self.training_set, self.training_collate = dataset, collate
+        self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
+
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
         cfg, model = self.cfg, self.model
+        if not phase.train_encoder and cfg.cache_gaussians:
+            return self._cached_classifier_step(flips, gen, rank, world)
+        self.cache = None  # the encoder trains again: cached Gaussians are stale
         images = self._augment(inputs, flips, gen, rank, world)
         g0 = model.sample_g0(cfg.batch_size, gen)
         g0 = None if g0 is None else g0[rank::world]
@@ -234,6 +245,32 @@ class GViTStep(ModelStep):
             metrics["loss_cls"] = _num(out.classification)
             trained.append(classifier)
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
+
+    def _cached_classifier_step(self, flips, gen, rank, world) -> dict | None:
+        """A classifier step on the frozen encoder's Gaussians of ``batch_size`` training images
+        drawn from the step's generator (the loader's batch is not used), flipped as the images
+        would have been. The whole training set is encoded once, when the phase starts (or resumes:
+        the encoder is frozen, so the cache is the same)."""
+        if self.cache is None:
+            self.cache = self.encode_training_set()
+        raw, targets = self.cache
+        index = torch.randint(len(targets), (self.cfg.batch_size,), generator=gen)[rank::world].to(raw.device)
+        g = flip_gaussians(raw[index], flips.to(raw.device))
+        return self._classifier_step(lambda: self.model.classifier(g), targets[index])
+
+    @torch.no_grad()
+    def encode_training_set(self) -> tuple[Tensor, Tensor]:
+        if getattr(self, "training_set", None) is None:
+            raise RuntimeError("cache_gaussians: the loop did not attach the training set")
+        loader = torch.utils.data.DataLoader(self.training_set, batch_size=256, collate_fn=self.training_collate,
+                                             num_workers=self.cfg.num_workers)
+        gen = torch.Generator().manual_seed(self.cfg.seed)  # one fixed g0 draw per image
+        raws, targets = [], []
+        for images, labels in loader:
+            with self.autocast():
+                raws.append(self.model.gaussians(images.to(self.device), generator=gen).float())
+            targets.append(labels.to(self.device))
+        return torch.cat(raws), torch.cat(targets)
 
     def _guidance_step(self, images, labels, g0, kw) -> dict | None:
         """One guidance step, at ``guidance_lr`` times the peak lr when set. With ``measure_guidance`` its metrics also carry the gradient norms of
