@@ -29,8 +29,8 @@ def _score(result: dict) -> str:
 def _demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_demo
 
-    summary = run_demo(args.out, args.overrides, resume=args.resume, baseline=not args.no_baseline,
-                       progress=not args.quiet)
+    summary = run_demo(args.out, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                       baseline=not args.no_baseline, progress=not args.quiet)
     if "top1" not in summary:
         return 0
     print(f"{summary['model']} on {summary['data']}: {_score(summary)}, trained in {summary['train_seconds']:.0f} s")
@@ -43,7 +43,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .tools.report import training_report
 
-    summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides)
+    summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides,
+                              overwrite=args.overwrite)
     print(f"{_score(summary)} "
           f"-> {Path(args.out) / 'report.html'}")
     return 0
@@ -53,7 +54,8 @@ def _explain(args: argparse.Namespace) -> int:
     from .tools.explain import explain_files
 
     summary = explain_files(args.checkpoint, args.inputs, args.out, target=args.target, grid=args.grid,
-                            batch_size=args.batch_size, skip_bad=args.skip_bad, progress=not args.quiet)
+                            batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                            progress=not args.quiet)
     print(f"explained {len(summary['images'])} image(s), {len(summary['skipped'])} unreadable skipped "
           f"-> {Path(args.out) / 'index.html'}")
     return 0
@@ -63,7 +65,7 @@ def _fit_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_fit_demo
 
     print(run_fit_demo(args.out, _fit_config(args), images=args.images, size=args.size, seed=args.seed,
-                       progress=not args.quiet))
+                       overwrite=args.overwrite, progress=not args.quiet))
     outdir = Path(args.out)
     print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
           f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
@@ -89,7 +91,7 @@ def _fit_dataset(args: argparse.Namespace) -> int:
 
     result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, shard_size=args.shard_size,
                          batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
-                         progress=not args.quiet)
+                         overwrite=args.overwrite, progress=not args.quiet)
     if "num_images" in result:
         print(f"{result['num_images']} images in {len(result['shards'])} shard(s): mean PSNR "
               f"{result['mean_psnr']:.2f} dB, mean count {result['mean_count']:.1f}, "
@@ -103,7 +105,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"finetune_from={args.checkpoint}"] if args.command == "finetune" else [])
     cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if result.get("finished") and "top1" in result:
         print(f"{cfg.model}: {_score(result)} "
               f"-> {cfg.out}/result.json")
@@ -121,7 +123,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from .tools.sweep import parse_grid, run_sweep
 
-    rows = run_sweep(args.config, parse_grid(args.grid), args.out, overrides=args.overrides, nproc=args.nproc)
+    rows = run_sweep(args.config, parse_grid(args.grid), args.out, overrides=args.overrides, nproc=args.nproc,
+                     overwrite=args.overwrite)
     print(f"{len(rows)} variant(s) finished -> {Path(args.out) / 'results.md'} (results.csv, plot_*.png)")
     return 0
 
@@ -130,7 +133,7 @@ def _leakage(args: argparse.Namespace) -> int:
     from .tools.leakage import run_leakage
 
     f = run_leakage(args.checkpoint, args.sgd_train, args.sgd_test, args.out, overrides=args.overrides,
-                    data=args.data, progress=not args.quiet)
+                    data=args.data, overwrite=args.overwrite, progress=not args.quiet)
     m, r = f["cross_training"], f["rasterisation"]
     print(f"cross-training top-1 (trained -> evaluated): SGD->SGD {100 * m['sgd']['sgd']:.1f}%, SGD->learned "
           f"{100 * m['sgd']['learned']:.1f}%, learned->learned {100 * m['learned']['learned']:.1f}%, learned->SGD "
@@ -143,7 +146,7 @@ def _interpret(args: argparse.Namespace) -> int:
     from .tools.interpret import saliency_statistics
 
     f = saliency_statistics(args.checkpoint, args.out, limit=args.limit, batch_size=args.batch_size,
-                            overrides=args.overrides, progress=not args.quiet)
+                            overrides=args.overrides, overwrite=args.overwrite, progress=not args.quiet)
     line = (f"{f['images']} images: Spearman(log det Sigma, CDAM) {f['det_cdam_spearman']['mean']:+.3f}, "
             f"with |CDAM| {f['det_abs_cdam_spearman']['mean']:+.3f}")
     if "cdam_mass_inside" in f:
@@ -152,6 +155,10 @@ def _interpret(args: argparse.Namespace) -> int:
                  f"{100 * m['gaussians_inside']['mean']:.1f}%, object area {100 * m['area']['mean']:.1f}%)")
     print(line + f" -> {Path(args.out) / 'interpret.md'}")
     return 0
+
+
+OVERWRITE = ("write into a folder that holds other files, another job's outputs or work made with other settings "
+             "(a run there starts again)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     demo.add_argument("--no-baseline", action="store_true", help="skip the patch ViT trained with the same budget")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     demo.set_defaults(func=_demo)
 
     fdemo = sub.add_parser("fit-demo", help="fit Gaussians to a few built-in shapes images and write a report")
@@ -174,18 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     fdemo.add_argument("--out", default="runs/fit-demo")
     fdemo.add_argument("--quiet", action="store_true")
     _add_fit_options(fdemo, num_gaussians=128, iters=300, dssim_weight=0.2)
+    fdemo.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     fdemo.set_defaults(func=_fit_demo)
 
     fit = sub.add_parser("fit", help="fit Gaussians to image files or folders of images",
                          description="Writes per image NAME.gaussians.safetensors, NAME.recon.png, "
                                      "NAME.overlay.png (2-sigma ellipses) and one metrics.csv. Rerunning skips "
-                                     "images whose Gaussian file exists.")
+                                     "images that are done (a metrics row and a valid Gaussian file).")
     fit.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     fit.add_argument("--out", required=True)
     fit.add_argument("--batch-size", type=int, default=16, help="images of one size fitted together")
     fit.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     fit.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
-    fit.add_argument("--overwrite", action="store_true", help="refit images that already have outputs")
+    fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
     fit.add_argument("--quiet", action="store_true")
     _add_fit_options(fit)
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--skip-bad", action="store_true")
     ds.add_argument("--quiet", action="store_true")
     _add_fit_options(ds)
+    ds.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ds.set_defaults(func=_fit_dataset)
 
     tr = sub.add_parser("train", help="train GViT or a baseline (config file + key=value overrides)",
@@ -213,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     tr.set_defaults(func=_train)
 
     ft = sub.add_parser("finetune", help="transfer a GViT checkpoint: frozen encoder, classifier with layer-wise "
@@ -222,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     ft.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     ft.add_argument("--quiet", action="store_true")
+    ft.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ft.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its evaluation split")
@@ -240,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=32)
     ex.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
     ex.add_argument("--quiet", action="store_true")
+    ex.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ex.set_defaults(func=_explain)
 
     sw = sub.add_parser("sweep", help="train every combination of a grid of config values; resumable; writes a "
@@ -250,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="sweep folder (one subfolder per variant)")
     sw.add_argument("--nproc", type=int, default=1, help="processes per variant (torchrun when > 1)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="settings shared by every variant")
+    sw.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     sw.set_defaults(func=_sweep)
 
     lk = sub.add_parser("leakage", help="the paper's leakage tests: cross-training on SGD-fitted vs learned Gaussians, "
@@ -261,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--data", help="read the images from here instead of the dataset recorded in the SGD folders")
     lk.add_argument("--quiet", action="store_true")
     lk.add_argument("overrides", nargs="*", metavar="key=value", help="classifier training settings, e.g. steps=400")
+    lk.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     lk.set_defaults(func=_leakage)
 
     it = sub.add_parser("interpret", help="interpretability in numbers over a test set: det(Sigma)-CDAM rank "
@@ -271,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--batch-size", type=int, default=128)
     it.add_argument("--quiet", action="store_true")
     it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
+    it.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     it.set_defaults(func=_interpret)
 
     rep = sub.add_parser("report", help="evaluate a checkpoint and write report.html with examples and curves")
@@ -278,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--examples", type=int, default=8, help="test images shown")
     rep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... limit_eval=1000")
+    rep.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     rep.set_defaults(func=_report)
     return parser
 
@@ -285,8 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import ImageReadError
 
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # key=value settings may follow flags (``gvit train --quiet out=x``): argparse stops taking positionals there
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, or argparse's own usage error (exit status 2)
         return int(exc.code or 0)
     try:

@@ -1,15 +1,19 @@
-"""Files gvit writes: atomically (each appears whole under its final name or not at all), and
-settings records that refuse to mix two experiments in one folder."""
+"""Files gvit writes: atomically (each appears whole under its final name or not at all), settings
+records that refuse to mix two experiments in one folder, and output folders that know what they
+hold (:func:`output_folder`: a marker naming the job and its settings, and a lock while it writes)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json", "settings_diff", "check_settings", "record_settings"]
+__all__ = ["atomic_path", "write_text", "write_json", "settings_diff", "check_settings", "record_settings",
+           "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
 
 
 @contextlib.contextmanager
@@ -63,3 +67,147 @@ def record_settings(path: str | os.PathLike, settings: dict, *, write: bool = Tr
         check_settings(json.loads(path.read_text()), settings, path.parent)
     elif write:
         write_json(path, settings)
+
+
+MARKER = ".gvit.json"  # what job wrote the folder, with which settings
+LOCK = ".gvit.lock"  # held while a job writes the folder
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _holder(lock: Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict | None) -> bool:
+    """Whether the process that wrote a lock still runs (unknown hosts count as alive)."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return holder is not None
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, ValueError):
+        return True
+    return True
+
+
+def _acquire(lock: Path, job: str) -> None:
+    record = json.dumps({"job": job, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if _alive(holder):
+                who = (f"gvit {holder.get('job')} (pid {holder.get('pid')} on {holder.get('host')})" if holder
+                       else "another process")
+                raise ValueError(f"{lock.parent} is being written by {who}; wait for it, or remove {lock} if no "
+                                 f"such process runs") from None
+            lock.unlink(missing_ok=True)  # left by a killed process
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(record)
+        return
+    raise ValueError(f"{lock.parent}: could not take the lock {lock}")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_path` left under ``folder`` (not in
+    sub-folders another process holds); returns them."""
+    removed = []
+    for tmp in Path(folder).rglob(".*.tmp"):
+        if tmp.is_file() and not any((p / LOCK).exists() for p in tmp.parents if _inside(p, Path(folder)) and p != Path(folder)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def check_output(out: str | os.PathLike, inputs=(), *, what: str = "--out") -> Path:
+    """Refuse an output folder that is an input, lies inside an input folder, or holds an input
+    (outputs would overwrite or be read back as inputs), or that exists as a file."""
+    out = Path(out)
+    where = out.resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if _inside(where, src) or _inside(src, where):
+            relation = "is" if where == src else ("lies inside" if _inside(where, src) else "holds")
+            raise ValueError(f"{what} {out} {relation} the input {item}; write the outputs to another folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} exists and is not a folder")
+    return out
+
+
+@contextlib.contextmanager
+def output_folder(out: str | os.PathLike, job: str, *, settings: dict | None = None, inputs=(), resume: bool = False,
+                  overwrite: bool = False, continues: bool = False, what: str = "--out"):
+    """Claim the folder ``out`` for ``job`` while the block runs.
+
+    Refused with a ValueError naming the folder, before anything is written: an ``out`` that
+    overlaps ``inputs`` (:func:`check_output`); a folder another process is writing (its lock names
+    it); a folder holding files gvit did not write, or another job's outputs (unless
+    ``overwrite``); one holding this job's outputs made with other ``settings`` (unless
+    ``overwrite``); one holding this job's outputs at all, unless ``resume``, ``overwrite``, or
+    the job ``continues`` its own work by design (idempotent jobs such as fitting files, which
+    skip what is done). Inside, the folder's lock is held and the temporary files of killed runs are gone.
+    A job that another job of this process runs inside the folder that one holds (the demo's report)
+    writes as part of it: no checks, no marker of its own.
+    """
+    holder = _holder(Path(out) / LOCK) if (Path(out) / LOCK).is_file() else None
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        yield Path(out)  # a job run by the job that holds this folder writes as part of it
+        return
+    out = check_output(out, inputs, what=what)
+    settings = None if settings is None else json.loads(json.dumps(settings, default=str))  # as the marker holds them
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what} {out}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {out}: the folder is not writable")
+    lock = out / LOCK
+    _acquire(lock, job)
+    try:
+        remove_temporaries(out)  # left by killed runs; no one else writes here while the lock is held
+        marker = out / MARKER
+        try:
+            saved = json.loads(marker.read_text()) if marker.is_file() else None
+        except ValueError:
+            if overwrite:
+                saved = {"job": None}
+            else:
+                raise ValueError(f"{what} {out}: {marker.name} is unreadable; pass --overwrite to claim the "
+                                 f"folder again") from None
+        if saved is None:
+            others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+            if others and not overwrite:
+                raise ValueError(f"{what} {out} holds files gvit did not write ({', '.join(others[:3])}"
+                                 f"{', ...' if len(others) > 3 else ''}); choose a new folder or pass --overwrite")
+        elif saved.get("job") != job and not overwrite:
+            raise ValueError(f"{what} {out} holds the outputs of gvit {saved.get('job')}; choose another folder "
+                             f"or pass --overwrite")
+        elif saved.get("job") == job and not overwrite:
+            if settings is not None:
+                check_settings(saved.get("settings") or {}, settings, out,
+                               hint="pass --overwrite to replace that work, or choose another folder")
+            if not (resume or continues):
+                raise ValueError(f"{what} {out} holds a gvit {job} run; pass --resume to continue it or --overwrite "
+                                 f"to start again")
+        write_json(marker, {"job": job, "settings": settings})
+        try:
+            yield out
+        except BaseException:
+            if saved is None and {p.name for p in out.iterdir()} <= {MARKER, LOCK}:  # failed before writing
+                marker.unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)
+                if created:
+                    out.rmdir()
+            raise
+    finally:
+        lock.unlink(missing_ok=True)

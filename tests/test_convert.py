@@ -159,7 +159,7 @@ def test_fit_dataset_cli_errors(tmp_path, capsys):
     assert "none" in capsys.readouterr().err
     assert main(["fit-dataset", "--data", "shapes:4", "--out", str(tmp_path / "o"), "--shard-size", "0",
                  *QUICK]) == 2
-    assert "shard_size" in capsys.readouterr().err
+    assert "--shard-size" in capsys.readouterr().err
 
 
 def test_fit_dataset_skip_bad_images_in_a_zip(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .base import InMemoryImages
+from .base import InMemoryImages, Subset
 from .cifar import CifarBatches, is_cifar
 from .images import ImageFolder
 from .shapes import SHAPE_CLASSES, make_shapes
@@ -46,7 +46,10 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
     * a folder holding ``<split>.zip`` or ``<split>/`` ImageFolder trees (how ../shared/data
       stores CIFAR-10 and Fashion-MNIST);
     * a CIFAR-10/100 python layout (folder or .tar.gz, see :mod:`gvit.data.cifar`);
-    * one ImageFolder tree, a folder or a .zip (``split`` is then not used).
+    * one ImageFolder tree, a folder or a .zip, with no split of its own: every 10th image of each
+      class (in file order) is held out as ``test`` and the rest is ``train``
+      (:func:`held_out_split`; the dataset's ``split_note`` says so), so an evaluation never runs on
+      training images.
     """
     text = str(path)
     if split not in SPLITS:
@@ -66,4 +69,27 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
         for candidate in (root / f"{split}.zip", root / split):
             if candidate.exists():
                 return ImageFolder(candidate, **kwargs)
-    return ImageFolder(root, **kwargs)
+    return held_out_split(ImageFolder(root, **kwargs), split)
+
+
+HELD_OUT_EVERY = 10
+
+
+def held_out_split(folder, split: str):
+    """The deterministic split of one ImageFolder tree: within each class (files in sorted order)
+    every :data:`HELD_OUT_EVERY`-th image is ``test``, the others ``train``."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for i, (_, label) in enumerate(folder.samples):
+        held_out = seen.get(label, 0) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+        seen[label] = seen.get(label, 0) + 1
+        if held_out == (split == "test"):
+            chosen.append(i)
+    if not chosen:
+        raise ValueError(f"dataset {folder.root}: no {split} images after holding out every {HELD_OUT_EVERY}th "
+                         f"image of each class (too few images; give it train/ and test/ folders)")
+    subset = Subset(folder, chosen)
+    subset.root = folder.root
+    subset.split_note = (f"{folder.root} has no train/test split: every {HELD_OUT_EVERY}th image of each class is "
+                         f"held out for evaluation; this is the {split} part ({len(chosen)} images)")
+    return subset

@@ -21,6 +21,7 @@ as in the rest of gvit.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -172,6 +173,23 @@ def _per_image_psnr(out: Tensor, target: Tensor) -> Tensor:
     return psnr(out.detach().clamp(0, 1), target)
 
 
+def check_memory(batch: int, k: int, height: int, width: int, device) -> None:
+    """Refuse a fit whose parameters alone (values, gradients, two Adam moments, render buffers)
+    would not fit in the memory there is, naming ``num_gaussians`` and the batch (before any work)."""
+    need = batch * (k * RAW_DIM * 4 * 6 + height * width * 3 * 4 * 8)
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no such query here
+            return
+    if need > have:
+        raise ValueError(f"num_gaussians={k} for a batch of {batch} images of {height}x{width} needs at least "
+                         f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB free; use fewer Gaussians or "
+                         f"a smaller batch")
+
+
 def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
                   progress: bool = False, **overrides) -> FitResult:
     """Fit ``config.num_gaussians`` Gaussians to each image of ``images`` ``[B, 3, H, W]``.
@@ -184,6 +202,7 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
     cfg.validate()
     check_images(images)
     b, _, h, w = images.shape
+    check_memory(b, cfg.num_gaussians, h, w, images.device)
     target = images.detach()
     start = time.perf_counter()
     raw = (initialize(target, cfg.num_gaussians, cfg.init, scale_factor=cfg.scale_factor, seed=cfg.seed)

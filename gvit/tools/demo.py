@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data import SHAPE_CLASSES, make_shapes
-from ..files import write_text
+from ..files import output_folder, write_text
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import save_gaussians
 from ..settings import apply_overrides, from_mapping
@@ -68,36 +68,44 @@ def demo_config(out: str | Path = "runs/demo", overrides: list[str] | None = Non
 
 
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, *, resume: bool = False,
-             baseline: bool = True, progress: bool = True, log=print) -> dict:
+             overwrite: bool = False, baseline: bool = True, progress: bool = True, log=print) -> dict:
     """Train GViT per :data:`DEMO_SETTINGS` (+ ``key=value`` overrides) and, with ``baseline``, the
-    patch ViT with the same budget; then write the report. Returns the report's summary."""
+    patch ViT with the same budget; then write the report. Returns the report's summary. A folder
+    holding a demo is continued with ``resume`` or started again with ``overwrite``, else refused."""
     out = Path(out)
     cfg = demo_config(out, overrides)
-    result = train_or_reuse(cfg, resume=resume, progress=progress, log=log)
-    if not result.get("finished"):
-        return result
-    compare = {}
-    if baseline:
-        patch = train_or_reuse(replace(cfg, model="patch_vit", out=str(out / "patch_vit")), resume=resume,
-                               progress=progress, log=log)
-        if not patch.get("finished"):
-            return patch
-        compare[f"patch ViT ({cfg.classifier_size}, patch {cfg.patch}, same steps, batch and lr)"] = patch
-    summary = training_report(out / "run" / "checkpoint.pt", out, compare=compare)
+    settings = {"config": {k: v for k, v in cfg.to_dict().items() if k != "out"}, "baseline": baseline}
+    with output_folder(out, "demo", settings=settings, resume=resume, overwrite=overwrite):
+        result = train_or_reuse(cfg, resume=resume, overwrite=overwrite, progress=progress, log=log)
+        if not result.get("finished"):
+            return result
+        compare = {}
+        if baseline:
+            patch = train_or_reuse(replace(cfg, model="patch_vit", out=str(out / "patch_vit")), resume=resume,
+                                   overwrite=overwrite, progress=progress, log=log)
+            if not patch.get("finished"):
+                return patch
+            compare[f"patch ViT ({cfg.classifier_size}, patch {cfg.patch}, same steps, batch and lr)"] = patch
+        summary = training_report(out / "run" / "checkpoint.pt", out, compare=compare)
     summary["train_seconds"] = result["train_seconds"]
     return summary
 
 
 def run_fit_demo(out: str | Path, config: FitConfig, *, images: int = 8, size: int = 32, seed: int = 0,
-                 progress: bool = True) -> str:
+                 overwrite: bool = False, progress: bool = True) -> str:
     """Fit ``config`` to ``images`` built-in shapes images; writes ``reconstructions.png`` (image |
     Gaussians | 2-sigma ellipses), ``gaussians.safetensors`` and ``report.md``. Returns the summary line."""
     for name, value in (("images", images), ("size", size)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    settings = {"fit": config.to_dict(), "images": images, "size": size, "seed": seed}
+    with output_folder(out, "fit-demo", settings=settings, continues=True, overwrite=overwrite):
+        return _fit_demo(Path(out), config, images, size, seed, progress)
+
+
+def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int, progress: bool) -> str:
     pixels, labels, _ = make_shapes(images, size, seed=seed)
     res = fit_gaussians(pixels, config, progress=progress)
-    outdir = Path(out)
     save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,
                    metadata={"height": str(size), "width": str(size), "source": "gvit demo shapes"})
     rows, s = [], 8

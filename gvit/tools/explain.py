@@ -13,7 +13,7 @@ from torch import Tensor
 from ..data import ImageReadError, read_image
 from ..data.transforms import resize_square
 from ..explain import explain_images
-from ..files import write_json
+from ..files import output_folder, write_json
 from ..progress import progress_bar
 from ..train import load_gvit
 from ..viz import draw_ellipses
@@ -53,7 +53,8 @@ def _panel(path, image: Tensor, maps: dict, i: int, classes: list[str], grid: in
 
 
 def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = None, grid: int = 16,
-                  batch_size: int = 32, skip_bad: bool = False, progress: bool = True) -> dict:
+                  batch_size: int = 32, skip_bad: bool = False, overwrite: bool = False,
+                  progress: bool = True) -> dict:
     """``gvit explain``: one panel PNG per image (input, reconstruction, ellipses, det(Sigma) map,
     CDAM map, top-5) under ``out`` (named like the input, see :func:`gvit.tools.fit_files.collect_images`),
     ``explain.json`` with the predictions and ``index.html`` showing every panel. Images of any
@@ -74,8 +75,15 @@ def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = N
     jobs = collect_images(inputs)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(checkpoint), "target": target, "grid": grid}
+    with output_folder(out, "explain", settings=settings, inputs=[*inputs, checkpoint], continues=True,
+                       overwrite=overwrite):
+        return _explain(trained, checkpoint, jobs, Path(out), target, grid, batch_size, skip_bad, progress)
+
+
+def _explain(trained, checkpoint, jobs, out: Path, target, grid: int, batch_size: int, skip_bad: bool,
+             progress: bool) -> dict:
+    cfg, classes = trained.cfg, trained.classes
     size = cfg.image_size
     records, skipped = [], []
     bar = progress_bar(len(jobs), desc="explain", unit="img", enabled=progress)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from ..data import ImageReadError, open_dataset, spread_indices
 from ..data.shards import shard_name, storage_dtype, write_manifest, write_shard
 from ..distributed import barrier, launched_world, share_threads
-from ..files import record_settings
+from ..files import output_folder, record_settings
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import concat
 from ..progress import progress_bar
@@ -22,7 +23,7 @@ __all__ = ["fit_dataset"]
 
 def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, split: str = "train",
                 shard_size: int = 1024, batch_size: int = 256, limit: int | None = None, dtype: str = "float16",
-                skip_bad: bool = False, progress: bool = True, log=print) -> dict:
+                skip_bad: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Convert a dataset (anything :func:`gvit.data.open_dataset` opens) into Gaussian shards.
 
     Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
@@ -35,8 +36,9 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
     """
     storage_dtype(dtype)  # refuse an unknown dtype before any work
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+    for name, value in (("--shard-size", shard_size), ("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     dataset = open_dataset(data, split)
     order = range(len(dataset)) if limit is None else spread_indices(len(dataset), limit)
     n = len(order)
@@ -46,6 +48,18 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     rank, world, local_world = launched_world()
     settings = {"data": str(data), "split": split, "num_images": n, "shard_size": shard_size, "dtype": dtype,
                 "fit": config.to_dict()}
+    with contextlib.ExitStack() as stack:
+        if rank == 0:  # one claim per launch; the other ranks write their shards under it
+            stack.enter_context(output_folder(out, "fit-dataset", settings=settings, continues=True,
+                                              overwrite=overwrite))
+        return _convert(dataset, data, order, out, config, settings, split, shard_size, batch_size, dtype, skip_bad,
+                        progress, log)
+
+
+def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict, split: str, shard_size: int,
+             batch_size: int, dtype: str, skip_bad: bool, progress: bool, log) -> dict:
+    n = len(order)
+    rank, world, local_world = launched_world()
     record_settings(out / "settings.json", settings, write=rank == 0)
     if world > 1:
         share_threads(local_world)

@@ -2,7 +2,9 @@
 
 :func:`fit_files` writes, per image, ``<name>.gaussians.safetensors``, ``<name>.recon.png`` (the
 render), ``<name>.overlay.png`` (2-sigma ellipses over the image) and one ``metrics.csv``. The job
-is resumable: outputs are written atomically and a rerun skips images whose Gaussian file exists.
+is resumable: outputs are written atomically, and a rerun skips the images that are done (a metrics
+row and a Gaussian file that loads and is valid; anything else is fitted again). The output folder
+may not overlap the inputs and is locked while the job writes (:func:`gvit.files.output_folder`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
 from ..data.shards import storage_dtype
 from ..fit import FitConfig, compression_ratio, fit_gaussians
-from ..gaussians import compact, save_gaussians
+from ..files import check_output, output_folder
+from ..gaussians import compact, load_gaussians, save_gaussians
 from ..progress import progress_bar
 from ..viz import draw_ellipses, save_png, to_uint8
 from .artifacts import write_csv
@@ -79,15 +82,37 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     summary dict (counts, mean PSNR, skipped files, seconds).
     """
     torch_dtype, nbytes = storage_dtype(dtype)
-    out = Path(out)
+    out = check_output(out, inputs)
     jobs = collect_images(inputs)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    settings = {"fit": config.to_dict(), "dtype": dtype}
+    with output_folder(out, "fit", settings=settings, inputs=inputs, overwrite=overwrite, continues=True):
+        return _fit_files(jobs, out, config, torch_dtype, nbytes, batch_size, skip_bad, overwrite, pictures,
+                          progress, log)
+
+
+def _finished(out: Path, name: str, rows: dict[str, dict]) -> bool:
+    """An image is done when its metrics row exists and its Gaussian file loads and is valid."""
+    path = out / f"{name}.gaussians.safetensors"
+    if name not in rows or not path.is_file():
+        return False
+    try:
+        load_gaussians(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, batch_size: int, skip_bad: bool,
+               overwrite: bool, pictures: bool, progress: bool, log) -> dict:
     bad: list[str] = []
     done = 0
+    metrics_path = out / "metrics.csv"
+    rows = _read_metrics(metrics_path)
     by_size: dict[tuple[int, int], list[tuple[Path, str]]] = {}
     for path, name in jobs:
-        if not overwrite and (out / f"{name}.gaussians.safetensors").is_file():
+        if not overwrite and _finished(out, name, rows):
             done += 1
             continue
         try:
@@ -96,8 +121,6 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
             if not skip_bad:
                 raise
             bad.append(str(exc))
-    metrics_path = out / "metrics.csv"
-    rows = _read_metrics(metrics_path)
     batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
     bar = progress_bar(sum(len(b) for b in batches), desc="fitting", unit="img", enabled=progress)
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..data import open_dataset, spread_indices
 from ..data.transforms import resize_square
 from ..explain import explain_images, mask_mass, rank_correlation
-from ..files import write_json, write_text
+from ..files import output_folder, write_json, write_text
 from ..progress import progress_bar
 from ..train import load_gvit
 from .artifacts import markdown_table
@@ -20,7 +20,7 @@ __all__ = ["saliency_statistics"]
 
 
 def saliency_statistics(checkpoint, out=None, *, limit: int | None = 512, batch_size: int = 128,
-                        overrides: list[str] | None = None, progress: bool = True) -> dict:
+                        overrides: list[str] | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """The paper's interpretability claims as numbers, over ``limit`` test images spread over the
     checkpoint's evaluation split (CDAM of the predicted class):
 
@@ -34,6 +34,15 @@ def saliency_statistics(checkpoint, out=None, *, limit: int | None = 512, batch_
     With ``out`` writes ``interpret.json`` and ``interpret.md`` there. Returns the figures."""
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be >= 1, got {batch_size}, {limit}")
+    if out is None:
+        return _saliency_statistics(checkpoint, None, limit, batch_size, overrides, progress)
+    settings = {"checkpoint": str(checkpoint), "limit": limit, "overrides": overrides}
+    with output_folder(out, "interpret", settings=settings, inputs=[checkpoint], continues=True,
+                       overwrite=overwrite):
+        return _saliency_statistics(checkpoint, Path(out), limit, batch_size, overrides, progress)
+
+
+def _saliency_statistics(checkpoint, out: Path | None, limit, batch_size: int, overrides, progress: bool) -> dict:
     trained = load_gvit(checkpoint, overrides, job="interpret")
     cfg = trained.cfg
     dataset = open_dataset(cfg.data, cfg.eval_split)
@@ -69,7 +78,6 @@ def saliency_statistics(checkpoint, out=None, *, limit: int | None = 512, batch_
     if masks_all is not None:
         figures["cdam_mass_inside"] = {key: summary(v) for key, v in mass.items()}
     if out is not None:
-        out = Path(out)
         write_json(out / "interpret.json", figures)
         write_text(out / "interpret.md", _interpret_table(figures))
     return figures

@@ -29,7 +29,7 @@ import torch
 from ..data import open_dataset
 from ..data.shards import load_shards, read_manifest, read_shard, shard_name, write_manifest, write_shard
 from ..data.transforms import resize_square
-from ..files import record_settings, write_json, write_text
+from ..files import output_folder, record_settings, write_json, write_text
 from ..progress import progress_bar
 from ..train import apply_overrides, evaluate_checkpoint, load_gvit, step_generator, train_or_reuse
 from .artifacts import markdown_table, write_csv
@@ -91,7 +91,7 @@ _LABEL = {"sgd": "SGD Gaussians", "learned": "learned Gaussians"}
 
 def run_leakage(checkpoint: str | os.PathLike, sgd_train: str | os.PathLike, sgd_test: str | os.PathLike,
                 out: str | os.PathLike, *, overrides: list[str] | None = None, data: str | None = None,
-                progress: bool = True, log=print) -> dict:
+                overwrite: bool = False, progress: bool = True, log=print) -> dict:
     """Both leakage experiments for a GViT checkpoint and SGD-fitted train / test folders.
 
     The four classifiers share the checkpoint's classifier settings (size, patch, batch, lr,
@@ -99,7 +99,14 @@ def run_leakage(checkpoint: str | os.PathLike, sgd_train: str | os.PathLike, sgd
     to ``out/<run>/`` and is skipped when its ``result.json`` exists (or resumed from its
     checkpoint). Returns the figures written to ``leakage.json``.
     """
-    out = Path(out)
+    settings = {"checkpoint": str(checkpoint), "sgd_train": str(sgd_train), "sgd_test": str(sgd_test),
+                "overrides": overrides, "data": data}
+    with output_folder(out, "leakage", settings=settings, inputs=[checkpoint, sgd_train, sgd_test], continues=True,
+                       overwrite=overwrite):
+        return _run_leakage(checkpoint, sgd_train, sgd_test, Path(out), overrides, data, progress, log)
+
+
+def _run_leakage(checkpoint, sgd_train, sgd_test, out: Path, overrides, data, progress: bool, log) -> dict:
     gvit_cfg = load_gvit(checkpoint, device="cpu", job="the leakage tests").cfg
     folders = {"sgd": {"train": Path(sgd_train), "test": Path(sgd_test)},
                "learned": {"train": out / "learned_train", "test": out / "learned_test"}}

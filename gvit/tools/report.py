@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..explain import explain_images
-from ..files import write_json
+from ..files import output_folder, write_json
 from ..models import GViT
 from ..train import evaluate, load_trained
 from ..viz import draw_ellipses
@@ -93,11 +93,17 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
 
 
 def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, num_examples: int = 8,
-                    overrides: list[str] | None = None, device=None, compare: dict[str, dict] | None = None) -> dict:
+                    overrides: list[str] | None = None, device=None, compare: dict[str, dict] | None = None,
+                    overwrite: bool = False) -> dict:
     """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary.
     ``compare``: results of other runs with the same budget (name -> ``{"top1", "train_seconds", ...}``
     as :func:`gvit.train.train` returns them), shown in a table beside this one."""
-    checkpoint, out = Path(checkpoint), Path(out)
+    with output_folder(out, "report", settings={"checkpoint": str(checkpoint), "overrides": overrides},
+                       inputs=[checkpoint], continues=True, overwrite=overwrite):
+        return _training_report(Path(checkpoint), Path(out), num_examples, overrides, device, compare)
+
+
+def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, device, compare) -> dict:
     trained = load_trained(checkpoint, overrides, device)
     cfg, classes = trained.cfg, trained.classes
     try:
@@ -106,7 +112,6 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
         raise ValueError(f"{checkpoint}: {exc} to report on") from None
     summary = {"checkpoint": str(checkpoint), "model": cfg.model, "data": cfg.data, "classes": classes}
     summary.update(evaluate(trained.step, test_ds, collate))
-    out.mkdir(parents=True, exist_ok=True)
     n = min(num_examples, len(test_ds))
     files = {}
     if n and trained.step.reads_images:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..files import check_settings, write_json, write_text
+from ..files import check_settings, output_folder, write_json, write_text
 from ..train import load_config
 from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
@@ -77,7 +77,8 @@ def _launch(argv: list[str], nproc: int) -> None:
 
 
 def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out: str | os.PathLike, *,
-              overrides: list[str] | None = None, nproc: int = 1, launch=None, log=print) -> list[dict]:
+              overrides: list[str] | None = None, nproc: int = 1, overwrite: bool = False, launch=None,
+              log=print) -> list[dict]:
     """Train every variant of ``grid`` on top of ``config`` + ``overrides`` into ``out``; returns
     the result rows (one per finished variant). ``launch(argv, nproc)`` runs one ``gvit`` command
     (the default starts a child process). Every variant's config is checked before the first
@@ -107,6 +108,12 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
         if saved.is_file():
             check_settings(json.loads(saved.read_text())["config"], resolved, out / name,
                            hint="use another --out or remove that folder")
+    settings = {"config": None if config is None else str(config), "overrides": base, "grid": grid, "nproc": nproc}
+    with output_folder(out, "sweep", settings=settings, continues=True, overwrite=overwrite):
+        return _train_variants(config, grid, out, base, plan, nproc, launch, log)
+
+
+def _train_variants(config, grid, out: Path, base: list[str], plan, nproc: int, launch, log) -> list[dict]:
     write_json(out / "sweep.json", {"config": None if config is None else str(config), "overrides": base,
                                     "grid": grid, "nproc": nproc})
     rows = _rows(out, plan)
@@ -119,7 +126,7 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
         resume = (folder / "checkpoint.pt").is_file()
         log(f"[{i + 1}/{len(plan)}] {name}: {'resuming' if resume else 'training'}")
         argv = ["train", *(["--config", str(config)] if config is not None else []), *base, *pairs,
-                f"out={folder}", "--quiet", *(["--resume"] if resume else [])]
+                f"out={folder}", "--quiet", "--resume" if resume else "--overwrite"]  # no checkpoint: nothing to keep
         launch(argv, nproc)
         if not (folder / "result.json").is_file():
             raise ChildProcessError(f"sweep: {name} ended without {folder / 'result.json'} (no evaluation split?)")

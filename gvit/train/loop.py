@@ -13,6 +13,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import init_process_group, rank_world
-from ..files import atomic_path, check_settings, write_json
+from ..files import atomic_path, check_settings, output_folder, write_json
 from ..progress import progress_bar
 from ..settings import apply_overrides
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -44,11 +45,22 @@ def _state(run: ModelStep, cfg: TrainConfig, step: int, bad_steps: int, classes:
     return {"step": step, "bad_steps": bad_steps, "config": cfg.to_dict(), "classes": list(classes)} | run.state_dict()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
-          log=print) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+          progress: bool = True, log=print) -> dict:
     """Train per ``cfg``; returns the final evaluation (or a partial summary when ``stop_after``
     steps of this call ran first, as when a job is interrupted). ``resume`` continues from
-    ``<out>/checkpoint.pt``."""
+    ``<out>/checkpoint.pt``. The run folder is claimed (:func:`gvit.files.output_folder`): a folder
+    holding a run (finished or not) is refused unless ``resume`` or ``overwrite`` (start again), one
+    holding other files or a run with other settings unless ``overwrite``."""
+    with contextlib.ExitStack() as stack:
+        if int(os.environ.get("RANK", 0)) == 0:  # one claim per launch (torchrun's rank 0)
+            settings = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+            stack.enter_context(output_folder(cfg.out, "train", settings=settings, resume=resume, overwrite=overwrite,
+                                              what="out="))
+        return _train(cfg, resume=resume, stop_after=stop_after, progress=progress, log=log)
+
+
+def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
     device = _device(cfg)
     init_process_group(device)
     rank, world = rank_world()
@@ -59,6 +71,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         raise ValueError(f"config: batch_size {cfg.batch_size} must be divisible by the {world} processes")
     step_kind = model_kind(cfg)
     train_ds, test_ds = step_kind.datasets(cfg)
+    split_note = getattr(test_ds, "split_note", None)  # a folder without a split: its held-out part
+    if split_note and rank == 0:
+        log(f"data: {split_note}")
     train_ds, test_ds = limit(train_ds, cfg.limit_train), limit(test_ds, cfg.limit_eval)
     collate = step_kind.collate(cfg)
     classes = list(train_ds.classes)
@@ -118,6 +133,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     if end < cfg.steps:
         return {"step": end, "finished": False}
     result = {"step": end, "finished": True, "bad_steps": bad_steps, "train_seconds": time.perf_counter() - t0}
+    if split_note:
+        result["split_note"] = split_note
     if test_ds is not None and rank == 0:
         result.update(evaluate(run, test_ds, collate))
     if rank == 0:
@@ -125,15 +142,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     return result
 
 
-def train_or_reuse(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, log=print) -> dict:
+def train_or_reuse(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = False, progress: bool = True,
+                   log=print) -> dict:
     """The result of the run ``cfg`` describes. With ``resume``, a run that finished before (its
     ``<out>/result.json`` exists) is read back, not trained again, and an interrupted one continues
-    from its checkpoint; without it the run is trained from the start."""
+    from its checkpoint; with ``overwrite`` the run is trained again from the start."""
     out = Path(cfg.out)
-    if resume and (out / "result.json").is_file():
+    if resume and not overwrite and (out / "result.json").is_file():
         log(f"{out}: finished before, kept")
         return json.loads((out / "result.json").read_text())
-    return train(cfg, resume=resume and (out / "checkpoint.pt").is_file(), progress=progress, log=log)
+    return train(cfg, resume=resume and not overwrite and (out / "checkpoint.pt").is_file(), overwrite=overwrite,
+                 progress=progress, log=log)
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,187 @@
+"""Output folders that protect their inputs and runs (gvit.files.output_folder), driven through the
+real CLI: each bad case exits 2 with one line naming the culprit, leaves the inputs unchanged and
+writes nothing; reruns keep finished work and redo what is missing or invalid."""
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gvit.cli import main
+from gvit.files import LOCK, MARKER, output_folder
+
+QUICK = ["--num-gaussians", "8", "--iters", "5", "--quiet"]
+TRAIN = ["data=shapes:48", "limit_eval=16", "steps=2", "batch_size=8", "encoder_size=micro", "classifier_size=micro",
+         "image_size=16", "patch=4", "num_gaussians=8", "log_every=1"]
+
+
+def _images(folder, n=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(capsys, *names):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("gvit "), err  # one line, no traceback
+    for name in names:
+        assert str(name) in err, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_fit_refuses_an_out_folder_in_its_inputs(tmp_path, capsys, where):
+    photos = _images(tmp_path / "photos")
+    before = _digest(photos)
+    out = photos if where == "same" else photos / "fitted"
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 2
+    err = _error(capsys, photos)
+    assert ("is the input" if where == "same" else "lies inside the input") in err
+    assert _digest(photos) == before and not (photos / "fitted").exists()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    assert main(["train", *TRAIN, f"out={out}", "--quiet"]) == 0
+    return out / "checkpoint.pt"
+
+
+def test_explain_and_report_refuse_to_write_over_their_inputs(tmp_path, capsys, checkpoint):
+    photos = _images(tmp_path / "photos")
+    before, run = _digest(photos), _digest(checkpoint.parent)
+    assert main(["explain", str(photos), "--checkpoint", str(checkpoint), "--out", str(photos), "--quiet"]) == 2
+    _error(capsys, photos, "is the input")
+    assert main(["report", "--checkpoint", str(checkpoint), "--out", str(checkpoint.parent)]) == 2
+    _error(capsys, checkpoint.parent, "holds the input")
+    assert _digest(photos) == before and _digest(checkpoint.parent) == run
+    assert main(["explain", str(photos), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "ex"), "--quiet"]) == 0
+
+
+def test_an_out_that_is_a_file_or_holds_foreign_files_is_refused(tmp_path, capsys):
+    photos = _images(tmp_path / "photos")
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert main(["fit", str(photos), "--out", str(target), *QUICK]) == 2
+    _error(capsys, target, "not a folder")
+    foreign = tmp_path / "mixed"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert main(["fit", str(photos), "--out", str(foreign), *QUICK]) == 2
+    _error(capsys, foreign, "thesis.tex", "--overwrite")
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+    assert main(["fit", str(photos), "--out", str(foreign), "--overwrite", *QUICK]) == 0
+    assert (foreign / "thesis.tex").read_text() == "keep me" and (foreign / "im0.gaussians.safetensors").is_file()
+
+
+def test_another_jobs_folder_is_refused(tmp_path, capsys):
+    photos = _images(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 0
+    before = _digest(out)
+    assert main(["train", *TRAIN, f"out={out}", "--quiet"]) == 2
+    _error(capsys, out, "gvit fit")
+    assert _digest(out) == before
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_told(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TRAIN, f"out={out}", "--quiet"]) == 0  # key=value after a flag is accepted
+    capsys.readouterr()
+    finished = _digest(out)
+    assert main(["train", *TRAIN, f"out={out}", "--quiet"]) == 2
+    _error(capsys, out, "--resume", "--overwrite")
+    assert main(["train", *TRAIN, "steps=3", f"out={out}", "--resume", "--quiet"]) == 2
+    _error(capsys, out, "other settings", "steps")
+    assert _digest(out) == finished
+    assert main(["train", *TRAIN, "steps=3", f"out={out}", "--overwrite", "--quiet"]) == 0
+    assert json.loads((out / "result.json").read_text())["step"] == 3
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    photos = _images(tmp_path / "photos")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"job": "fit", "pid": holder.pid, "host": os.uname().nodename}))
+        assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 2
+        _error(capsys, out, f"pid {holder.pid}", "gvit fit")
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / ".im0.gaussians.safetensors.x1y2.tmp").write_bytes(b"half")  # a killed run's temporary file
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 0  # the dead holder's lock is taken over
+    assert not (out / LOCK).exists() and not list(out.glob(".*.tmp"))
+    assert json.loads((out / MARKER).read_text())["job"] == "fit"
+
+
+def test_fit_redoes_images_without_a_metrics_row_or_with_an_invalid_file(tmp_path, capsys):
+    photos = _images(tmp_path / "photos", n=3)
+    out = tmp_path / "out"
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 0
+    capsys.readouterr()
+    with open(out / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["name"] != "im0"]  # killed before its row was written
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "im1.gaussians.safetensors").write_bytes(b"corrupt")
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 0
+    assert "fitted 2 image(s)" in capsys.readouterr().out
+    with open(out / "metrics.csv", newline="") as f:
+        assert sorted(r["name"] for r in csv.DictReader(f)) == ["im0", "im1", "im2"]
+
+
+def test_a_failed_claim_or_an_early_error_writes_nothing(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with output_folder(out, "fit"):
+            raise RuntimeError("failed before writing anything")
+    assert not out.exists()
+    with output_folder(out, "fit") as folder:  # nested claim by the holder: no second lock, no new marker
+        with output_folder(folder, "report"):
+            pass
+        assert json.loads((folder / MARKER).read_text())["job"] == "fit"
+
+
+def test_a_folder_without_a_split_is_evaluated_on_held_out_images(tmp_path, capsys):
+    from gvit.data import open_dataset
+
+    tree = tmp_path / "tree"
+    for c in ("cats", "dogs"):
+        _images(tree / c, n=12)
+    train_part, test_part = open_dataset(tree, "train"), open_dataset(tree, "test")
+    train_files = {train_part.dataset.samples[i][0] for i in train_part.indices}
+    test_files = {test_part.dataset.samples[i][0] for i in test_part.indices}
+    assert len(train_files) == 22 and len(test_files) == 2 and not train_files & test_files
+    assert test_part.classes == ["cats", "dogs"] and "held out" in test_part.split_note
+    out = tmp_path / "run"
+    assert main(["train", f"data={tree}", *TRAIN[1:], "batch_size=4", f"out={out}", "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["eval_images"] == 2 and "held out" in result["split_note"]
+
+
+def test_arguments_are_checked_for_sense_before_any_work(tmp_path, capsys):
+    photos = _images(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert main(["fit", str(photos), "--out", str(out), "--num-gaussians", "1000000000", "--quiet"]) == 2
+    _error(capsys, "num_gaussians=1000000000", "GiB")
+    assert not out.exists()
+    assert main(["fit-dataset", "--data", "shapes:32", "--out", str(out), "--limit", "-5", "--quiet"]) == 2
+    _error(capsys, "--limit", "-5")
+    assert not out.exists()
