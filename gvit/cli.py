@@ -75,7 +75,7 @@ def _fit_demo(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from .tools.fit_files import fit_files
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = fit_files(args.inputs, args.out, _fit_config(args), batch_size=args.batch_size, dtype=args.dtype,
                         skip_bad=args.skip_bad, overwrite=args.overwrite, pictures=not args.no_pictures,
@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "images that are done (a metrics row and a valid Gaussian file).")
     fit.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     fit.add_argument("--out", required=True)
-    fit.add_argument("--batch-size", type=int, default=16, help="images of one size fitted together")
+    fit.add_argument("--batch-size", type=int, default=None,
+                     help="images of one size fitted together (default: as many as use a quarter of the free "
+                          "memory, at most 256)")
     fit.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     fit.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
     fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with other settings")

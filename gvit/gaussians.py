@@ -341,11 +341,17 @@ def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     missing = [name for name in _FIELDS if name not in tensors]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
+    for name in _FIELDS:  # before any conversion: an int or bool field is not silently made float
+        if not tensors[name].is_floating_point():
+            raise ValueError(f"{path}: {name} must be floating point, got {tensors[name].dtype}")
     g = Gaussians(**{name: tensors[name].to(dtype) for name in _FIELDS}, valid=tensors.get("valid"))
     validate_gaussians(g, source=str(path))
+    if g.channels == 3 and ((g.colors < 0) | (g.colors > 1)).any():
+        raise ValueError(f"{path}: RGB colours must lie in [0, 1]")
     labels = tensors.get("labels")
-    if labels is not None and labels.shape != (g.batch_size,):
-        raise ValueError(f"{path}: labels have shape {tuple(labels.shape)}, expected ({g.batch_size},)")
+    if labels is not None and (labels.shape != (g.batch_size,) or labels.is_floating_point() or labels.dtype == torch.bool):
+        raise ValueError(f"{path}: labels must be integers of shape ({g.batch_size},), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
     return g, labels, meta
 
 

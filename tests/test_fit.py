@@ -206,3 +206,11 @@ def test_bad_images_are_refused():
             fit_gaussians(bad, iters=1)
     with pytest.raises(ValueError, match="init_raw"):
         fit_gaussians(good, num_gaussians=4, iters=1, init_raw=torch.zeros(1, 5, 9))
+
+
+def test_auto_batch_size_follows_image_size_and_k_within_bounds():
+    from gvit.fit import auto_batch_size
+
+    small, large, huge = auto_batch_size(32, 32, 256), auto_batch_size(512, 512, 16384), auto_batch_size(8000, 8000, 10**6)
+    assert small == 256 and 1 <= huge <= large <= small
+    assert auto_batch_size(32, 32, 256, most=16) == 16

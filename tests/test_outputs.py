@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -185,3 +186,48 @@ def test_arguments_are_checked_for_sense_before_any_work(tmp_path, capsys):
     assert main(["fit-dataset", "--data", "shapes:32", "--out", str(out), "--limit", "-5", "--quiet"]) == 2
     _error(capsys, "--limit", "-5")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("opacities", lambda t: t.to(torch.int32), "opacities must be floating point"),
+    ("means", lambda t: t > 0, "means must be floating point"),
+    ("colors", lambda t: t * 1e6, "colours must lie in [0, 1]"),
+    ("labels", lambda t: t.float(), "labels must be integers"),
+])
+def test_gaussian_files_with_wrong_types_or_ranges_are_refused(tmp_path, field, value, message):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gvit.gaussians import decode, load_gaussians, sample_initial, save_gaussians
+
+    path = tmp_path / "g.safetensors"
+    save_gaussians(path, decode(sample_initial(2, 5)), labels=torch.tensor([0, 1]))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors[field] = value(tensors[field]).contiguous()
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=f"g.safetensors: .*{message[:20]}"):
+        load_gaussians(path)
+
+
+def test_a_decompression_bomb_is_named_and_skipped_without_losing_the_good_files(tmp_path, capsys):
+    import struct
+    import zlib
+
+    photos = _images(tmp_path / "photos")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)  # claims 60000 x 60000 RGB
+    (photos / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                      + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    out = tmp_path / "out"
+    assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 2
+    _error(capsys, "bomb.png")
+    assert not out.exists()
+    assert main(["fit", str(photos), "--out", str(out), "--skip-bad", *QUICK]) == 0
+    assert "bomb.png" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.gaussians.safetensors")) == ["im0.gaussians.safetensors",
+                                                                         "im1.gaussians.safetensors"]

@@ -76,7 +76,7 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None, *, mi
             arr = _to_rgb_array(img, name)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{name}: not a readable image ({exc})") from exc
     if min(arr.shape[:2]) < min_size:
         raise ImageReadError(f"{name}: image is {arr.shape[1]}x{arr.shape[0]}, smaller than min_size={min_size}")
@@ -93,7 +93,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
     return height, width
 

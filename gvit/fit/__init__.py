@@ -1,8 +1,9 @@
 """Fitting Gaussians to images: :mod:`~gvit.fit.init` (initialisations) and :mod:`~gvit.fit.core`
 (``FitConfig``, batched optimisation, pruning, compression)."""
 
-from .core import FitConfig, FitResult, compression_ratio, fit_gaussians, luminance_contribution
+from .core import (FitConfig, FitResult, auto_batch_size, check_memory, compression_ratio, fit_gaussians,
+                   luminance_contribution)
 from .init import INITS, gaussians_from_segments, initialize
 
 __all__ = ["INITS", "FitConfig", "FitResult", "fit_gaussians", "initialize", "luminance_contribution",
-           "compression_ratio", "gaussians_from_segments"]
+           "compression_ratio", "gaussians_from_segments", "auto_batch_size", "check_memory"]

@@ -13,13 +13,14 @@ import csv
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
 from ..data.shards import storage_dtype
-from ..fit import FitConfig, compression_ratio, fit_gaussians
+from ..fit import FitConfig, auto_batch_size, compression_ratio, fit_gaussians
 from ..files import check_output, output_folder
 from ..gaussians import compact, load_gaussians, save_gaussians
 from ..progress import progress_bar
@@ -69,11 +70,12 @@ def _write_metrics(path: Path, rows: dict[str, dict]) -> None:
 
 
 def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: FitConfig, *,
-              batch_size: int = 16, dtype: str = "float32", skip_bad: bool = False, overwrite: bool = False,
+              batch_size: int | None = None, dtype: str = "float32", skip_bad: bool = False, overwrite: bool = False,
               pictures: bool = True, progress: bool = True, log=print) -> dict:
     """Fit Gaussians to image files (see the module docstring for what is written).
 
-    Images of the same size are fitted together, ``batch_size`` at a time, and read only when
+    Images of the same size are fitted together, ``batch_size`` at a time (default: chosen from
+    the image size, k and free memory by :func:`gvit.fit.auto_batch_size`), and read only when
     their batch comes (memory stays bounded for any number of files). Every file's header is
     checked first: a file that is not an image raises :class:`~gvit.data.ImageReadError` naming
     it before anything is fitted (one whose pixels turn out corrupt raises when its batch is
@@ -104,7 +106,29 @@ def _finished(out: Path, name: str, rows: dict[str, dict]) -> bool:
     return True
 
 
-def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, batch_size: int, skip_bad: bool,
+def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dtype, nbytes: int, pictures: bool,
+                 rows: dict, metrics_path: Path) -> None:
+    """One fitted batch's files: pictures and Gaussian files, then its metrics rows (the only
+    writer of ``rows`` and metrics.csv while the job runs)."""
+    h, w = x.shape[2:]
+    for i, name in enumerate(names):
+        g = compact(res.gaussians[i:i + 1])
+        count = int(g.counts()[0])
+        meta = {"height": h, "width": w, "source": str(sources[name]), "psnr": f"{float(res.psnr[i]):.4f}",
+                "scale_factor": config.scale_factor, "fit_config": json.dumps(config.to_dict())}
+        if pictures:
+            save_png(out / f"{name}.recon.png", to_uint8(res.rendered[i]))
+            save_png(out / f"{name}.overlay.png", draw_ellipses(x[i], g))
+        save_gaussians(out / f"{name}.gaussians.safetensors", g, dtype=torch_dtype, metadata=meta)
+        rows[name] = {"name": name, "file": str(sources[name]), "height": h, "width": w, "count": count,
+                      "psnr": f"{float(res.psnr[i]):.3f}", "ssim": f"{float(res.ssim[i]):.5f}",
+                      "bytes": count * 9 * nbytes,
+                      "compression": f"{float(compression_ratio(torch.tensor([count]), h, w, bytes_per_value=nbytes)):.3f}",
+                      "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
+    _write_metrics(metrics_path, rows)
+
+
+def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, batch_size: int | None, skip_bad: bool,
                overwrite: bool, pictures: bool, progress: bool, log) -> dict:
     bad: list[str] = []
     done = 0
@@ -121,46 +145,40 @@ def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, bat
             if not skip_bad:
                 raise
             bad.append(str(exc))
-    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    batches = []
+    for (h, w), group in by_size.items():
+        size = batch_size or auto_batch_size(h, w, config.num_gaussians)
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
     bar = progress_bar(sum(len(b) for b in batches), desc="fitting", unit="img", enabled=progress)
     start = time.perf_counter()
     fitted: list[str] = []
-    for batch in batches:
-        pixels, names, sources = [], [], {}
-        for path, name in batch:
-            try:
-                pixels.append(read_image(path))
-            except ImageReadError as exc:
-                if not skip_bad:
-                    raise
-                bad.append(str(exc))
+    # Each batch's files are written by one background thread, in order, while the next batch is
+    # fitted; its metrics rows go in last, so a kill leaves every listed image whole (the rest is redone).
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = []
+        for batch in batches:
+            pixels, names, sources = [], [], {}
+            for path, name in batch:
+                try:
+                    pixels.append(read_image(path))
+                except ImageReadError as exc:
+                    if not skip_bad:
+                        raise
+                    bad.append(str(exc))
+                    continue
+                names.append(name)
+                sources[name] = path
+            if not names:
                 continue
-            names.append(name)
-            sources[name] = path
-        if not names:
-            continue
-        x = torch.stack(pixels)
-        res = fit_gaussians(x, config, progress=progress)
-        h, w = x.shape[2:]
-        recon = res.rendered
-        for i, name in enumerate(names):
-            g = compact(res.gaussians[i:i + 1])
-            count = int(g.counts()[0])
-            meta = {"height": h, "width": w, "source": str(sources[name]), "psnr": f"{float(res.psnr[i]):.4f}",
-                    "scale_factor": config.scale_factor, "fit_config": json.dumps(config.to_dict())}
-            if pictures:
-                save_png(out / f"{name}.recon.png", to_uint8(recon[i]))
-                save_png(out / f"{name}.overlay.png", draw_ellipses(x[i], g))
-            save_gaussians(out / f"{name}.gaussians.safetensors", g, dtype=torch_dtype, metadata=meta)
-            rows[name] = {"name": name, "file": str(sources[name]), "height": h, "width": w, "count": count,
-                          "psnr": f"{float(res.psnr[i]):.3f}", "ssim": f"{float(res.ssim[i]):.5f}",
-                          "bytes": count * 9 * nbytes,
-                          "compression": f"{float(compression_ratio(torch.tensor([count]), h, w, bytes_per_value=nbytes)):.3f}",
-                          "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
-        _write_metrics(metrics_path, rows)
-        fitted += names
-        bar.update(len(batch))
-        bar.set_postfix(psnr=f"{float(res.psnr.mean()):.2f}")
+            x = torch.stack(pixels)
+            res = fit_gaussians(x, config, progress=progress)
+            pending.append(writer.submit(_write_batch, out, x, res, names, sources, config, torch_dtype, nbytes,
+                                         pictures, rows, metrics_path))
+            fitted += names
+            bar.update(len(batch))
+            bar.set_postfix(psnr=f"{float(res.psnr.mean()):.2f}")
+        for job in pending:
+            job.result()  # re-raise a writing error here
     bar.close()
     fitted = [rows[n] for n in fitted]
     summary = {"fitted": len(fitted), "already_done": done, "skipped_bad": bad,
