@@ -26,9 +26,9 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files (and some writers recreate them): the usual ones
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

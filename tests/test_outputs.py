@@ -231,3 +231,63 @@ def test_a_decompression_bomb_is_named_and_skipped_without_losing_the_good_files
     assert "bomb.png" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.gaussians.safetensors")) == ["im0.gaussians.safetensors",
                                                                          "im1.gaussians.safetensors"]
+
+
+def test_fit_dataset_skips_a_shard_whose_images_are_all_unreadable_and_a_rerun_finishes(tmp_path, capsys):
+    from gvit.data.shards import load_shards
+
+    tree = tmp_path / "tree"
+    _images(tree / "b", n=10)
+    (tree / "a").mkdir()
+    for i in range(10):
+        (tree / "a" / f"x{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "gs"
+    args = ["fit-dataset", "--data", str(tree), "--out", str(out), "--shard-size", "9", *QUICK]
+    assert main(args) == 2
+    _error(capsys, "x0.png")
+    assert main(args + ["--skip-bad"]) == 0
+    assert main(args + ["--skip-bad"]) == 0  # a rerun finds every shard done
+    g, labels, indices, manifest = load_shards(out)
+    assert len(labels) == 9 and set(labels.tolist()) == {1} and len(manifest["skipped"]) == 9
+
+
+def test_fit_dataset_redoes_a_corrupt_shard(tmp_path, capsys):
+    from gvit.data.shards import load_shards, shard_name
+
+    out = tmp_path / "gs"
+    args = ["fit-dataset", "--data", "shapes:24", "--out", str(out), "--shard-size", "8", *QUICK]
+    assert main(args) == 0
+    good = load_shards(out)[1]
+    (out / shard_name(1)).write_bytes(b"torn")
+    assert main(args) == 0
+    assert (load_shards(out)[1] == good).all()
+
+
+def test_settings_that_cannot_work_are_named(tmp_path, capsys, checkpoint):
+    photos = _images(tmp_path / "photos")
+    assert main(["fit", str(photos), "--out", str(tmp_path / "o"), "--lr-scale", "1e30", *QUICK]) == 2
+    _error(capsys, "lr_scale", "1e+30")
+    assert not (tmp_path / "o").exists()
+    assert main(["eval", "--checkpoint", str(checkpoint), "classifier_size=tiny"]) == 2
+    _error(capsys, "classifier_size changes the model", checkpoint)
+    assert main(["eval", "--checkpoint", str(checkpoint), "limit_eval=8"]) == 0
+
+
+def test_outputs_get_the_usual_permissions_and_a_checkpoint_from_another_version_is_named(tmp_path, capsys,
+                                                                                          checkpoint):
+    import torch as _torch
+
+    photos = _images(tmp_path / "photos")
+    out = tmp_path / "o"
+    old = os.umask(0o022)
+    try:
+        assert main(["fit", str(photos), "--out", str(out), *QUICK]) == 0
+    finally:
+        os.umask(old)
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir() if p.is_file())
+    state = _torch.load(checkpoint, weights_only=True)
+    state["config"]["a_key_from_the_future"] = 1
+    newer = tmp_path / "newer.pt"
+    _torch.save(state, newer)
+    assert main(["eval", "--checkpoint", str(newer)]) == 2
+    _error(capsys, "newer.pt", "a_key_from_the_future")

@@ -81,9 +81,13 @@ class FitConfig:
         # types, finiteness and the declared choices (init, loss, mode, backend) are checked by validate_fields
         need(self.num_gaussians >= 1, "num_gaussians", "an int >= 1")
         need(self.iters >= 0, "iters", "an int >= 0")
-        for name in ("dssim_weight", "l1_opacity", "lr_position", "lr_scale", "lr_angle", "lr_color",
-                     "lr_opacity"):
+        for name in ("dssim_weight", "l1_opacity"):
             need(getattr(self, name) >= 0, name, "a finite number >= 0")
+        # Adam moves a value by about its step size per iteration: beyond these the fit cannot converge
+        # (a raw logit moved by 10 per step saturates; the position step is in pixels)
+        for name, most in (("lr_position", 100.0), ("lr_scale", 10.0), ("lr_angle", 10.0), ("lr_color", 10.0),
+                           ("lr_opacity", 10.0)):
+            need(0 <= getattr(self, name) <= most, name, f"in [0, {most:g}]")
         need(0 <= self.warmup < 1, "warmup", "in [0, 1)")
         need(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
         need(0 <= self.prune_at <= 1, "prune_at", "in [0, 1]")

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from ..data import ImageReadError, open_dataset, spread_indices
-from ..data.shards import shard_name, storage_dtype, write_manifest, write_shard
+from ..data.shards import read_shard, shard_name, storage_dtype, write_manifest, write_shard
 from ..distributed import barrier, launched_world, share_threads
 from ..files import output_folder, record_settings
 from ..fit import FitConfig, fit_gaussians
-from ..gaussians import concat
+from ..gaussians import RAW_DIM, concat, decode
 from ..progress import progress_bar
 
 __all__ = ["fit_dataset"]
@@ -56,6 +56,17 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
                         progress, log)
 
 
+def _shard_done(path: Path) -> bool:
+    """A shard is done when its file exists and reads back as a valid shard (a corrupt one is redone)."""
+    if not path.is_file():
+        return False
+    try:
+        read_shard(path)
+    except ValueError:
+        return False
+    return True
+
+
 def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict, split: str, shard_size: int,
              batch_size: int, dtype: str, skip_bad: bool, progress: bool, log) -> dict:
     n = len(order)
@@ -64,7 +75,7 @@ def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict,
     if world > 1:
         share_threads(local_world)
     n_shards = -(-n // shard_size)
-    mine = [s for s in range(rank, n_shards, world) if not (out / shard_name(s)).is_file()]
+    mine = [s for s in range(rank, n_shards, world) if not _shard_done(out / shard_name(s))]
     todo = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine)
     bar = progress_bar(todo, desc=f"fit-dataset rank {rank}/{world}" if world > 1 else "fit-dataset", unit="img",
                        enabled=progress)
@@ -93,12 +104,16 @@ def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict,
             parts.append(res)
             bar.update(len(res.psnr))
             bar.set_postfix(shard=s, psnr=f"{float(res.psnr.mean()):.2f}")
-        if not parts:
-            raise ValueError(f"dataset {data}: every image of shard {s} is unreadable")
-        h, w = images[0].shape[1:]
-        write_shard(out, s, concat([p.gaussians for p in parts]), torch.tensor(labels), indices=indices,
-                    psnr=torch.cat([p.psnr for p in parts]), height=h, width=w, scale_factor=config.scale_factor,
-                    dtype=dtype, skipped=bad, start=lo, stop=hi, split=split, data=str(data), rank=rank)
+        if parts:
+            h, w = images[0].shape[1:]
+            gaussians, psnr = concat([p.gaussians for p in parts]), torch.cat([p.psnr for p in parts])
+        else:  # every image of the shard is unreadable (and skipped): an empty shard records that it is done
+            h = w = 0
+            gaussians = decode(torch.zeros(0, config.num_gaussians, RAW_DIM), config.scale_factor)
+            psnr = torch.zeros(0)
+        write_shard(out, s, gaussians, torch.tensor(labels, dtype=torch.long), indices=indices, psnr=psnr,
+                    height=h, width=w, scale_factor=config.scale_factor, dtype=dtype, skipped=bad, start=lo, stop=hi,
+                    split=split, data=str(data), rank=rank)
     bar.close()
     seconds = time.perf_counter() - start
     if world > 1 and torch.distributed.is_available():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import init_process_group, rank_world
-from ..files import atomic_path, check_settings, output_folder, write_json
+from ..files import atomic_path, check_settings, output_folder, settings_diff, write_json
 from ..progress import progress_bar
 from ..settings import apply_overrides
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -219,6 +219,10 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, de
     try:
         run.load_state_dict(state, optimizers=False)
     except (RuntimeError, ValueError) as exc:
+        changed = [k for k in settings_diff(state["config"], cfg.to_dict()) if k in (o.partition("=")[0] for o in overrides or [])]
+        if changed:
+            raise ValueError(f"{path}: {', '.join(changed)} changes the model this checkpoint holds; override only "
+                             f"what does not (data, eval_split, limit_eval, device, ...)") from None
         raise ValueError(f"{path}: the weights do not match the config ({str(exc).splitlines()[0]})") from None
     run.train(False)
     return TrainedRun(cfg, run, list(state["classes"]))
