@@ -78,6 +78,8 @@ def test_an_out_that_is_a_file_or_holds_foreign_files_is_refused(tmp_path, capsy
     target.write_text("mine")
     assert main(["fit", str(photos), "--out", str(target), *QUICK]) == 2
     _error(capsys, target, "not a folder")
+    assert main(["fit", str(photos), "--out", str(target / "sub"), *QUICK]) == 2
+    _error(capsys, target / "sub", "cannot create the folder")
     foreign = tmp_path / "mixed"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
