@@ -293,3 +293,24 @@ def test_outputs_get_the_usual_permissions_and_a_checkpoint_from_another_version
     _torch.save(state, newer)
     assert main(["eval", "--checkpoint", str(newer)]) == 2
     _error(capsys, "newer.pt", "a_key_from_the_future")
+
+
+def test_a_demo_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, monkeypatch):
+    import gvit.train.loop as loop
+    from gvit.tools.demo import run_demo
+
+    out = tmp_path / "demo"
+    overrides = ["data=shapes:64", "limit_eval=16", "steps=4", "image_size=16", "num_gaussians=8", "batch_size=8"]
+    real = loop._train
+
+    def killed(cfg, **kw):  # a run that wrote its first metric lines and was killed before a checkpoint
+        (tmp_path / "demo" / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out, overrides, baseline=False, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(loop, "_train", real)
+    assert not (out / "run" / "checkpoint.pt").exists() and (out / "run" / MARKER).is_file()
+    summary = run_demo(out, overrides, resume=True, baseline=False, progress=False, log=lambda *a: None)
+    assert summary["top1"] >= 0 and (out / "run" / "result.json").is_file()

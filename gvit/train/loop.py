@@ -151,8 +151,10 @@ def train_or_reuse(cfg: TrainConfig, *, resume: bool = True, overwrite: bool = F
     if resume and not overwrite and (out / "result.json").is_file():
         log(f"{out}: finished before, kept")
         return json.loads((out / "result.json").read_text())
-    return train(cfg, resume=resume and not overwrite and (out / "checkpoint.pt").is_file(), overwrite=overwrite,
-                 progress=progress, log=log)
+    has_checkpoint = (out / "checkpoint.pt").is_file()
+    # asked to resume a run killed before its first checkpoint: nothing of it is kept, so it starts again
+    return train(cfg, resume=resume and not overwrite and has_checkpoint,
+                 overwrite=overwrite or (resume and not has_checkpoint), progress=progress, log=log)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
