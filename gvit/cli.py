@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory, at most 256)")
     fit.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     fit.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
-    fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with other settings")
+    fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with "
+                          "other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
     fit.add_argument("--quiet", action="store_true")
     _add_fit_options(fit)

@@ -120,9 +120,10 @@ def _acquire(lock: Path, job: str) -> None:
 def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files an interrupted :func:`atomic_path` left under ``folder`` (not in
     sub-folders another process holds); returns them."""
-    removed = []
-    for tmp in Path(folder).rglob(".*.tmp"):
-        if tmp.is_file() and not any((p / LOCK).exists() for p in tmp.parents if _inside(p, Path(folder)) and p != Path(folder)):
+    root, removed = Path(folder), []
+    for tmp in root.rglob(".*.tmp"):
+        held = any((p / LOCK).exists() for p in tmp.parents if root in p.parents)  # a sub-folder's own writer
+        if tmp.is_file() and not held:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

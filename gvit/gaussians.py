@@ -349,7 +349,8 @@ def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     if g.channels == 3 and ((g.colors < 0) | (g.colors > 1)).any():
         raise ValueError(f"{path}: RGB colours must lie in [0, 1]")
     labels = tensors.get("labels")
-    if labels is not None and (labels.shape != (g.batch_size,) or labels.is_floating_point() or labels.dtype == torch.bool):
+    integer = labels is not None and not labels.is_floating_point() and labels.dtype != torch.bool
+    if labels is not None and (labels.shape != (g.batch_size,) or not integer):
         raise ValueError(f"{path}: labels must be integers of shape ({g.batch_size},), got {labels.dtype} "
                          f"{tuple(labels.shape)}")
     return g, labels, meta

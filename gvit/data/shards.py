@@ -19,8 +19,8 @@ from torch import Tensor
 from ..files import write_json
 from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians
 
-__all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "write_shard", "read_shard", "write_manifest", "read_manifest",
-           "load_shards", "ShardDataset"]
+__all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "shard_done", "write_shard", "read_shard",
+           "write_manifest", "read_manifest", "load_shards", "ShardDataset"]
 
 SHARD_FORMAT, SHARD_VERSION = "gvit.gaussian-shards", "1"
 DTYPES = {"float32": (torch.float32, 4), "float16": (torch.float16, 2)}
@@ -58,6 +58,18 @@ def read_shard(path: str | os.PathLike) -> tuple[Gaussians, Tensor, dict]:
     if labels is None or len(meta["indices"]) != g.batch_size:
         raise ValueError(f"{path}: not a shard (labels or dataset indices missing)")
     return g, labels, meta
+
+
+def shard_done(path: str | os.PathLike) -> bool:
+    """Whether a shard is finished: its file exists and reads back as a valid shard (a corrupt or
+    torn one is not, and is written again)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        read_shard(path)
+    except ValueError:
+        return False
+    return True
 
 
 def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *, dtype: str,

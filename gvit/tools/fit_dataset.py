@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data import ImageReadError, open_dataset, spread_indices
-from ..data.shards import read_shard, shard_name, storage_dtype, write_manifest, write_shard
+from ..data.shards import shard_done, shard_name, storage_dtype, write_manifest, write_shard
 from ..distributed import barrier, launched_world, share_threads
 from ..files import output_folder, record_settings
 from ..fit import FitConfig, fit_gaussians
@@ -53,29 +53,18 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
             stack.enter_context(output_folder(out, "fit-dataset", settings=settings, continues=True,
                                               overwrite=overwrite))
         return _convert(dataset, data, order, out, config, settings, split, shard_size, batch_size, dtype, skip_bad,
-                        progress, log)
-
-
-def _shard_done(path: Path) -> bool:
-    """A shard is done when its file exists and reads back as a valid shard (a corrupt one is redone)."""
-    if not path.is_file():
-        return False
-    try:
-        read_shard(path)
-    except ValueError:
-        return False
-    return True
+                        progress, log, (rank, world, local_world))
 
 
 def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict, split: str, shard_size: int,
-             batch_size: int, dtype: str, skip_bad: bool, progress: bool, log) -> dict:
+             batch_size: int, dtype: str, skip_bad: bool, progress: bool, log, launch: tuple[int, int, int]) -> dict:
     n = len(order)
-    rank, world, local_world = launched_world()
+    rank, world, local_world = launch
     record_settings(out / "settings.json", settings, write=rank == 0)
     if world > 1:
         share_threads(local_world)
     n_shards = -(-n // shard_size)
-    mine = [s for s in range(rank, n_shards, world) if not _shard_done(out / shard_name(s))]
+    mine = [s for s in range(rank, n_shards, world) if not shard_done(out / shard_name(s))]
     todo = sum(min(n, (s + 1) * shard_size) - s * shard_size for s in mine)
     bar = progress_bar(todo, desc=f"fit-dataset rank {rank}/{world}" if world > 1 else "fit-dataset", unit="img",
                        enabled=progress)

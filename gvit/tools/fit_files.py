@@ -21,7 +21,7 @@ import torch
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
 from ..data.shards import storage_dtype
 from ..fit import FitConfig, auto_batch_size, compression_ratio, fit_gaussians
-from ..files import check_output, output_folder
+from ..files import output_folder
 from ..gaussians import compact, load_gaussians, save_gaussians
 from ..progress import progress_bar
 from ..viz import draw_ellipses, save_png, to_uint8
@@ -84,7 +84,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     summary dict (counts, mean PSNR, skipped files, seconds).
     """
     torch_dtype, nbytes = storage_dtype(dtype)
-    out = check_output(out, inputs)
+    out = Path(out)
     jobs = collect_images(inputs)
     if not jobs:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")

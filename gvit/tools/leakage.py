@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..data import open_dataset
-from ..data.shards import load_shards, read_manifest, read_shard, shard_name, write_manifest, write_shard
+from ..data.shards import load_shards, read_manifest, read_shard, shard_done, shard_name, write_manifest, write_shard
 from ..data.transforms import resize_square
 from ..files import output_folder, record_settings, write_json, write_text
 from ..progress import progress_bar
@@ -61,7 +61,7 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
     shards = manifest["shards"]
     bar = progress_bar(len(shards), desc=f"encode {split}", unit="shard", enabled=progress)
     for s, name in enumerate(shards):
-        if (out / shard_name(s)).is_file():
+        if shard_done(out / shard_name(s)):
             bar.update(1)
             continue
         _, labels, meta = read_shard(like / name)

@@ -15,6 +15,6 @@ from .loop import TrainedRun, evaluate, evaluate_checkpoint, load_gvit, load_tra
 from .optim import learning_rate, param_groups
 from .steps import MODEL_KINDS, build_gvit, model_kind, model_step
 
-__all__ = ["TrainConfig", "MODELS", "load_config", "apply_overrides", "train", "train_or_reuse", "evaluate", "evaluate_checkpoint",
-           "load_trained", "load_gvit", "TrainedRun", "load_checkpoint", "save_checkpoint", "step_generator",
+__all__ = ["TrainConfig", "MODELS", "load_config", "apply_overrides", "train", "train_or_reuse", "evaluate",
+           "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun", "load_checkpoint", "save_checkpoint", "step_generator",
            "learning_rate", "param_groups", "MODEL_KINDS", "model_kind", "model_step", "build_gvit"]

@@ -221,7 +221,8 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, de
     try:
         run.load_state_dict(state, optimizers=False)
     except (RuntimeError, ValueError) as exc:
-        changed = [k for k in settings_diff(state["config"], cfg.to_dict()) if k in (o.partition("=")[0] for o in overrides or [])]
+        overridden = {o.partition("=")[0] for o in overrides or []}
+        changed = [k for k in settings_diff(state["config"], cfg.to_dict()) if k in overridden]
         if changed:
             raise ValueError(f"{path}: {', '.join(changed)} changes the model this checkpoint holds; override only "
                              f"what does not (data, eval_split, limit_eval, device, ...)") from None

@@ -198,6 +198,8 @@ class GViTStep(ModelStep):
         self.model = build_gvit(cfg, num_classes).to(device)
         self.parts["classifier"] = (self.model.classifier, adamw(cfg, self.model.classifier, cfg.layer_decay), "cls_opt")
         self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
+        self.training_set, self.training_collate = None, None  # attach_training_set
+        self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
 
     def phases(self) -> Phases:
         cfg = self.cfg
@@ -218,8 +220,7 @@ class GViTStep(ModelStep):
             raise ValueError(f"finetune_from: {exc}") from None
 
     def attach_training_set(self, dataset, collate) -> None:
-        self.training_set, self.training_collate = dataset, collate
-        self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
+        self.training_set, self.training_collate, self.cache = dataset, collate, None
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
         cfg, model = self.cfg, self.model
@@ -260,7 +261,7 @@ class GViTStep(ModelStep):
 
     @torch.no_grad()
     def encode_training_set(self) -> tuple[Tensor, Tensor]:
-        if getattr(self, "training_set", None) is None:
+        if self.training_set is None:
             raise RuntimeError("cache_gaussians: the loop did not attach the training set")
         loader = torch.utils.data.DataLoader(self.training_set, batch_size=256, collate_fn=self.training_collate,
                                              num_workers=self.cfg.num_workers)
@@ -273,8 +274,8 @@ class GViTStep(ModelStep):
         return torch.cat(raws), torch.cat(targets)
 
     def _guidance_step(self, images, labels, g0, kw) -> dict | None:
-        """One guidance step, at ``guidance_lr`` times the peak lr when set. With ``measure_guidance`` its metrics also carry the gradient norms of
-        :func:`gvit.guidance.guidance_backward`, and on the same batch and g0 how far the step moved
+        """One guidance step, at ``guidance_lr`` times the peak lr when set. With ``measure_guidance``
+        its metrics also carry the gradient norms of :func:`gvit.guidance.guidance_backward`, and on the same batch and g0 how far the step moved
         the Gaussians (``guide_shift_px``: mean centre shift in pixels; ``guide_color``: mean absolute
         colour change) and what it did to both losses (``guide_dloss_cls``, ``guide_dloss_rec``:
         after - before)."""
