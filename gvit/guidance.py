@@ -76,6 +76,10 @@ class Phases:
     def pretrain_end(self) -> float:
         return self.classifier_from if self.pretrain_until is None else self.pretrain_until
 
+    def classifier_start(self, total: int) -> int:
+        """The first step (0-based, of ``total``) at which the classifier trains."""
+        return _first_step(self.classifier_from, total)
+
     def at(self, step: int, total: int) -> Phase:
         """The phase of 0-based ``step`` out of ``total`` steps."""
         if total < 1 or not 0 <= step < total:
@@ -121,16 +125,18 @@ def batch_losses(model: nn.Module, images: Tensor, labels: Tensor | None, g0: Te
     """Run a :class:`gvit.models.GViT` on one batch: encoder, render, reconstruction loss and (when
     ``classify``) the classifier; without ``labels`` the classification loss is None (the logits
     are still computed)."""
-    return _losses_of(model, model.gaussians(images, g0), images, labels, classify, pixel_loss, lambda_perc)
+    return _losses_of(model, model.encode(images, g0), images, labels, classify, pixel_loss, lambda_perc)
 
 
 def _losses_of(model: nn.Module, g: Tensor, images: Tensor, labels: Tensor | None, classify: bool, pixel_loss: str,
                lambda_perc: float) -> BatchLosses:
+    """The reconstruction loss of the encoder's Gaussians ``g``; the classifier reads them after
+    the model's test-time fitting (:meth:`gvit.models.GViT.refine`, straight-through)."""
     rendered = model.reconstruct(g, *images.shape[-2:])  # rasterized in float32 (also under bf16 autocast)
     rec = reconstruction_loss(rendered, images.float(), pixel_loss, dssim_weight=lambda_perc)
     logits = cls = None
     if classify:
-        logits = model.classifier(g)
+        logits = model.classifier(model.refine(images, g))
         cls = F.cross_entropy(logits, labels) if labels is not None else None
     return BatchLosses(rec, cls, g, rendered, logits)
 
@@ -148,7 +154,7 @@ def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tens
     for p in frozen:
         p.requires_grad_(False)
     try:
-        g = model.gaussians(images, g0)
+        g = model.encode(images, g0)
         # both gradients are taken at g and pulled back through the encoder once: J^T (d rec/dg +
         # gamma d cls/dg) = grad_rec + gamma * grad_cls exactly, at the cost of one encoder backward
         at = g.detach().requires_grad_(True)

@@ -39,27 +39,32 @@ def test_nearest_neighbours_match_a_sorted_loop_and_skip_invalid_points():
         nearest_neighbours(points, 0)
 
 
-def test_neighbour_layer_matches_a_float64_per_point_reference():
+@pytest.mark.parametrize("count", [3, 6])
+def test_neighbour_layer_matches_a_float64_per_point_reference(count):
+    # count 6 with one invalid point of 7: every point has only 5 neighbours (masked slots)
     torch.manual_seed(1)
     layer = NeighbourLayer(8).double()
     raw = torch.randn(2, 7, RAW_DIM, dtype=torch.float64)
     g = decode(raw)
     x = torch.randn(2, 7, 8, dtype=torch.float64)
-    index, mask = nearest_neighbours(g.means, 3)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[:, 6] = False
+    index, mask = nearest_neighbours(g.means, count, valid)
+    assert mask.all() == (count == 3)
     edges = edge_features(g, index, spacing=0.5)
     out = layer(x, edges, index, mask)
     h = layer.norm(x)
     a_w, b_w = layer.node.weight.chunk(2, 0)
-    a_b, b_b = layer.node.bias.chunk(2, 0)
+    a_b, _ = layer.node.bias.chunk(2, 0)
     for n in range(2):
         for i in range(7):
-            messages = []
-            for j in index[n, i].tolist():
+            pre = []
+            for j in index[n, i][mask[n, i]].tolist():
                 dc = g.colors[n, j] - g.colors[n, i]
                 e = torch.cat([(g.means[n, j] - g.means[n, i]) / 0.5, dc, dc.abs()])
-                pre = a_w @ h[n, i] + a_b + b_w @ (h[n, j] - h[n, i]) + layer.edge.weight @ e
-                messages.append(F.gelu(pre))
-            ref = x[n, i] + layer.out.weight @ torch.stack(messages).amax(0) + layer.out.bias
+                pre.append(b_w @ (h[n, j] - h[n, i]) + layer.edge.weight @ e)
+            hidden = F.gelu(a_w @ h[n, i] + a_b + torch.stack(pre).amax(0))
+            ref = x[n, i] + layer.out.weight @ hidden + layer.out.bias
             assert torch.allclose(out[n, i], ref, atol=1e-12)
 
 

@@ -218,11 +218,17 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
 
     ``config`` fields can be overridden by keyword (``fit_gaussians(x, iters=200)``).
     ``init_raw`` ``[B, k, 9]`` replaces the configured initialisation. Runs on the images'
-    device; shows a tqdm bar when ``progress`` is true.
+    device in float32 (also inside ``torch.no_grad()`` or autocast); shows a tqdm bar when
+    ``progress`` is true.
     """
     cfg = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     cfg.validate()
     check_images(images)
+    with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+        return _fit(images.float(), cfg, init_raw, progress)
+
+
+def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> FitResult:
     b, _, h, w = images.shape
     check_memory(b, cfg.num_gaussians, h, w, images.device)
     target = images.detach()

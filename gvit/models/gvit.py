@@ -2,8 +2,16 @@
 
 Everything that runs a GViT on images (training, evaluation, reports, explanations, the leakage
 tests) goes through :class:`GViT`: images ``[B, 3, S, S]`` in [0, 1] -> g0 (random raw Gaussians,
-:func:`gvit.gaussians.sample_initial`) -> encoder -> raw Gaussians ``g [B, k, 9]`` -> classifier
--> logits, and :meth:`GViT.reconstruct` renders g for the reconstruction loss.
+:func:`gvit.gaussians.sample_initial`) -> encoder -> raw Gaussians ``g [B, k, 9]`` -> (optionally
+``fit_steps`` test-time fitting steps, :meth:`GViT.refine`) -> classifier -> logits, and
+:meth:`GViT.reconstruct` renders g for the reconstruction loss.
+
+Test-time fitting (as Instant-GaussianImage initialises per-image fitting with a network): the
+encoder's Gaussians start ``fit_steps`` Adam steps on the MSE against the image with the fast
+rasterizer (:func:`gvit.fit.fit_gaussians`); the classifier reads the result. The steps are not
+differentiated: the classifier's gradient reaches the encoder straight through (``g + (fitted -
+g).detach()``), so guidance still acts on the Gaussians the classifier sees, and the reconstruction
+loss trains the encoder's own output.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..fit import FitConfig, fit_gaussians
 from ..gaussians import G0_LAYOUTS, Gaussians, decode, sample_initial
 from ..losses import psnr
 from ..render import render
@@ -24,16 +33,22 @@ __all__ = ["GViT"]
 class GViT(nn.Module):
     """``encoder`` (:class:`GaussianEncoder` or :class:`RefinementEncoder`) + ``classifier`` (:class:`GaussianClassifier`) with the
     same k; ``g0_layout`` is how g0's means are drawn (see :func:`gvit.gaussians.sample_initial`).
-    g0 is drawn on the CPU from the given generator (so a seed gives the same g0 on any device)."""
+    g0 is drawn on the CPU from the given generator (so a seed gives the same g0 on any device).
+    ``fit_steps`` test-time fitting steps (0: none) refine the encoder's Gaussians at step sizes
+    ``fit_lr`` times :class:`gvit.fit.FitConfig`'s defaults, decaying to half of them."""
 
-    def __init__(self, encoder: GaussianEncoder | RefinementEncoder, classifier: GaussianClassifier, *, g0_layout: str = "uniform"):
+    def __init__(self, encoder: GaussianEncoder | RefinementEncoder, classifier: GaussianClassifier, *,
+                 g0_layout: str = "uniform", fit_steps: int = 0, fit_lr: float = 2.0):
         super().__init__()
         if encoder.num_gaussians != classifier.num_gaussians:
             raise ValueError(f"GViT: the encoder predicts k = {encoder.num_gaussians} Gaussians but the classifier "
                              f"reads k = {classifier.num_gaussians}")
         if g0_layout not in G0_LAYOUTS:
             raise ValueError(f"g0_layout must be one of {', '.join(G0_LAYOUTS)}, got {g0_layout!r}")
+        if fit_steps < 0 or not fit_lr > 0:
+            raise ValueError(f"GViT: need fit_steps >= 0 and fit_lr > 0, got {fit_steps} and {fit_lr}")
         self.encoder, self.classifier, self.g0_layout = encoder, classifier, g0_layout
+        self.fit_steps, self.fit_lr = fit_steps, fit_lr
 
     def _device(self) -> torch.device:
         return next(self.encoder.parameters()).device
@@ -57,11 +72,33 @@ class GViT(nn.Module):
         g0 = sample_initial(n, self.num_gaussians, layout=self.g0_layout, generator=generator)
         return g0.to(self._device())
 
-    def gaussians(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
-        """Raw Gaussians ``[B, k, 9]`` of ``images``; g0 is drawn from ``generator`` when not given."""
+    def encode(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """The encoder's raw Gaussians ``[B, k, 9]`` of ``images`` (what the reconstruction loss
+        trains); g0 is drawn from ``generator`` when not given."""
         if g0 is None:
             g0 = self.sample_g0(len(images), generator)
         return self.encoder(images, g0)
+
+    def fit_config(self) -> FitConfig:
+        """The settings of the test-time fitting steps."""
+        defaults, lr = FitConfig(), self.fit_lr
+        return FitConfig(num_gaussians=self.num_gaussians, iters=max(1, self.fit_steps), loss="mse",
+                         scale_factor=self.scale_factor, warmup=0.0, final_lr_fraction=0.5,
+                         check_every=max(1, self.fit_steps), lr_position=defaults.lr_position * lr,
+                         lr_scale=defaults.lr_scale * lr, lr_angle=defaults.lr_angle * lr,
+                         lr_color=defaults.lr_color * lr, lr_opacity=defaults.lr_opacity * lr)
+
+    def refine(self, images: Tensor, g: Tensor) -> Tensor:
+        """``g`` after ``fit_steps`` test-time fitting steps against ``images`` (``g`` itself when
+        there are none); the gradient passes straight through to ``g``."""
+        if not self.fit_steps:
+            return g
+        fitted = fit_gaussians(images.detach().float().clamp(0, 1), self.fit_config(), init_raw=g.detach().float()).raw
+        return g + (fitted.to(g.dtype) - g).detach()
+
+    def gaussians(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """The raw Gaussians ``[B, k, 9]`` the classifier reads: :meth:`encode`, then :meth:`refine`."""
+        return self.refine(images, self.encode(images, g0, generator=generator))
 
     def reconstruct(self, g: Tensor, height: int, width: int) -> Tensor:
         """The render ``[B, 3, H, W]`` of raw Gaussians (in float32, also under bf16 autocast; not clamped)."""
@@ -77,9 +114,14 @@ class GViT(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: Tensor, *, generator: torch.Generator | None = None) -> dict:
-        """``logits``, raw Gaussians ``g``, the clamped render ``rendered`` and per-image ``psnr``
-        of ``images`` (moved to the model's device)."""
+        """``logits``, the raw Gaussians ``g`` the classifier reads, their clamped render
+        ``rendered`` and per-image ``psnr`` of ``images`` (moved to the model's device), and the
+        per-image ``psnr_encoder`` of the encoder's own Gaussians (before test-time fitting)."""
         images = images.to(self._device())
-        g = self.gaussians(images, generator=generator)
+        encoded = self.encode(images, generator=generator)
+        g = self.refine(images, encoded)
         rendered = self.reconstruct(g, *images.shape[-2:]).clamp(0, 1)
-        return {"logits": self.classifier(g), "g": g, "rendered": rendered, "psnr": psnr(rendered, images)}
+        out = {"logits": self.classifier(g), "g": g, "rendered": rendered, "psnr": psnr(rendered, images)}
+        out["psnr_encoder"] = (out["psnr"] if g is encoded else
+                               psnr(self.reconstruct(encoded, *images.shape[-2:]).clamp(0, 1), images))
+        return out

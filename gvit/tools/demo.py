@@ -34,6 +34,8 @@ DEMO_SETTINGS = {
     "model": "gvit",
     "encoder": "refine",  # Gaussians that read the image and the render's residual where they are
     "encoder_size": "micro",
+    "refine_features": 32,
+    "fit_steps": 10,  # ... then 10 test-time fitting steps from the encoder's Gaussians (+3 dB)
     "classifier_size": "micro",
     "token_features": "splat",
     "token_neighbours": 8,  # each Gaussian token first reads its 8 nearest (local shape) ...
@@ -43,18 +45,18 @@ DEMO_SETTINGS = {
     "g0_layout": "grid",
     "pixel_loss": "mse",
     "lambda_perc": 0.0,
-    "steps": 2260,
+    "steps": 2290,
     "batch_size": 64,
     "base_lr": 1.6e-2,  # 4e-3 at batch 64 (the encoder's) ...
     "classifier_lr_scale": 0.5,  # ... and half that for the classifier
     "crop_scale_min": 1.0,  # no crops (they cut shapes off); flips stay
-    # the encoder alone for 300 steps; then the classifier alone for 1,900 cheap steps on the frozen
-    # encoder's Gaussians of the training set (encoded once: cache_gaussians); then both jointly for
-    # 30 steps and 30 more with a guidance step every second step
-    "classifier_from": 0.1327,
-    "pretrain_until": 0.9734,
+    # the encoder alone for 300 steps; then the classifier alone for 1,950 cheap steps on the frozen
+    # encoder's (fitted) Gaussians of the training set (encoded once: cache_gaussians); then both
+    # jointly for 20 steps and 20 more with a guidance step every second step
+    "classifier_from": 0.131004,
+    "pretrain_until": 0.982532,
     "cache_gaussians": True,
-    "guidance_from": 0.9867,
+    "guidance_from": 0.991266,
     "guidance_every": 2,
     "log_every": 20,
     "checkpoint_every": 100,

@@ -45,6 +45,7 @@ class TrainConfig(Phases):
     refine_rounds: int = setting(3, "encoder=refine: refinement rounds")
     refine_depth: int = setting(2, "encoder=refine: transformer blocks per round")
     refine_residual: bool = setting(True, "encoder=refine: each round also reads the current render's residual")
+    refine_features: int = setting(64, "encoder=refine: channels of the CNN feature map the Gaussians read")
     token_features: str = setting("raw", "Gaussian classifier tokens: a linear map of the raw 9 values, or an MLP on "
                                          "splat features (Fourier centre, log-covariance, colour, opacity)",
                                   ("raw", "splat"))
@@ -54,6 +55,9 @@ class TrainConfig(Phases):
     cache_gaussians: bool = setting(False, "GViT: the classifier-only phase (pretrain_until) reads the frozen "
                                            "encoder's Gaussians of the whole training set, encoded once, in random "
                                            "batches (flips applied to the Gaussians; needs crop_scale_min=1)")
+    fit_steps: int = setting(0, "GViT: test-time fitting steps (Adam on the MSE, fast rasterizer) that refine the "
+                                "encoder's Gaussians before the classifier reads them; 0: none")
+    fit_lr: float = setting(2.0, "GViT: step sizes of the test-time fitting steps, as multiples of gvit fit's")
     classifier_size: str = setting("tiny", "size of the classifier", SIZES)
     patch: int = setting(4, "patch size of the patch ViT and (unless encoder_patch is set) of the Gaussian encoder")
     encoder_patch: int | None = setting(None, "patch size of the Gaussian encoder")
@@ -107,7 +111,7 @@ class TrainConfig(Phases):
     def __post_init__(self) -> None:
         validate_fields(self)
         positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
-                    "max_bad_steps", "refine_rounds", "refine_depth")
+                    "max_bad_steps", "refine_rounds", "refine_depth", "refine_features")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
@@ -115,7 +119,7 @@ class TrainConfig(Phases):
             value = getattr(self, key)
             if value is not None and (value < 1 or self.image_size % value):
                 raise ValueError(f"config: {key} must be >= 1 and divide image_size {self.image_size}, got {value}")
-        for key in ("token_neighbours", "neighbour_layers"):
+        for key in ("token_neighbours", "neighbour_layers", "fit_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)}")
         for key in ("limit_train", "limit_eval"):
@@ -128,7 +132,7 @@ class TrainConfig(Phases):
                              f"got {self.crop_scale_min}")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"config: epochs must be > 0 (or null), got {self.epochs}")
-        for key in ("base_lr", "scale_factor", "classifier_lr_scale"):
+        for key in ("base_lr", "scale_factor", "classifier_lr_scale", "fit_lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"config: {key} must be > 0, got {getattr(self, key)}")
         if self.guidance_lr is not None and not self.guidance_lr > 0:

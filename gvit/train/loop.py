@@ -168,24 +168,24 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(run: ModelStep, dataset, collate) -> dict:
-    """Top-1 accuracy (and, for GViT, the mean PSNR of the renders) on ``dataset``; g0 is drawn
+    """Top-1 accuracy (and, for GViT, the mean PSNR of the renders the classifier reads,
+    ``psnr``, and of the encoder's own, ``psnr_encoder``) on ``dataset``; g0 is drawn
     from a generator seeded by the config's seed, so evaluation is deterministic."""
     cfg = run.cfg
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
                                          num_workers=cfg.num_workers)
-    correct, total, psnrs = 0, 0, []
+    correct, total, measures = 0, 0, {}
     gen = torch.Generator().manual_seed(cfg.seed)
     run.train(False)
     for inputs, labels in loader:
-        logits, psnr = run.evaluate_batch(inputs, gen)
+        logits, per_image = run.evaluate_batch(inputs, gen)
         correct += int((logits.argmax(-1).cpu() == labels).sum())
         total += len(labels)
-        if psnr is not None:
-            psnrs.append(psnr.float().cpu())
+        for name, values in per_image.items():
+            measures.setdefault(name, []).append(values.float().cpu())
     run.train(True)
     result = {"top1": correct / max(1, total), "eval_images": total}
-    if psnrs:
-        result["psnr"] = float(torch.cat(psnrs).mean())
+    result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
     return result
 
 

@@ -39,14 +39,15 @@ def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimi
                              betas=(cfg.beta1, cfg.beta2))
 
 
-def learning_rate(cfg, step: int) -> float:
-    """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine to 0."""
+def learning_rate(cfg, step: int, start: int = 0) -> float:
+    """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine to 0. A model
+    that starts training at step ``start`` > 0 (with fresh optimiser moments) gets the same warm-up
+    from there, on top of the cosine."""
     peak = cfg.base_lr * cfg.batch_size / 256
     warm = int(cfg.warmup * cfg.steps)
-    if step < warm:
-        return peak * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return peak * 0.5 * (1 + math.cos(math.pi * t))
+    t = max(0, step - warm) / max(1, cfg.steps - warm)
+    ramp = min(1.0, max(0, step - start + 1) / warm) if warm else 1.0
+    return peak * ramp * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def set_learning_rate(optimizers, lr: float) -> None:

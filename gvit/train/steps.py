@@ -98,7 +98,11 @@ class ModelStep:
         """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
         lr = learning_rate(self.cfg, step)
         for name, (_, opt, _) in self.parts.items():
-            set_learning_rate([opt], lr * (self.cfg.classifier_lr_scale if name == "classifier" else 1.0))
+            if name == "classifier":  # warmed up from the step it starts training
+                start = self.phases().classifier_start(self.cfg.steps)
+                set_learning_rate([opt], learning_rate(self.cfg, step, start) * self.cfg.classifier_lr_scale)
+            else:
+                set_learning_rate([opt], lr)
         # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
         flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
         metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
@@ -124,8 +128,9 @@ class ModelStep:
         """The training set, for steps that read more than their batch (called once by the loop)."""
 
     # -- evaluation
-    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        """``(logits, per-image PSNR or None)`` of one evaluation batch."""
+    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(logits, per-image measures by name)`` of one evaluation batch (for GViT ``psnr`` and
+        ``psnr_encoder``; none for the others)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -149,7 +154,7 @@ class PatchViTStep(ModelStep):
         return self._classifier_step(lambda: self.classifier(images), labels)
 
     def evaluate_batch(self, inputs, gen):
-        return self.classifier(inputs.to(self.device)), None
+        return self.classifier(inputs.to(self.device)), {}
 
 
 class OfflineStep(ModelStep):
@@ -189,7 +194,7 @@ class OfflineStep(ModelStep):
         return self._classifier_step(lambda: self.logits(raw, valid), labels)
 
     def evaluate_batch(self, inputs, gen):
-        return self.logits(*inputs), None
+        return self.logits(*inputs), {}
 
 
 class GViTStep(ModelStep):
@@ -304,7 +309,7 @@ class GViTStep(ModelStep):
 
     def evaluate_batch(self, inputs, gen):
         out = self.model.predict(inputs, generator=gen)
-        return out["logits"], out["psnr"]
+        return out["logits"], {"psnr": out["psnr"], "psnr_encoder": out["psnr_encoder"]}
 
     def predict_images(self, images, gen):
         return self.model.predict(images, generator=gen)
@@ -316,12 +321,13 @@ def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
     classifier = gaussian_classifier(cfg, num_classes)
     if cfg.encoder == "refine":
         encoder = RefinementEncoder(cfg.image_size, cfg.num_gaussians, cfg.encoder_size, rounds=cfg.refine_rounds,
-                                    depth=cfg.refine_depth, residual=cfg.refine_residual, scale_factor=cfg.scale_factor)
+                                    depth=cfg.refine_depth, residual=cfg.refine_residual, features=cfg.refine_features,
+                                    scale_factor=cfg.scale_factor)
     else:
         encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
                                   learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
                                   image_colors=cfg.image_colors, scale_factor=cfg.scale_factor)
-    return GViT(encoder, classifier, g0_layout=cfg.g0_layout)
+    return GViT(encoder, classifier, g0_layout=cfg.g0_layout, fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
 
 
 def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifier:
