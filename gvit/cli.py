@@ -21,7 +21,12 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
 
 
 def _score(result: dict) -> str:
-    """``top-1 X% on N images, PSNR Y dB`` of an evaluation result."""
+    """``top-1 X% on N images, PSNR Y dB`` of an evaluation result (a tokenizer's: PSNR, SSIM,
+    codebook usage and bits per image)."""
+    if "top1" not in result:
+        return (f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} on {result['eval_images']} images, "
+                f"codebook usage {100 * result['usage']:.1f}%, perplexity {result['perplexity']:.0f}, "
+                f"{result['bits_per_image']:.0f} bits per image")
     extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
     return f"top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}"
 
@@ -106,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"finetune_from={args.checkpoint}"] if args.command == "finetune" else [])
     cfg = load_config(args.config, overrides)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    if result.get("finished") and "top1" in result:
+    if result.get("finished") and "eval_images" in result:
         print(f"{cfg.model}: {_score(result)} "
               f"-> {cfg.out}/result.json")
     return 0
@@ -117,6 +122,28 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.overrides)
     print(f"{args.checkpoint}: {_score(result)}")
+    return 0
+
+
+def _tokens(args: argparse.Namespace) -> int:
+    from .tools.tokens import decode_tokens, encode_tokens, tokenizer_report
+
+    if args.action == "encode":
+        summary = encode_tokens(args.checkpoint, args.out, overrides=args.overrides, limit=args.limit,
+                                overwrite=args.overwrite, progress=not args.quiet)
+        print(f"{summary['images']} images -> {Path(args.out) / 'tokens.safetensors'} "
+              f"({summary['num_tokens']} tokens, {summary['bits_per_image']:.0f} bits per image)")
+    elif args.action == "decode":
+        if not args.tokens:
+            raise ValueError("gvit tokens decode needs --tokens FILE (written by gvit tokens encode)")
+        result = decode_tokens(args.checkpoint, args.tokens, args.out, limit=args.limit, overwrite=args.overwrite)
+        print(f"{result['images']} images -> {Path(args.out) / 'decoded.safetensors'} (decoded.png)")
+    else:
+        checkpoints = [args.checkpoint] + list(args.also or [])
+        result = tokenizer_report(checkpoints, args.out, names=args.names, overwrite=args.overwrite)
+        for row in result["tokenizers"]:
+            print(f"{row['name']}: {_score(row)}")
+        print(f"-> {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -291,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
     it.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     it.set_defaults(func=_interpret)
+
+    tk = sub.add_parser("tokens", help="a trained tokenizer (model=tokenizer): encode its evaluation split to a token "
+                                       "file, decode a token file to images, or report several tokenizers side by side")
+    tk.add_argument("action", choices=("encode", "decode", "report"))
+    tk.add_argument("--checkpoint", required=True, help="a model=tokenizer checkpoint (report: the first of them)")
+    tk.add_argument("--out", required=True)
+    tk.add_argument("--tokens", help="decode: a token file written by gvit tokens encode")
+    tk.add_argument("--also", nargs="*", metavar="CHECKPOINT", help="report: more tokenizer checkpoints")
+    tk.add_argument("--names", nargs="*", help="report: a name per checkpoint (default: the run folders' names)")
+    tk.add_argument("--limit", type=int, default=None, help="encode / decode at most this many images")
+    tk.add_argument("--quiet", action="store_true")
+    tk.add_argument("overrides", nargs="*", metavar="key=value", help="encode: e.g. data=... eval_split=train")
+    tk.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    tk.set_defaults(func=_tokens)
 
     rep = sub.add_parser("report", help="evaluate a checkpoint and write report.html with examples and curves")
     rep.add_argument("--checkpoint", required=True)

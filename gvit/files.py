@@ -1,4 +1,5 @@
-"""Files gvit writes: atomically (each appears whole under its final name or not at all), settings
+"""Files gvit writes: atomically (each appears whole under its final name or not at all), safetensors
+files read back without running code (:func:`read_safetensors`), settings
 records that refuse to mix two experiments in one folder, and output folders that know what they
 hold (:func:`output_folder`: a marker naming the job and its settings, and a lock while it writes)."""
 
@@ -12,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json", "settings_diff", "check_settings", "record_settings",
+__all__ = ["atomic_path", "write_text", "write_json", "read_safetensors", "settings_diff", "check_settings", "record_settings",
            "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
 
 
@@ -44,6 +45,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_safetensors(path: str | os.PathLike, *, file_format: str, what: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file whose metadata says ``format: file_format``
+    (reading runs no code); FileNotFoundError or a ValueError naming the file otherwise. ``what``
+    names the kind of file in messages ("Gaussian file", "token file")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != file_format:
+        raise ValueError(f"{path}: not a gvit {what} (format={meta.get('format')!r})")
+    return tensors, meta
 
 
 def settings_diff(saved: dict, current: dict) -> list[str]:

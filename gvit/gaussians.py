@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .files import atomic_path
+from .files import atomic_path, read_safetensors
 
 RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
 RAW_DIM = len(RAW_LAYOUT)
@@ -324,20 +324,7 @@ def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     Loading runs no code (safetensors). Shapes and ranges are checked; a file that fails a
     check raises ValueError naming the file and the field.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Gaussian file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if meta.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path}: not a gvit Gaussian file (format={meta.get('format')!r})")
+    tensors, meta = read_safetensors(path, file_format=FILE_FORMAT, what="Gaussian file")
     missing = [name for name in _FIELDS if name not in tensors]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")

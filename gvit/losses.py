@@ -27,6 +27,11 @@ def mse(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred, target)
 
 
+def l1(pred: Tensor, target: Tensor) -> Tensor:
+    _check_pair(pred, target)
+    return F.l1_loss(pred, target)
+
+
 def bce(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
     """Binary cross-entropy of a rendered image against the target, the rendering clamped to
     [eps, 1 - eps] (alpha compositing can exceed 1 with a bright background). Computed in float32
@@ -79,11 +84,11 @@ def psnr(pred: Tensor, target: Tensor) -> Tensor:
     return -10.0 * torch.log10(err.clamp_min(1e-12))
 
 
-RECONSTRUCTION_LOSSES = {"mse": mse, "bce": bce}
+RECONSTRUCTION_LOSSES = {"mse": mse, "bce": bce, "l1": l1}
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, kind: str = "mse", dssim_weight: float = 0.0) -> Tensor:
-    """Pixel loss (``"mse"`` or ``"bce"``) plus ``dssim_weight`` * D-SSIM."""
+    """Pixel loss (``"mse"``, ``"bce"`` or ``"l1"``) plus ``dssim_weight`` * D-SSIM."""
     if kind not in RECONSTRUCTION_LOSSES:
         raise ValueError(f"loss: expected one of {sorted(RECONSTRUCTION_LOSSES)}, got {kind!r}")
     loss = RECONSTRUCTION_LOSSES[kind](pred, target)

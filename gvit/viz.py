@@ -49,8 +49,10 @@ def ellipse_polygons(gaussians: Gaussians, height: int, width: int, *, sigma: fl
 
 
 def draw_ellipses(image: Tensor, gaussians: Gaussians, *, sigma: float = 2.0, scale: int | None = None,
-                  color: tuple[int, int, int] = (255, 220, 0), dim: float = 0.6) -> np.ndarray:
-    """The ``sigma``-sigma ellipse of every valid Gaussian of one set drawn over ``image`` ``[3, H, W]``.
+                  color: tuple[int, int, int] = (255, 220, 0), dim: float = 0.6,
+                  colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+    """The ``sigma``-sigma ellipse of every valid Gaussian of one set drawn over ``image`` ``[3, H, W]``
+    (in ``color``, or per Gaussian in ``colors``, one RGB triple each).
 
     ``gaussians`` holds one set (batch size 1). The image is dimmed by ``dim`` so the outlines stand
     out, and enlarged ``scale`` times (default: to at least 256 px). Returns ``[H*s, W*s, 3]`` uint8.
@@ -67,10 +69,12 @@ def draw_ellipses(image: Tensor, gaussians: Gaussians, *, sigma: float = 2.0, sc
     base = Image.fromarray(to_uint8(image * dim)).resize((w * s, h * s), Image.NEAREST)
     if int(keep.sum()) > DENSE_OUTLINES:
         return _ellipse_density(np.asarray(base), gaussians, keep, h, w, s, sigma, color)
+    if colors is not None and len(colors) != gaussians.num_gaussians:
+        raise ValueError(f"draw_ellipses: {len(colors)} colours for {gaussians.num_gaussians} Gaussians")
     draw = ImageDraw.Draw(base)
     polys = ellipse_polygons(gaussians, h, w, sigma=sigma)[0] * s
-    for poly in polys[keep].tolist():
-        draw.polygon([tuple(p) for p in poly], outline=color)
+    for i in keep.nonzero().flatten().tolist():
+        draw.polygon([tuple(p) for p in polys[i].tolist()], outline=color if colors is None else tuple(colors[i]))
     return np.asarray(base)
 
 

@@ -1,5 +1,6 @@
-"""Models: ViT layers, the patch ViT, the Gaussian encoder and classifier, and :class:`GViT` which owns
-an encoder, a classifier and g0 sampling (paper 2.2, Appendix A)."""
+"""Models: ViT layers, the patch ViT, the Gaussian encoder and classifier, :class:`GViT` which owns
+an encoder, a classifier and g0 sampling (paper 2.2, Appendix A), and the GaussianToken / plain VQ
+:class:`Tokenizer` with its quantiser."""
 
 from .encoder import STENCIL, GaussianEncoder, sample_footprints
 from .features import fourier_features, log_covariance, splat_features
@@ -7,10 +8,13 @@ from .gvit import GViT
 from .layers import (SIZES, Attention, Block, Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size,
                      init_weights)
 from .neighbours import NeighbourLayer, edge_features, nearest_neighbours
+from .quantizer import VectorQuantizer, code_statistics
 from .refiner import RefinementEncoder
+from .tokenizer import TOKENIZER_KINDS, Tokenizer
 from .vit import GaussianClassifier, PatchViT, TokenViT
 
 __all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
            "TransformerModel", "TokenViT", "PatchViT", "GaussianClassifier", "GaussianEncoder", "sample_footprints",
            "STENCIL", "GViT", "RefinementEncoder", "splat_features", "log_covariance", "fourier_features",
-           "NeighbourLayer", "nearest_neighbours", "edge_features"]
+           "NeighbourLayer", "nearest_neighbours", "edge_features", "Tokenizer", "TOKENIZER_KINDS", "VectorQuantizer",
+           "code_statistics"]

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases
 from ..losses import RECONSTRUCTION_LOSSES
-from ..models import SIZES
+from ..models import SIZES, TOKENIZER_KINDS
 from ..settings import apply_overrides, from_mapping, load_settings, setting, validate_fields
 
 __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
 
-MODELS = ("gvit", "patch_vit", "offline")  # what each is: gvit.train.steps.MODEL_KINDS
+MODELS = ("gvit", "patch_vit", "offline", "tokenizer")  # what each is: gvit.train.steps.MODEL_KINDS
 OFFLINE_INPUTS = ("gaussians", "renders")
 ENCODERS = ("denoise", "refine")
 
@@ -73,6 +73,20 @@ class TrainConfig(Phases):
     offline_eval: str | None = setting(None, "model=offline: a gvit fit-dataset folder to evaluate on")
     offline_input: str = setting("gaussians", "model=offline: the classifier reads the Gaussians, or a patch ViT "
                                               "their renders", OFFLINE_INPUTS)
+    # model=tokenizer (GaussianToken and the plain VQ baseline: gvit.models.Tokenizer)
+    tokenizer: str = setting("gaussian", "model=tokenizer: vq (A, plain VQ on the encoder grid), gaussian (B, "
+                                         "GaussianToken), gaussian_fixed (C, fixed geometry), gaussian_bits (D, "
+                                         "geometry quantised too)", TOKENIZER_KINDS)
+    num_tokens: int = setting(64, "model=tokenizer: tokens per image (a square for vq and gaussian_fixed)")
+    codebook_size: int = setting(1024, "model=tokenizer: codes in the codebook")
+    code_dim: int = setting(3, "model=tokenizer: values per code (channels of the splatted map)")
+    tokenizer_channels: int = setting(64, "model=tokenizer: channels of the CNN encoder and decoder")
+    tokenizer_blocks: int = setting(1, "model=tokenizer: residual blocks per resolution in encoder and decoder")
+    geometry_bits: int = setting(4, "model=tokenizer, gaussian_bits: bits per geometry value")
+    commitment: float = setting(0.25, "model=tokenizer: weight of the commitment loss")
+    codebook_decay: float = setting(0.8, "model=tokenizer: EMA decay of the codebook")
+    code_gradient: str = setting("rotation", "model=tokenizer: the encoder's gradient through the quantiser",
+                                 ("rotation", "straight_through"))
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
@@ -111,7 +125,8 @@ class TrainConfig(Phases):
     def __post_init__(self) -> None:
         validate_fields(self)
         positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
-                    "max_bad_steps", "refine_rounds", "refine_depth", "refine_features")
+                    "max_bad_steps", "refine_rounds", "refine_depth", "refine_features", "num_tokens",
+                    "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")

@@ -166,27 +166,10 @@ def _trim_metrics(path: Path, step: int) -> None:
         Path(tmp).write_text("".join(ln + "\n" for ln in lines))
 
 
-@torch.no_grad()
 def evaluate(run: ModelStep, dataset, collate) -> dict:
-    """Top-1 accuracy (and, for GViT, the mean PSNR of the renders the classifier reads,
-    ``psnr``, and of the encoder's own, ``psnr_encoder``) on ``dataset``; g0 is drawn
-    from a generator seeded by the config's seed, so evaluation is deterministic."""
-    cfg = run.cfg
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate,
-                                         num_workers=cfg.num_workers)
-    correct, total, measures = 0, 0, {}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    run.train(False)
-    for inputs, labels in loader:
-        logits, per_image = run.evaluate_batch(inputs, gen)
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
-        total += len(labels)
-        for name, values in per_image.items():
-            measures.setdefault(name, []).append(values.float().cpu())
-    run.train(True)
-    result = {"top1": correct / max(1, total), "eval_images": total}
-    result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
-    return result
+    """The run's measures on ``dataset`` (:meth:`gvit.train.steps.ModelStep.evaluate`: top-1 for
+    classifiers, PSNR for GViT, reconstruction and codebook measures for the tokenizer)."""
+    return run.evaluate(dataset, collate)
 
 
 class TrainedRun:
@@ -198,7 +181,8 @@ class TrainedRun:
 
     @property
     def model(self):
-        return getattr(self.step, "model", self.step.classifier)
+        model = getattr(self.step, "model", None)  # GViT and the tokenizer own one model
+        return self.step.classifier if model is None else model
 
     def test_data(self):
         """``(test dataset, collate)`` of the run's evaluation split (limited as configured)."""

@@ -10,6 +10,8 @@ for evaluation. The loop (:mod:`gvit.train.loop`) never asks which kind it runs.
   rasterisation control of the leakage tests).
 * :class:`GViTStep` (``model=gvit``): :class:`gvit.models.GViT` with its phases (encoder,
   classifier pre-training, joint, constructive guidance; paper 2.2, Algorithm 1).
+* :class:`TokenizerStep` (``model=tokenizer``): :class:`gvit.models.Tokenizer` (GaussianToken or
+  plain VQ) on reconstruction; labels unused; evaluated by reconstruction and codebook measures.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from ..data.shards import ShardDataset
 from ..data.transforms import crop_boxes, resized_crop
 from ..gaussians import decode
 from ..guidance import Phase, Phases, batch_losses, guidance_backward
-from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder
+from ..losses import psnr, reconstruction_loss, ssim
+from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder, Tokenizer, code_statistics
 from ..render import render
 from .config import TrainConfig
 from .data import flip_gaussians, image_collate, image_datasets, shard_datasets
 from .optim import adamw, apply_gradients, learning_rate, set_learning_rate
 
-__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "MODEL_KINDS", "model_kind", "model_step", "build_gvit"]
+__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "MODEL_KINDS", "model_kind",
+           "model_step", "build_gvit", "build_tokenizer"]
 
 
 def _num(t: Tensor) -> float:
@@ -128,9 +132,32 @@ class ModelStep:
         """The training set, for steps that read more than their batch (called once by the loop)."""
 
     # -- evaluation
-    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(logits, per-image measures by name)`` of one evaluation batch (for GViT ``psnr`` and
-        ``psnr_encoder``; none for the others)."""
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        """Top-1 accuracy and the means of :meth:`evaluate_batch`'s per-image measures on
+        ``dataset``; g0 and other randomness come from a generator seeded by the config's seed, so
+        evaluation is deterministic."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
+                                             num_workers=self.cfg.num_workers)
+        correct, total, measures = 0, 0, {}
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.train(False)
+        for inputs, labels in loader:
+            logits, per_image = self.evaluate_batch(inputs, gen)
+            if logits is not None:
+                correct += int((logits.argmax(-1).cpu() == labels).sum())
+            total += len(labels)
+            for name, values in per_image.items():
+                measures.setdefault(name, []).append(values.float().cpu())
+        self.train(True)
+        result = {"top1": correct / max(1, total)} if logits is not None else {}
+        result["eval_images"] = total
+        result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
+        return result
+
+    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """``(logits or None, per-image measures by name)`` of one evaluation batch (for GViT ``psnr``
+        and ``psnr_encoder``; for the tokenizer no logits and its reconstruction measures)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -315,6 +342,62 @@ class GViTStep(ModelStep):
         return self.model.predict(images, generator=gen)
 
 
+class TokenizerStep(ModelStep):
+    """``model=tokenizer``: one optimiser over the whole tokenizer (the codebook follows its EMA).
+    Loss: ``pixel_loss`` + ``lambda_perc`` D-SSIM (from ``perceptual_from``) + the commitment loss."""
+
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        self.model = build_tokenizer(cfg).to(device)
+        self.parts["tokenizer"] = (self.model, adamw(cfg, self.model), "tok_opt")
+        self._indices: list[Tensor] | None = None  # token indices of an evaluation in progress
+
+    def phases(self) -> Phases:  # reconstruction only
+        return self.cfg.phase_settings(classifier_from=1.0, pretrain_until=None, guidance_from=1.0)
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        images = self._augment(inputs, flips, gen, rank, world)
+        with self.autocast():
+            out = self.model(images, gen)
+            rec = reconstruction_loss(out.reconstruction.float(), images, self.cfg.pixel_loss,
+                                      dssim_weight=phase.lambda_perc)
+        loss = rec + out.commitment.float()
+        ok = apply_gradients([self.parts["tokenizer"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_rec": _num(rec), "loss_commit": _num(out.commitment)} if ok else None
+
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        """Per-image means of ``psnr``, ``ssim``, ``l1`` and ``coverage`` (fraction of map cells that
+        some token reaches: splat weight above 1/255 for Gaussian kinds, every cell for vq), and over
+        the split the codebook ``usage`` and ``perplexity``; ``bits_per_image`` of the tokens."""
+        self._indices = []  # filled by evaluate_batch
+        try:
+            result = super().evaluate(dataset, collate)
+            stats = code_statistics(torch.cat(self._indices), self.model.quantizer.num_codes)
+        finally:
+            self._indices = None
+        return result | {"usage": stats["usage"], "perplexity": stats["perplexity"],
+                         "bits_per_image": self.model.bits_per_image()}
+
+    def evaluate_batch(self, inputs, gen):
+        images = inputs.to(self.device)
+        out = self.model(images, gen)
+        if getattr(self, "_indices", None) is not None:
+            self._indices.append(out.indices.cpu())
+        rec = out.reconstruction.float().clamp(0, 1)
+        return None, {"psnr": psnr(rec, images), "ssim": ssim(rec, images),
+                      "l1": (rec - images).abs().flatten(1).mean(1), "coverage": self.model.coverage(out)}
+
+
+def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The :class:`Tokenizer` a config describes (weights seeded by ``cfg.seed``)."""
+    torch.manual_seed(cfg.seed)
+    return Tokenizer(cfg.tokenizer, image_size=cfg.image_size, num_tokens=cfg.num_tokens, num_codes=cfg.codebook_size,
+                     z=cfg.code_dim, channels=cfg.tokenizer_channels, blocks=cfg.tokenizer_blocks,
+                     geometry_bits=cfg.geometry_bits, commitment=cfg.commitment, decay=cfg.codebook_decay,
+                     gradient=cfg.code_gradient)
+
+
 def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
     """The :class:`GViT` a config describes (weights seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
@@ -336,7 +419,8 @@ def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifie
                               neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers)
 
 
-MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep}
+MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep,
+                                           "tokenizer": TokenizerStep}
 
 
 def model_kind(cfg: TrainConfig) -> type[ModelStep]:
