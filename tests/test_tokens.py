@@ -96,3 +96,18 @@ def test_tokens_jobs_refuse_a_classifier_checkpoint(tmp_path):
     train(cfg, progress=False)
     with pytest.raises(ValueError, match="not a tokenizer checkpoint"):
         encode_tokens(tmp_path / "pv" / "checkpoint.pt", tmp_path / "enc", progress=False)
+
+
+def test_cli_decode_without_a_token_file_is_one_line(trained, tmp_path, capsys):
+    assert main(["tokens", "decode", "--checkpoint", str(trained["vq"][1]), "--out", str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tokens" in err[0] and not (tmp_path / "d").exists()
+
+
+def test_classifier_jobs_refuse_a_tokenizer_checkpoint(trained, tmp_path, capsys):
+    ckpt = str(trained["vq"][1])
+    assert main(["report", "--checkpoint", ckpt, "--out", str(tmp_path / "r")]) != 0
+    assert main(["interpret", "--checkpoint", ckpt, "--out", str(tmp_path / "i")]) != 0
+    err = capsys.readouterr().err
+    assert "gvit tokens report" in err and "needs a GViT checkpoint" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "i").exists()

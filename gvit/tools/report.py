@@ -106,6 +106,8 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
 def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, device, compare) -> dict:
     trained = load_trained(checkpoint, overrides, device)
     cfg, classes = trained.cfg, trained.classes
+    if cfg.model == "tokenizer":
+        raise ValueError(f"{checkpoint}: a tokenizer checkpoint; its report is gvit tokens report")
     try:
         test_ds, collate = trained.test_data()
     except ValueError as exc:
