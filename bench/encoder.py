@@ -28,7 +28,7 @@ def train_encoder(model, images, steps: int, batch: int, lr: float, seed: int) -
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
         x = images[torch.randint(len(images), (batch,), generator=gen)]
-        loss = F.mse_loss(model.reconstruct(model.gaussians(x, generator=gen), size, size), x)
+        loss = F.mse_loss(model.reconstruct(model.encode(x, generator=gen), size, size), x)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.encoder.parameters(), 1.0)
