@@ -190,7 +190,7 @@ def test_compression_ratio():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("field,value", [("init", "spiral"), ("iters", -1), ("num_gaussians", 0), ("loss", "l1"),
+@pytest.mark.parametrize("field,value", [("init", "spiral"), ("iters", -1), ("num_gaussians", 0), ("loss", "huber"),
                                          ("prune_tau", -0.1), ("lr_position", float("nan")), ("mode", "max")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

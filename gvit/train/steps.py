@@ -16,157 +16,24 @@ for evaluation. The loop (:mod:`gvit.train.loop`) never asks which kind it runs.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..data.shards import ShardDataset
-from ..data.transforms import crop_boxes, resized_crop
 from ..gaussians import decode
-from ..guidance import Phase, Phases, batch_losses, guidance_backward
-from ..losses import psnr, reconstruction_loss, ssim
-from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder, Tokenizer, code_statistics
+from ..guidance import Phases, batch_losses, guidance_backward
+from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder
 from ..render import render
+from .base import ModelStep, as_number
 from .config import TrainConfig
-from .data import flip_gaussians, image_collate, image_datasets, shard_datasets
-from .optim import adamw, apply_gradients, learning_rate, set_learning_rate
+from .data import flip_gaussians, shard_datasets
+from .optim import adamw, apply_gradients, set_learning_rate
+from .tokenizer_step import TokenizerStep, build_tokenizer
 
 __all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "MODEL_KINDS", "model_kind",
            "model_step", "build_gvit", "build_tokenizer"]
-
-
-def _num(t: Tensor) -> float:
-    return float(t.detach())
-
-
-class ModelStep:
-    """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``."""
-
-    reads_images = True  # its inputs are images (False: saved Gaussians)
-
-    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.parts: dict[str, tuple[nn.Module, torch.optim.Optimizer, str]] = {}
-
-    # -- data
-    @staticmethod
-    def datasets(cfg: TrainConfig) -> tuple:
-        """``(train, test or None)``."""
-        return image_datasets(cfg)
-
-    @staticmethod
-    def collate(cfg: TrainConfig):
-        return image_collate(cfg.image_size)
-
-    # -- schedule: a single classifier trains from the first step, with no guidance
-    def phases(self) -> Phases:
-        return self.cfg.phase_settings(classifier_from=0.0, pretrain_until=None, guidance_from=1.0)
-
-    # -- state
-    @property
-    def classifier(self) -> nn.Module:
-        return self.parts["classifier"][0]
-
-    def modules(self) -> list[nn.Module]:
-        return [module for module, _, _ in self.parts.values()]
-
-    def state_dict(self) -> dict:
-        state = {}
-        for name, (module, opt, opt_name) in self.parts.items():
-            state[name], state[opt_name] = module.state_dict(), opt.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
-        for name, (module, opt, opt_name) in self.parts.items():
-            if name not in state:
-                raise ValueError(f"the checkpoint has no {name} weights")
-            module.load_state_dict(state[name])
-            if optimizers:
-                opt.load_state_dict(state[opt_name])
-
-    def train(self, mode: bool = True) -> None:
-        for module in self.modules():
-            module.train(mode)
-
-    # -- one step
-    def autocast(self):
-        if self.device.type == "cuda" and self.cfg.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
-    def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int,
-             phase: Phase) -> dict | None:
-        """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
-        lr = learning_rate(self.cfg, step)
-        for name, (_, opt, _) in self.parts.items():
-            if name == "classifier":  # warmed up from the step it starts training
-                start = self.phases().classifier_start(self.cfg.steps)
-                set_learning_rate([opt], learning_rate(self.cfg, step, start) * self.cfg.classifier_lr_scale)
-            else:
-                set_learning_rate([opt], lr)
-        # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
-        flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
-        metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
-        return None if metrics is None else {"phase": phase.name, "lr": lr} | metrics
-
-    def _augment(self, images: Tensor, flips: Tensor, gen: torch.Generator, rank: int, world: int) -> Tensor:
-        size = self.cfg.image_size
-        boxes = crop_boxes(self.cfg.batch_size, size, size, scale=(self.cfg.crop_scale_min, 1.0),
-                           generator=gen)[rank::world]
-        images = resized_crop(images, boxes, (size, size))
-        return torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
-
-    def _classifier_step(self, logits_fn, labels: Tensor) -> dict | None:
-        with self.autocast():
-            loss = F.cross_entropy(logits_fn(), labels)
-        ok = apply_gradients([self.parts["classifier"][:2]], loss, grad_clip=self.cfg.grad_clip)
-        return {"loss_cls": _num(loss)} if ok else None
-
-    def _step(self, inputs, labels, flips, gen, rank, world, phase) -> dict | None:
-        raise NotImplementedError
-
-    def attach_training_set(self, dataset, collate) -> None:
-        """The training set, for steps that read more than their batch (called once by the loop)."""
-
-    # -- evaluation
-    @torch.no_grad()
-    def evaluate(self, dataset, collate) -> dict:
-        """Top-1 accuracy and the means of :meth:`evaluate_batch`'s per-image measures on
-        ``dataset``; g0 and other randomness come from a generator seeded by the config's seed, so
-        evaluation is deterministic."""
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
-                                             num_workers=self.cfg.num_workers)
-        correct, total, measures = 0, 0, {}
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        self.train(False)
-        for inputs, labels in loader:
-            logits, per_image = self.evaluate_batch(inputs, gen)
-            if logits is not None:
-                correct += int((logits.argmax(-1).cpu() == labels).sum())
-            total += len(labels)
-            for name, values in per_image.items():
-                measures.setdefault(name, []).append(values.float().cpu())
-        self.train(True)
-        result = {"top1": correct / max(1, total)} if logits is not None else {}
-        result["eval_images"] = total
-        result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
-        return result
-
-    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """``(logits or None, per-image measures by name)`` of one evaluation batch (for GViT ``psnr``
-        and ``psnr_encoder``; for the tokenizer no logits and its reconstruction measures)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def predict_images(self, images: Tensor, gen: torch.Generator) -> dict:
-        """What the model makes of ``images [B, 3, S, S]``: ``logits`` (and, for GViT, ``g``,
-        ``rendered`` and ``psnr``)."""
-        if not self.reads_images:
-            raise ValueError(f"model={self.cfg.model} reads saved Gaussians, not images")
-        return {"logits": self.evaluate_batch(images, gen)[0]}
 
 
 class PatchViTStep(ModelStep):
@@ -272,10 +139,10 @@ class GViTStep(ModelStep):
             return self._classifier_step(lambda: model.classifier(g), labels)
         with self.autocast():
             out = batch_losses(model, images, labels, g0, classify=phase.train_classifier, **kw)
-        loss, metrics, trained = out.reconstruction, {"loss_rec": _num(out.reconstruction)}, [encoder]
+        loss, metrics, trained = out.reconstruction, {"loss_rec": as_number(out.reconstruction)}, [encoder]
         if out.classification is not None:
             loss = loss + phase.lambda_cls * out.classification
-            metrics["loss_cls"] = _num(out.classification)
+            metrics["loss_cls"] = as_number(out.classification)
             trained.append(classifier)
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
 
@@ -316,7 +183,7 @@ class GViTStep(ModelStep):
         encoder[1].zero_grad(set_to_none=True)
         with self.autocast():
             out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, measure=cfg.measure_guidance, **kw)
-        metrics = {"loss_rec": _num(out.reconstruction), "loss_cls": _num(out.classification)}
+        metrics = {"loss_rec": as_number(out.reconstruction), "loss_cls": as_number(out.classification)}
         if cfg.guidance_lr is not None:  # the guidance step's own step size (the next step sets the schedule's)
             metrics["lr"] = cfg.base_lr * cfg.batch_size / 256 * cfg.guidance_lr
             set_learning_rate([encoder[1]], metrics["lr"])
@@ -329,10 +196,10 @@ class GViTStep(ModelStep):
         old, new = model.decode(out.g.detach()), model.decode(after.g)
         pixels = max(images.shape[-2:]) / 2  # normalised units -> pixels
         return {**metrics, **out.stats,
-                "guide_shift_px": _num((new.means - old.means).norm(dim=-1).mean() * pixels),
-                "guide_color": _num((new.colors - old.colors).abs().mean()),
-                "guide_dloss_cls": _num(after.classification - out.classification),
-                "guide_dloss_rec": _num(after.reconstruction - out.reconstruction)}
+                "guide_shift_px": as_number((new.means - old.means).norm(dim=-1).mean() * pixels),
+                "guide_color": as_number((new.colors - old.colors).abs().mean()),
+                "guide_dloss_cls": as_number(after.classification - out.classification),
+                "guide_dloss_rec": as_number(after.reconstruction - out.reconstruction)}
 
     def evaluate_batch(self, inputs, gen):
         out = self.model.predict(inputs, generator=gen)
@@ -340,62 +207,6 @@ class GViTStep(ModelStep):
 
     def predict_images(self, images, gen):
         return self.model.predict(images, generator=gen)
-
-
-class TokenizerStep(ModelStep):
-    """``model=tokenizer``: one optimiser over the whole tokenizer (the codebook follows its EMA).
-    Loss: ``pixel_loss`` + ``lambda_perc`` D-SSIM (from ``perceptual_from``) + the commitment loss."""
-
-    def __init__(self, cfg, num_classes, device):
-        super().__init__(cfg, num_classes, device)
-        self.model = build_tokenizer(cfg).to(device)
-        self.parts["tokenizer"] = (self.model, adamw(cfg, self.model), "tok_opt")
-        self._indices: list[Tensor] | None = None  # token indices of an evaluation in progress
-
-    def phases(self) -> Phases:  # reconstruction only
-        return self.cfg.phase_settings(classifier_from=1.0, pretrain_until=None, guidance_from=1.0)
-
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        images = self._augment(inputs, flips, gen, rank, world)
-        with self.autocast():
-            out = self.model(images, gen)
-            rec = reconstruction_loss(out.reconstruction.float(), images, self.cfg.pixel_loss,
-                                      dssim_weight=phase.lambda_perc)
-        loss = rec + out.commitment.float()
-        ok = apply_gradients([self.parts["tokenizer"][:2]], loss, grad_clip=self.cfg.grad_clip)
-        return {"loss_rec": _num(rec), "loss_commit": _num(out.commitment)} if ok else None
-
-    @torch.no_grad()
-    def evaluate(self, dataset, collate) -> dict:
-        """Per-image means of ``psnr``, ``ssim``, ``l1`` and ``coverage`` (fraction of map cells that
-        some token reaches: splat weight above 1/255 for Gaussian kinds, every cell for vq), and over
-        the split the codebook ``usage`` and ``perplexity``; ``bits_per_image`` of the tokens."""
-        self._indices = []  # filled by evaluate_batch
-        try:
-            result = super().evaluate(dataset, collate)
-            stats = code_statistics(torch.cat(self._indices), self.model.quantizer.num_codes)
-        finally:
-            self._indices = None
-        return result | {"usage": stats["usage"], "perplexity": stats["perplexity"],
-                         "bits_per_image": self.model.bits_per_image()}
-
-    def evaluate_batch(self, inputs, gen):
-        images = inputs.to(self.device)
-        out = self.model(images, gen)
-        if getattr(self, "_indices", None) is not None:
-            self._indices.append(out.indices.cpu())
-        rec = out.reconstruction.float().clamp(0, 1)
-        return None, {"psnr": psnr(rec, images), "ssim": ssim(rec, images),
-                      "l1": (rec - images).abs().flatten(1).mean(1), "coverage": self.model.coverage(out)}
-
-
-def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The :class:`Tokenizer` a config describes (weights seeded by ``cfg.seed``)."""
-    torch.manual_seed(cfg.seed)
-    return Tokenizer(cfg.tokenizer, image_size=cfg.image_size, num_tokens=cfg.num_tokens, num_codes=cfg.codebook_size,
-                     z=cfg.code_dim, channels=cfg.tokenizer_channels, blocks=cfg.tokenizer_blocks,
-                     geometry_bits=cfg.geometry_bits, commitment=cfg.commitment, decay=cfg.codebook_decay,
-                     gradient=cfg.code_gradient)
 
 
 def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:

@@ -1,0 +1,152 @@
+"""The step object every model kind derives from (:class:`ModelStep`): its models and optimisers,
+datasets, phase schedule, one optimisation step, and evaluation. The kinds are in
+:mod:`gvit.train.steps` (classifiers and GViT) and :mod:`gvit.train.tokenizer_step`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.transforms import crop_boxes, resized_crop
+from ..guidance import Phase, Phases
+from .config import TrainConfig
+from .data import image_collate, image_datasets
+from .optim import apply_gradients, learning_rate, set_learning_rate
+
+__all__ = ["ModelStep", "as_number"]
+
+
+def as_number(t: Tensor) -> float:
+    return float(t.detach())
+
+class ModelStep:
+    """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``."""
+
+    reads_images = True  # its inputs are images (False: saved Gaussians)
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.parts: dict[str, tuple[nn.Module, torch.optim.Optimizer, str]] = {}
+
+    # -- data
+    @staticmethod
+    def datasets(cfg: TrainConfig) -> tuple:
+        """``(train, test or None)``."""
+        return image_datasets(cfg)
+
+    @staticmethod
+    def collate(cfg: TrainConfig):
+        return image_collate(cfg.image_size)
+
+    # -- schedule: a single classifier trains from the first step, with no guidance
+    def phases(self) -> Phases:
+        return self.cfg.phase_settings(classifier_from=0.0, pretrain_until=None, guidance_from=1.0)
+
+    # -- state
+    @property
+    def classifier(self) -> nn.Module:
+        return self.parts["classifier"][0]
+
+    def modules(self) -> list[nn.Module]:
+        return [module for module, _, _ in self.parts.values()]
+
+    def state_dict(self) -> dict:
+        state = {}
+        for name, (module, opt, opt_name) in self.parts.items():
+            state[name], state[opt_name] = module.state_dict(), opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
+        for name, (module, opt, opt_name) in self.parts.items():
+            if name not in state:
+                raise ValueError(f"the checkpoint has no {name} weights")
+            module.load_state_dict(state[name])
+            if optimizers:
+                opt.load_state_dict(state[opt_name])
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)
+
+    # -- one step
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int,
+             phase: Phase) -> dict | None:
+        """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
+        lr = learning_rate(self.cfg, step)
+        for name, (_, opt, _) in self.parts.items():
+            if name == "classifier":  # warmed up from the step it starts training
+                start = self.phases().classifier_start(self.cfg.steps)
+                set_learning_rate([opt], learning_rate(self.cfg, step, start) * self.cfg.classifier_lr_scale)
+            else:
+                set_learning_rate([opt], lr)
+        # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
+        flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
+        metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
+        return None if metrics is None else {"phase": phase.name, "lr": lr} | metrics
+
+    def _augment(self, images: Tensor, flips: Tensor, gen: torch.Generator, rank: int, world: int) -> Tensor:
+        size = self.cfg.image_size
+        boxes = crop_boxes(self.cfg.batch_size, size, size, scale=(self.cfg.crop_scale_min, 1.0),
+                           generator=gen)[rank::world]
+        images = resized_crop(images, boxes, (size, size))
+        return torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
+
+    def _classifier_step(self, logits_fn, labels: Tensor) -> dict | None:
+        with self.autocast():
+            loss = F.cross_entropy(logits_fn(), labels)
+        ok = apply_gradients([self.parts["classifier"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_cls": as_number(loss)} if ok else None
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase) -> dict | None:
+        raise NotImplementedError
+
+    def attach_training_set(self, dataset, collate) -> None:
+        """The training set, for steps that read more than their batch (called once by the loop)."""
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        """Top-1 accuracy and the means of :meth:`evaluate_batch`'s per-image measures on
+        ``dataset``; g0 and other randomness come from a generator seeded by the config's seed, so
+        evaluation is deterministic."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
+                                             num_workers=self.cfg.num_workers)
+        correct, total, measures = 0, 0, {}
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.train(False)
+        for inputs, labels in loader:
+            logits, per_image = self.evaluate_batch(inputs, gen)
+            if logits is not None:
+                correct += int((logits.argmax(-1).cpu() == labels).sum())
+            total += len(labels)
+            for name, values in per_image.items():
+                measures.setdefault(name, []).append(values.float().cpu())
+        self.train(True)
+        result = {"top1": correct / max(1, total)} if logits is not None else {}
+        result["eval_images"] = total
+        result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
+        return result
+
+    def evaluate_batch(self, inputs, gen: torch.Generator) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """``(logits or None, per-image measures by name)`` of one evaluation batch (for GViT ``psnr``
+        and ``psnr_encoder``; for the tokenizer no logits and its reconstruction measures)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_images(self, images: Tensor, gen: torch.Generator) -> dict:
+        """What the model makes of ``images [B, 3, S, S]``: ``logits`` (and, for GViT, ``g``,
+        ``rendered`` and ``psnr``)."""
+        if not self.reads_images:
+            raise ValueError(f"model={self.cfg.model} reads saved Gaussians, not images")
+        return {"logits": self.evaluate_batch(images, gen)[0]}
+
+
