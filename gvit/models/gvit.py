@@ -81,12 +81,12 @@ class GViT(nn.Module):
 
     def fit_config(self) -> FitConfig:
         """The settings of the test-time fitting steps."""
-        defaults, lr = FitConfig(), self.fit_lr
+        defaults = FitConfig()
+        step_sizes = {name: getattr(defaults, name) * self.fit_lr
+                      for name in ("lr_position", "lr_scale", "lr_angle", "lr_color", "lr_opacity")}
         return FitConfig(num_gaussians=self.num_gaussians, iters=max(1, self.fit_steps), loss="mse",
                          scale_factor=self.scale_factor, warmup=0.0, final_lr_fraction=0.5,
-                         check_every=max(1, self.fit_steps), lr_position=defaults.lr_position * lr,
-                         lr_scale=defaults.lr_scale * lr, lr_angle=defaults.lr_angle * lr,
-                         lr_color=defaults.lr_color * lr, lr_opacity=defaults.lr_opacity * lr)
+                         check_every=max(1, self.fit_steps), **step_sizes)
 
     def refine(self, images: Tensor, g: Tensor) -> Tensor:
         """``g`` after ``fit_steps`` test-time fitting steps against ``images`` (``g`` itself when

@@ -23,6 +23,7 @@ __all__ = ["ModelStep", "as_number"]
 def as_number(t: Tensor) -> float:
     return float(t.detach())
 
+
 class ModelStep:
     """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``."""
 
