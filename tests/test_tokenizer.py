@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gvit.models.quantizer import VectorQuantizer, code_statistics, kmeans, rotate_to
-from gvit.models.tokenizer import TOKENIZER_KINDS, Tokenizer
+from gvit.models.tokenizer import SCALE_MAX, SCALE_MIN, TOKENIZER_KINDS, DeformableCrossAttention, Tokenizer
 
 from reference import reference_render
 
@@ -113,6 +113,54 @@ def test_splatting_matches_a_dense_float64_sum():
     ref = reference_render(means.double(), scales.double(), angles.double(), codes.double(),
                            torch.ones(2, 9, dtype=torch.float64), 8, 8, mode="sum")
     assert out.shape == (2, 4, 8, 8) and torch.allclose(out.double(), ref, atol=1e-5)
+
+
+def _bilinear(value, x, y):
+    """Zero-padded bilinear sample of ``value [C, h, w]`` at normalised (x, y), pixel centres at
+    (2j + 1) / w - 1, one pixel at a time."""
+    c, h, w = value.shape
+    px, py = ((x + 1) * w - 1) / 2, ((y + 1) * h - 1) / 2
+    j0, i0 = math.floor(px), math.floor(py)
+    out = torch.zeros(c, dtype=value.dtype)
+    for i, wy in ((i0, 1 - (py - i0)), (i0 + 1, py - i0)):
+        for j, wx in ((j0, 1 - (px - j0)), (j0 + 1, px - j0)):
+            if 0 <= i < h and 0 <= j < w:
+                out += wx * wy * value[:, i, j]
+    return out
+
+
+def test_deformable_cross_attention_matches_point_by_point_sampling_in_float64():
+    torch.manual_seed(0)
+    b, k, d, heads, points, h, w = 2, 3, 8, 2, 3, 5, 6
+    attn = DeformableCrossAttention(d, heads, points).double()
+    torch.nn.init.normal_(attn.offsets.weight, std=0.5)  # offsets and weights that depend on the query
+    torch.nn.init.normal_(attn.weights.weight, std=0.5)
+    x, fmap = torch.randn(b, k, d, dtype=torch.float64), torch.randn(b, d, h, w, dtype=torch.float64)
+    reference = torch.rand(b, k, 2, dtype=torch.float64) * 2.4 - 1.2  # some samples fall off the map
+    with torch.no_grad():
+        value = attn.value(fmap)
+        offsets = attn.offsets(x).view(b, k, heads, points, 2)
+        weights = attn.weights(x).view(b, k, heads, points).softmax(-1)
+        actual = attn(x, reference, fmap)
+    dh = d // heads
+    expected = torch.zeros(b, k, d, dtype=torch.float64)
+    for bi in range(b):
+        for qi in range(k):
+            for hi in range(heads):
+                for p in range(points):
+                    sx = reference[bi, qi, 0] + offsets[bi, qi, hi, p, 0] * 2 / w  # offsets in map pixels
+                    sy = reference[bi, qi, 1] + offsets[bi, qi, hi, p, 1] * 2 / h
+                    sample = _bilinear(value[bi, hi * dh:(hi + 1) * dh], float(sx), float(sy))
+                    expected[bi, qi, hi * dh:(hi + 1) * dh] += weights[bi, qi, hi, p] * sample
+    with torch.no_grad():
+        torch.testing.assert_close(actual, attn.proj(expected))
+
+
+def test_gaussian_tokens_start_on_the_grid_with_half_cell_scales():
+    model = Tokenizer("gaussian", image_size=16, num_tokens=16, num_codes=8, channels=8, width=16, heads=2)
+    unit = torch.sigmoid(model.head.anchors[:, 3:5])
+    torch.testing.assert_close(SCALE_MIN + (SCALE_MAX - SCALE_MIN) * unit, torch.full((16, 2), 1.0))  # 8/4/2 px
+    torch.testing.assert_close(model.head.refine[0].fc2.bias[3:5], model.head.anchors[0, 3:5])
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)

@@ -7,7 +7,8 @@ features -> a ``z``-channel map ``[B, z, H/2, W/2]`` -> CNN decoder -> images ``
 * ``kind="vq"`` (A): the map, brought to a sqrt(k) x sqrt(k) grid by a strided convolution, is
   quantised cell by cell; the decoder reads the grid of codes upsampled (nearest) to the map size;
 * ``kind="gaussian"`` (B): a query head (k learned anchors, refined in ``stages`` rounds of
-  self-attention among the queries and cross-attention into the map; x, y updated residually, the
+  self-attention among the queries and deformable cross-attention, which samples the map around each
+  query's current centre; x, y updated residually, the
   rest predicted afresh each round) gives each token a centre, angle, two scales and a feature;
   the feature is quantised; the k quantised features are splatted into the z-channel map
   (:func:`gvit.render.rasterize` with ``mode="sum"``, opacity 1, zero background);
@@ -115,34 +116,71 @@ def sine_positions(h: int, w: int, dim: int, device=None) -> Tensor:
     return torch.cat(out, -1)
 
 
+class DeformableCrossAttention(nn.Module):
+    """Deformable DETR's cross-attention at one level: each query, per head, reads ``points`` bilinear
+    samples of the value map around its reference point (learned offsets in map pixels) and mixes them
+    with softmax weights. Queries ``[B, k, D]``, reference points ``[B, k, 2]`` (normalised
+    coordinates), map ``[B, D, h, w]``."""
+
+    def __init__(self, dim: int, heads: int, points: int = 4):
+        super().__init__()
+        self.heads, self.points = heads, points
+        self.offsets = nn.Linear(dim, heads * points * 2)
+        self.weights = nn.Linear(dim, heads * points)
+        self.value, self.proj = nn.Conv2d(dim, dim, 1), nn.Linear(dim, dim)
+
+    def reset_offsets(self) -> None:
+        """Offsets start at 0 weight, the bias pointing each head in its own direction, point p at
+        distance p + 1 (Deformable DETR); uniform mixing weights."""
+        nn.init.zeros_(self.offsets.weight)
+        nn.init.zeros_(self.weights.weight)
+        nn.init.zeros_(self.weights.bias)
+        angle = torch.arange(self.heads, dtype=torch.float32) * (2 * math.pi / self.heads)
+        direction = torch.stack([angle.cos(), angle.sin()], -1)
+        direction = direction / direction.abs().max(-1, keepdim=True).values
+        bias = direction[:, None, :] * torch.arange(1, self.points + 1, dtype=torch.float32)[None, :, None]
+        with torch.no_grad():
+            self.offsets.bias.copy_(bias.flatten())
+
+    def forward(self, x: Tensor, reference: Tensor, fmap: Tensor) -> Tensor:
+        b, k, d = x.shape
+        h, w = fmap.shape[-2:]
+        heads, points = self.heads, self.points
+        value = self.value(fmap).view(b * heads, d // heads, h, w)
+        pixel = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=x.dtype)  # map pixels -> normalised
+        offsets = self.offsets(x).view(b, k, heads, points, 2) * pixel
+        where = (reference[:, :, None, None, :].to(x.dtype) + offsets).permute(0, 2, 1, 3, 4)  # [B, H, k, P, 2]
+        sampled = F.grid_sample(value, where.reshape(b * heads, k, points, 2), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)  # [B*H, d/H, k, P]
+        weights = self.weights(x).view(b, k, heads, points).softmax(-1).permute(0, 2, 1, 3)
+        out = (sampled.view(b, heads, d // heads, k, points) * weights[:, :, None]).sum(-1)  # [B, H, d/H, k]
+        return self.proj(out.permute(0, 3, 1, 2).reshape(b, k, d))
+
+
 class DecoderLayer(nn.Module):
-    """Queries ``[B, k, D]``: self-attention among them, cross-attention into ``memory`` ``[B, N, D]``,
-    then an MLP (pre-norm, residual)."""
+    """Queries ``[B, k, D]``: self-attention among them, deformable cross-attention into the map around
+    each query's centre, then an MLP (pre-norm, residual)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.self_attn = Attention(dim, heads)
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.cross_attn = DeformableCrossAttention(dim, heads)
         self.mlp = Mlp(dim, 4 * dim)
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def forward(self, x: Tensor, reference: Tensor, fmap: Tensor) -> Tensor:
         x = x + self.self_attn(self.norm1(x))
-        b, k, d = x.shape
-        q = self.q(self.norm2(x)).view(b, k, self.heads, -1).transpose(1, 2)
-        key, value = self.kv(memory).view(b, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, key, value).transpose(1, 2).reshape(b, k, d)
-        x = x + self.proj(attended)
+        x = x + self.cross_attn(self.norm2(x), reference, fmap)
         return x + self.mlp(self.norm3(x))
 
 
 class GaussianQueryHead(nn.Module):
     """Map ``[B, C, h, w]`` -> pre-activation geometry ``[B, k, 5]`` (x, y, angle, sx, sy) and
-    features ``[B, k, feature_dim]`` (see the module docstring)."""
+    features ``[B, k, feature_dim]`` (see the module docstring). ``start_scale``: the scales'
+    pre-activation at initialisation."""
 
     def __init__(self, channels: int, num_tokens: int, width: int, heads: int, *, stages: int, feature_dim: int,
-                 map_layers: int = 2, layers_per_stage: int = 2):
+                 map_layers: int = 2, layers_per_stage: int = 2, start_scale: float = 0.0):
         super().__init__()
         self.proj = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GroupNorm(_groups(width), width))
         self.map_layers = nn.ModuleList(Block(width, heads) for _ in range(map_layers))
@@ -153,6 +191,9 @@ class GaussianQueryHead(nn.Module):
         self.refine = nn.ModuleList(Mlp(width, width, GEOMETRY_VALUES + feature_dim) for _ in range(stages))
         self.width = width
         init_weights(self)
+        for module in self.modules():
+            if isinstance(module, DeformableCrossAttention):
+                module.reset_offsets()
         side = math.isqrt(num_tokens)
         with torch.no_grad():  # anchors start on a grid (as near-square as k allows), unit scale
             rows, cols = max(1, side), math.ceil(num_tokens / max(1, side))
@@ -162,18 +203,23 @@ class GaussianQueryHead(nn.Module):
             self.anchors[:, 0] = 2 * torch.atanh(x.clamp(-0.999, 0.999))  # 2 sigmoid(t) - 1 = tanh(t / 2)
             self.anchors[:, 1] = 2 * torch.atanh(y.clamp(-0.999, 0.999))
             self.anchors[:, GEOMETRY_VALUES:].normal_(std=0.02)
+            self.anchors[:, 3:5] = start_scale  # scales start where the refine MLPs' bias puts them too
+            for refine in self.refine:
+                refine.fc2.bias[3:5] = start_scale
 
     def forward(self, fmap: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = fmap.shape
         memory = self.proj(fmap).flatten(2).transpose(1, 2) + sine_positions(h, w, self.width, fmap.device)
         for layer in self.map_layers:  # map tokens attend to each other
             memory = layer(memory)
+        memory = memory.transpose(1, 2).reshape(b, self.width, h, w)
         values = self.anchors.expand(b, -1, -1)
         queries = torch.zeros(b, len(self.anchors), self.width, device=fmap.device, dtype=fmap.dtype)
         for layers, refine in zip(self.stages, self.refine):
             x = queries + self.anchor_embed(values[..., :GEOMETRY_VALUES])
+            reference = torch.tanh(values[..., :2] / 2)  # the current centres, 2 sigmoid - 1
             for layer in layers:
-                x = layer(x, memory)
+                x = layer(x, reference, memory)
             queries = x
             new = refine(x)
             values = torch.cat([values[..., :2] + new[..., :2], new[..., 2:]], -1)
@@ -208,7 +254,11 @@ class Tokenizer(nn.Module):
             stride = map_size // side
             self.to_grid = nn.Conv2d(channels, z, stride, stride=stride)
         else:
-            self.head = GaussianQueryHead(channels, num_tokens, width, heads, stages=stages, feature_dim=feature_dim)
+            # scales start at half a grid cell, as C's fixed ones
+            half_cell = map_size / math.sqrt(num_tokens) / 2
+            unit = min(max((half_cell - SCALE_MIN) / (SCALE_MAX - SCALE_MIN), 0.01), 0.99)
+            self.head = GaussianQueryHead(channels, num_tokens, width, heads, stages=stages, feature_dim=feature_dim,
+                                          start_scale=math.log(unit / (1 - unit)))
             self.to_code = Mlp(feature_dim, feature_dim, z)
 
     # -- the optimiser's view (as gvit.models.TransformerModel declares it): the anchors are not
