@@ -1,13 +1,17 @@
 """Datasets and image readers. :mod:`gvit.data.shapes` is the built-in procedural dataset (no
 download); :mod:`gvit.data.images` reads image files and ImageFolder trees (directory or .zip);
 :mod:`gvit.data.cifar` reads CIFAR python batches without running pickled code;
-:func:`open_dataset` opens any of them by path."""
+:func:`open_dataset` opens any of them by path; :mod:`gvit.data.captions` gives images with text
+(captioned shapes, class prompts, caption files) and :mod:`gvit.data.text` an offline BPE tokenizer."""
 
 from .base import Subset, spread_indices
+from .captions import CaptionedShapes, CaptionFile, ClassCaptions
 from .cifar import CifarBatches, load_pickle
 from .datasets import ShapesDataset, open_dataset
 from .images import IMAGE_EXTENSIONS, ImageFolder, ImageReadError, decode_image, image_size, read_image
 from .shapes import SHAPE_CLASSES, make_shapes
+from .text import TextTokenizer
 
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
-           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices", "Subset"]
+           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices", "Subset",
+           "CaptionedShapes", "ClassCaptions", "CaptionFile", "TextTokenizer"]

@@ -34,8 +34,11 @@ def _inside(kind: str, u: Tensor, v: Tensor) -> Tensor:
     raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_CLASSES}")
 
 
-def make_shapes(n: int, size: int = 32, *, seed: int = 0, num_classes: int = len(SHAPE_CLASSES)):
-    """Return ``(images [n, 3, size, size] in [0, 1], labels [n], masks [n, size, size] bool)``."""
+def make_shapes(n: int, size: int = 32, *, seed: int = 0, num_classes: int = len(SHAPE_CLASSES),
+                attributes: bool = False):
+    """Return ``(images [n, 3, size, size] in [0, 1], labels [n], masks [n, size, size] bool)``, and
+    with ``attributes`` a fourth item: a dict of each shape's ``color`` ``[n, 3]``, ``radius`` ``[n]``
+    (normalised units) and ``center`` ``[n, 2]`` (x, y), the same images either way."""
     if not 1 <= num_classes <= len(SHAPE_CLASSES):
         raise ValueError(f"num_classes must be in [1, {len(SHAPE_CLASSES)}], got {num_classes}")
     if n < 0 or size < 4:
@@ -46,6 +49,7 @@ def make_shapes(n: int, size: int = 32, *, seed: int = 0, num_classes: int = len
     labels = torch.randint(num_classes, (n,), generator=g)
     images = torch.empty(n, 3, size, size)
     masks = torch.empty(n, size, size, dtype=torch.bool)
+    found = {"color": torch.empty(n, 3), "radius": torch.empty(n), "center": torch.empty(n, 2)}
     for i in range(n):
         c0, c1, fg = torch.rand(3, 3, generator=g)
         direction = torch.rand(1, generator=g).item() * 2 * math.pi
@@ -62,4 +66,5 @@ def make_shapes(n: int, size: int = 32, *, seed: int = 0, num_classes: int = len
             fg = 1 - fg
         images[i] = torch.where(mask, fg[:, None, None], background)
         masks[i] = mask
-    return images, labels, masks
+        found["color"][i], found["radius"][i], found["center"][i] = fg, radius, torch.tensor([cx, cy])
+    return (images, labels, masks, found) if attributes else (images, labels, masks)
