@@ -63,6 +63,18 @@ class TextTokenizer:
             raise ValueError(f"{path}: not a text tokenizer file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
         return cls(tokenizer)
 
+    @classmethod
+    def from_str(cls, text: str) -> "TextTokenizer":
+        """From the JSON text of :meth:`to_str` (how checkpoints keep it)."""
+        try:
+            tokenizer = _tokenizers().Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception type on bad JSON
+            raise ValueError(f"not a text tokenizer ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        return cls(tokenizer)
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
     def save(self, path: str | os.PathLike) -> None:
         with atomic_path(Path(path)) as tmp:
             self.tokenizer.save(str(tmp))

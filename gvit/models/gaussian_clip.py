@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from ..gaussians import Gaussians
+from .layers import get_size
 from .splat_stem import SplatStem
 
-__all__ = ["GaussianCLIP", "load_clip", "STAGES"]
+__all__ = ["GaussianCLIP", "load_clip", "rgb_clip", "clip_pixels", "STAGES"]
 
 STAGES = ("distill", "align", "align_text")
 
@@ -35,6 +36,29 @@ def load_clip(name_or_path: str | os.PathLike):
     except ImportError:  # pragma: no cover - depends on the environment
         raise ImportError("GaussianCLIP needs Hugging Face transformers: pip install 'gvit[vl]'") from None
     return CLIPModel.from_pretrained(str(name_or_path))
+
+
+def rgb_clip(size: str, *, image_size: int, patch: int, vocab_size: int, text_length: int, embed_dim: int,
+             pad_id: int = 0, bos_id: int = 2, eos_id: int = 3):
+    """A new (random) ``transformers.CLIPModel`` with both towers of gvit size ``size``
+    (:data:`gvit.models.SIZES`): the RGB CLIP gvit trains where no pretrained one is at hand. The
+    text tower pools at ``eos_id`` (:mod:`gvit.data.text`'s ids)."""
+    try:
+        from transformers import CLIPConfig, CLIPModel
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("an RGB CLIP needs Hugging Face transformers: pip install 'gvit[vl]'") from None
+    s = get_size(size)
+    tower = dict(hidden_size=s.width, intermediate_size=int(s.width * s.mlp_ratio), num_hidden_layers=s.depth,
+                 num_attention_heads=s.heads)
+    config = CLIPConfig(text_config=dict(tower, vocab_size=vocab_size, max_position_embeddings=text_length,
+                                         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id),
+                        vision_config=dict(tower, image_size=image_size, patch_size=patch), projection_dim=embed_dim)
+    return CLIPModel(config)
+
+
+def clip_pixels(images: Tensor) -> Tensor:
+    """Images in [0, 1] -> the pixels gvit's RGB CLIPs read ((x - 0.5) / 0.5)."""
+    return (images - 0.5) / 0.5
 
 
 class GaussianCLIP(nn.Module):

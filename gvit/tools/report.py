@@ -108,6 +108,8 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
     cfg, classes = trained.cfg, trained.classes
     if cfg.model == "tokenizer":
         raise ValueError(f"{checkpoint}: a tokenizer checkpoint; its report is gvit tokens report")
+    if cfg.model == "clip":
+        raise ValueError(f"{checkpoint}: a CLIP checkpoint (model=clip); its measures are in its result.json")
     try:
         test_ds, collate = trained.test_data()
     except ValueError as exc:

@@ -19,7 +19,7 @@ from ..settings import apply_overrides, from_mapping, load_settings, setting, va
 
 __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
 
-MODELS = ("gvit", "patch_vit", "offline", "tokenizer")  # what each is: gvit.train.steps.MODEL_KINDS
+MODELS = ("gvit", "patch_vit", "offline", "tokenizer", "clip")  # what each is: gvit.train.steps.MODEL_KINDS
 OFFLINE_INPUTS = ("gaussians", "renders")
 ENCODERS = ("denoise", "refine")
 
@@ -87,6 +87,14 @@ class TrainConfig(Phases):
     codebook_decay: float = setting(0.8, "model=tokenizer: EMA decay of the codebook")
     code_gradient: str = setting("rotation", "model=tokenizer: the encoder's gradient through the quantiser",
                                  ("rotation", "straight_through"))
+    # model=clip (an RGB CLIP trained on captioned pixels: the offline teacher of GaussianVision's stages)
+    clip_size: str = setting("micro", "model=clip: size of both towers", SIZES)
+    embed_dim: int = setting(64, "model=clip: width of the joint image-text embedding")
+    text_length: int = setting(16, "model=clip: tokens per caption ([BOS] ... [EOS], padded or cut)")
+    text_vocab: int = setting(1000, "model=clip: size of the byte-level BPE vocabulary learned from the training "
+                                    "captions")
+    prompt: str = setting("a photo of a {}.", "model=clip: caption of a labelled image ({} = class name), and the "
+                                              "zero-shot prompt")
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
@@ -126,7 +134,7 @@ class TrainConfig(Phases):
         validate_fields(self)
         positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
                     "max_bad_steps", "refine_rounds", "refine_depth", "refine_features", "num_tokens",
-                    "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks")
+                    "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks", "embed_dim")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")
@@ -156,6 +164,11 @@ class TrainConfig(Phases):
             raise ValueError(f"config: grad_clip must be > 0 (or null), got {self.grad_clip}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.text_length < 3 or self.text_vocab < 300:
+            raise ValueError(f"config: text_length must be >= 3 and text_vocab >= 300 (the 256 bytes and specials), "
+                             f"got {self.text_length} and {self.text_vocab}")
+        if "{}" not in self.prompt:
+            raise ValueError(f"config: prompt must hold {{}} where the class name goes, got {self.prompt!r}")
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
         if self.encoder == "refine" and (self.learned_queries or self.sample_image or self.image_colors):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data import Subset, open_dataset, spread_indices
+from ..data import CaptionedShapes, CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
 from ..data.shards import ShardDataset
 from ..data.transforms import resize_square
 from ..gaussians import ANGLE, POS
 
 __all__ = ["StepBatches", "step_generator", "image_collate", "limit", "image_datasets", "shard_datasets",
-           "flip_gaussians"]
+           "flip_gaussians", "CaptionItems", "caption_datasets", "caption_collate", "dataset_captions"]
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -90,3 +90,51 @@ def flip_gaussians(raw: Tensor, flip: Tensor) -> Tensor:
     mirrored[..., POS.start] = -mirrored[..., POS.start]  # x
     mirrored[..., ANGLE] = -mirrored[..., ANGLE]
     return torch.where(flip[:, None, None], mirrored, raw)
+
+
+class CaptionItems(torch.utils.data.Dataset):
+    """A captioned dataset (``(image, caption)`` items, ``targets``) as ``((image, caption), target)``
+    items, the loop's ``(inputs, label)`` shape."""
+
+    def __init__(self, dataset):
+        self.dataset, self.captions, self.targets = dataset, dataset.captions, dataset.targets
+        self.classes = list(dataset.classes)
+        self.held_out = getattr(dataset, "held_out", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, caption = self.dataset[i]
+        return (image, caption), int(self.targets[i])
+
+
+def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
+    """Captions, targets and held-out marks (or None) of a :class:`CaptionItems` or a subset of one."""
+    if isinstance(ds, Subset):
+        captions, targets, held_out = dataset_captions(ds.dataset)
+        return [captions[i] for i in ds.indices], targets[ds.indices], None if held_out is None else held_out[ds.indices]
+    return list(ds.captions), torch.as_tensor(ds.targets), ds.held_out
+
+
+def caption_datasets(cfg) -> tuple:
+    """``(train, test or None)`` images with captions (:mod:`gvit.data.captions`): ``shapes`` is the
+    captioned built-in shapes, a ``.jsonl`` / ``.tsv`` file a caption file (no test split), anything
+    else :func:`gvit.data.open_dataset`'s images captioned by ``cfg.prompt``."""
+    if cfg.data == "shapes" or cfg.data.startswith("shapes:"):
+        n = int(cfg.data.partition(":")[2] or 4096)
+        return CaptionItems(CaptionedShapes("train", n=n)), CaptionItems(CaptionedShapes("test"))
+    if cfg.data.endswith((".jsonl", ".tsv")):
+        return CaptionItems(CaptionFile(cfg.data)), None
+    train, test = image_datasets(cfg)
+    return (CaptionItems(ClassCaptions(train, cfg.prompt)),
+            None if test is None else CaptionItems(ClassCaptions(test, cfg.prompt)))
+
+
+def caption_collate(size: int):
+    """Collate ``((image, caption), label)`` items into ``([B, 3, size, size] images, captions)`` and labels."""
+    def collate(items):
+        images = torch.stack([resize_square(img, size) for (img, _), _ in items])
+        return (images, [caption for (_, caption), _ in items]), torch.tensor([t for _, t in items], dtype=torch.long)
+
+    return collate

@@ -19,9 +19,12 @@ __all__ = ["param_groups", "adamw", "learning_rate", "set_learning_rate", "apply
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """AdamW groups: weight decay on matrices only (not on biases, norms, or what the model's
     ``no_weight_decay()`` names); with ``layer_decay`` < 1 each group's ``lr_scale`` is
-    layer_decay ** (num_layers - 1 - layer_id)."""
-    skip = model.no_weight_decay()
-    top = model.num_layers - 1
+    layer_decay ** (num_layers - 1 - layer_id). A model without these declarations (a ``transformers``
+    model) decays every matrix and is one layer."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if layer_decay != 1.0 and not hasattr(model, "layer_id"):
+        raise ValueError(f"layer-wise lr decay needs a model that declares layer_id(); {type(model).__name__} does not")
+    top = getattr(model, "num_layers", 1) - 1
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         no_decay = p.ndim < 2 or name in skip

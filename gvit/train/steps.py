@@ -30,9 +30,10 @@ from .base import ModelStep, as_number
 from .config import TrainConfig
 from .data import flip_gaussians, shard_datasets
 from .optim import adamw, apply_gradients, set_learning_rate
+from .clip_step import ClipStep
 from .tokenizer_step import TokenizerStep, build_tokenizer
 
-__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "MODEL_KINDS", "model_kind",
+__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "ClipStep", "MODEL_KINDS", "model_kind",
            "model_step", "build_gvit", "build_tokenizer"]
 
 
@@ -231,7 +232,7 @@ def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifie
 
 
 MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep,
-                                           "tokenizer": TokenizerStep}
+                                           "tokenizer": TokenizerStep, "clip": ClipStep}
 
 
 def model_kind(cfg: TrainConfig) -> type[ModelStep]:

@@ -1,0 +1,142 @@
+"""``model=clip``: an RGB CLIP (``transformers``) trained on captioned pixels with a symmetric
+contrastive loss - the teacher and backbone of GaussianVision's stages where no pretrained CLIP is at
+hand - and the vision-language measures every stage reports.
+
+Captions come from :func:`gvit.train.data.caption_datasets`; the text tokenizer (byte-level BPE,
+:class:`gvit.data.TextTokenizer`) is learned from the training captions when a run starts and is kept
+in the checkpoint. Several images of a batch may share a caption (class prompts, repeated shape
+descriptions): every pair with the same caption text counts as a positive (the target of each row is
+uniform over them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import TextTokenizer
+from ..models.gaussian_clip import clip_pixels, rgb_clip
+from .base import ModelStep, as_number
+from .config import TrainConfig
+from .data import caption_collate, caption_datasets, dataset_captions
+from .optim import adamw, apply_gradients
+
+__all__ = ["ClipStep", "contrastive_loss", "zero_shot_accuracy", "retrieval_recall"]
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _same_caption(captions: list[str]) -> Tensor:
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    index = torch.tensor([ids[c] for c in captions])
+    return index[:, None] == index[None, :]
+
+
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, positives: Tensor) -> Tensor:
+    """Symmetric InfoNCE of embeddings ``[B, D]`` (normalised here); ``positives`` ``[B, B]`` bool marks
+    the matching pairs (the diagonal at least); each row's target is uniform over its positives."""
+    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    target = positives.float() / positives.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+
+
+def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor) -> Tensor:
+    """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``."""
+    scores = F.normalize(image, dim=-1) @ F.normalize(class_text, dim=-1).T
+    return (scores.argmax(-1) == targets).float()
+
+
+def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:
+    """Image -> text and text -> image recall@k over a split where image i's caption is
+    ``captions[i]`` (embedded as ``text[i]``); a retrieved item counts when its caption text is the
+    query's (captions repeat)."""
+    same = _same_caption(captions).to(image.device)
+    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    out = {}
+    for name, s in (("i2t", scores), ("t2i", scores.T)):
+        order = s.argsort(-1, descending=True)
+        hits = same.gather(1, order)  # [N, N]: is the r-th retrieved item a match
+        for k in ks:
+            out[f"{name}_r{k}"] = float(hits[:, :k].any(1).float().mean())
+    return out
+
+
+class ClipStep(ModelStep):
+    """``model=clip``: one optimiser over the whole CLIP (both towers, projections, logit scale)."""
+
+    @staticmethod
+    def datasets(cfg: TrainConfig) -> tuple:
+        return caption_datasets(cfg)
+
+    @staticmethod
+    def collate(cfg: TrainConfig):
+        return caption_collate(cfg.image_size)
+
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        torch.manual_seed(cfg.seed)
+        self.model = rgb_clip(cfg.clip_size, image_size=cfg.image_size, patch=cfg.patch, vocab_size=cfg.text_vocab,
+                              text_length=cfg.text_length, embed_dim=cfg.embed_dim).to(device)
+        self.parts["clip"] = (self.model, adamw(cfg, self.model), "clip_opt")
+        self.text: TextTokenizer | None = None
+
+    # -- the text tokenizer: learned from the training captions, kept in the checkpoint
+    def attach_training_set(self, dataset, collate) -> None:
+        self.text = TextTokenizer.train(dataset_captions(dataset)[0], self.cfg.text_vocab)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"text_tokenizer": self.text.to_str()}
+
+    def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
+        super().load_state_dict(state, optimizers=optimizers)
+        if "text_tokenizer" not in state:
+            raise ValueError("the checkpoint has no text tokenizer")
+        self.text = TextTokenizer.from_str(state["text_tokenizer"])
+
+    # -- embeddings
+    def image_embeddings(self, images: Tensor) -> Tensor:
+        vision = self.model.vision_model(pixel_values=clip_pixels(images.to(self.device)))
+        return self.model.visual_projection(vision.pooler_output)
+
+    def text_embeddings(self, captions: list[str]) -> Tensor:
+        ids, mask = self.text.encode(captions, self.cfg.text_length)
+        out = self.model.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        return self.model.text_projection(out.pooler_output)
+
+    # -- one step
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        images, captions = inputs
+        images = self._augment(images, flips, gen, rank, world)
+        with self.autocast():
+            loss = contrastive_loss(self.image_embeddings(images).float(), self.text_embeddings(captions).float(),
+                                    self.model.logit_scale, _same_caption(captions).to(self.device))
+        ok = apply_gradients([self.parts["clip"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_clip": as_number(loss), "logit_scale": as_number(self.model.logit_scale.exp())} if ok else None
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        """Zero-shot ``top1`` with ``cfg.prompt`` over the classes (and ``top1_held_out`` on the
+        images whose attribute pair training never showed), image <-> text recall@1/5/10."""
+        captions, targets, held_out = dataset_captions(dataset)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
+                                             num_workers=self.cfg.num_workers)
+        self.train(False)
+        image, text = [], []
+        for (images, caps), _ in loader:
+            image.append(self.image_embeddings(images).float().cpu())
+            text.append(self.text_embeddings(caps).float().cpu())
+        image, text = torch.cat(image), torch.cat(text)
+        result = {"eval_images": len(image)} | retrieval_recall(image, text, captions)
+        classes = getattr(dataset, "classes", None) or []
+        if classes and (targets >= 0).all():
+            prompts = [self.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+            correct = zero_shot_accuracy(image, self.text_embeddings(prompts).float().cpu(), targets)
+            result["top1"] = float(correct.mean())
+            if held_out is not None and held_out.any():
+                result["top1_held_out"] = float(correct[held_out].mean())
+        self.train(True)
+        return result

@@ -1,0 +1,95 @@
+"""model=clip: the contrastive loss against a direct float64 formulation, zero-shot and retrieval
+measures on embeddings with known answers, and a run through the trainer (checkpoint with its text
+tokenizer, reload, resume, learning on a fixed batch)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gvit.train import load_config, load_trained, train
+from gvit.train.checkpoint import load_checkpoint
+from gvit.train.clip_step import ClipStep, contrastive_loss, retrieval_recall, zero_shot_accuracy
+from gvit.train.data import caption_collate, caption_datasets
+
+
+def test_contrastive_loss_is_symmetric_infonce_with_shared_captions_as_positives():
+    torch.manual_seed(0)
+    image, text = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    scale = torch.tensor(math.log(10.0), dtype=torch.float64)
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 2] = positives[2, 0] = True  # images 0 and 2 share a caption
+    logits = 10.0 * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    expected = 0.0
+    for rows in (logits, logits.T):
+        for i in range(4):
+            log_p = rows[i] - torch.logsumexp(rows[i], 0)
+            matches = positives[i].nonzero().flatten()
+            expected = expected - log_p[matches].mean() / 4
+    torch.testing.assert_close(contrastive_loss(image, text, scale, positives), expected / 2)
+    # the logit scale is capped at 100 as in CLIP
+    big = contrastive_loss(image, text, torch.tensor(10.0, dtype=torch.float64), positives)
+    torch.testing.assert_close(big, contrastive_loss(image, text, torch.tensor(math.log(100.0), dtype=torch.float64),
+                                                     positives))
+
+
+def test_zero_shot_and_retrieval_on_known_embeddings():
+    classes = torch.eye(3)
+    image = torch.tensor([[1.0, 0.1, 0], [0, 2.0, 0], [0.9, 1.0, 0], [0, 0, 1.0]])
+    assert zero_shot_accuracy(image, classes, torch.tensor([0, 1, 0, 2])).tolist() == [1, 1, 0, 1]
+    captions = ["a", "b", "a", "c"]
+    text = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+    r = retrieval_recall(image, text, captions, ks=(1, 2))
+    # image 2 ([0.9, 1, 0]) retrieves text 1 ("b") first, then a text "a": a miss at 1, a hit at 2
+    assert r["i2t_r1"] == 0.75 and r["i2t_r2"] == 1.0
+    assert r["t2i_r1"] == 1.0  # every caption's best image carries that caption
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, ["model=clip", "data=shapes:128", "steps=6", "batch_size=16", "log_every=2",
+                              "checkpoint_every=3", "limit_eval=48", "text_vocab=300", "prompt=a {}",
+                              f"out={tmp_path / 'run'}", *extra])
+
+
+def test_a_clip_run_trains_evaluates_and_reloads(tmp_path):
+    cfg = _cfg(tmp_path)
+    result = train(cfg, progress=False, log=lambda *_: None)
+    assert result["finished"] and result["eval_images"] == 48
+    assert 0 <= result["top1"] <= 1 and 0 <= result["top1_held_out"] <= 1
+    assert result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"] <= 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # weights_only: no code runs
+    assert isinstance(state["text_tokenizer"], str)
+    again = load_trained(tmp_path / "run" / "checkpoint.pt", ["device=cpu"]).evaluate()
+    assert again["top1"] == result["top1"] and again["i2t_r5"] == result["i2t_r5"]
+
+
+def test_resumed_clip_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    whole = train(_cfg(tmp_path / "a"), progress=False, log=lambda *_: None)
+    cfg = _cfg(tmp_path / "b")
+    assert not train(cfg, stop_after=3, progress=False, log=lambda *_: None)["finished"]
+    resumed = train(cfg, resume=True, progress=False, log=lambda *_: None)
+    a = load_checkpoint(tmp_path / "a" / "run" / "checkpoint.pt")["clip"]
+    b = load_checkpoint(tmp_path / "b" / "run" / "checkpoint.pt")["clip"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["i2t_r1"] == whole["i2t_r1"]
+
+
+def test_the_contrastive_loss_falls_on_a_fixed_batch(tmp_path):
+    cfg = _cfg(tmp_path, "steps=40", "base_lr=4e-3", "warmup=0")
+    train_ds, _ = caption_datasets(cfg)
+    run = ClipStep(cfg, len(train_ds.classes), torch.device("cpu"))
+    collate = caption_collate(cfg.image_size)
+    run.attach_training_set(train_ds, collate)
+    inputs, labels = collate([train_ds[i] for i in range(16)])
+    phases = run.phases()
+    losses = [run.step(s, inputs, labels, torch.Generator().manual_seed(s), 0, 1, phases.at(s, cfg.steps))["loss_clip"]
+              for s in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_clip_settings_are_refused():
+    with pytest.raises(ValueError, match="prompt"):
+        load_config(None, ["model=clip", "prompt=no slot"])
+    with pytest.raises(ValueError, match="text_vocab"):
+        load_config(None, ["model=clip", "text_vocab=100"])
