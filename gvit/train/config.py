@@ -15,11 +15,12 @@ from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases
 from ..losses import RECONSTRUCTION_LOSSES
 from ..models import SIZES, TOKENIZER_KINDS
+from ..models.splat_stem import STEM_POOLINGS
 from ..settings import apply_overrides, from_mapping, load_settings, setting, validate_fields
 
 __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
 
-MODELS = ("gvit", "patch_vit", "offline", "tokenizer", "clip")  # what each is: gvit.train.steps.MODEL_KINDS
+MODELS = ("gvit", "patch_vit", "offline", "tokenizer", "clip", "splat_distill")  # what each is: gvit.train.steps.MODEL_KINDS
 OFFLINE_INPUTS = ("gaussians", "renders")
 ENCODERS = ("denoise", "refine")
 
@@ -95,6 +96,14 @@ class TrainConfig(Phases):
                                     "captions")
     prompt: str = setting("a photo of a {}.", "model=clip: caption of a labelled image ({} = class name), and the "
                                               "zero-shot prompt")
+    # model=splat_distill (GaussianVision stage 1: a splat stem learns to stand in for the teacher's patches)
+    teacher: str | None = setting(None, "model=splat_distill: the model=clip checkpoint whose image embeddings the "
+                                        "stem learns to match (offline_train / offline_eval: the Gaussians)")
+    stem_tokens: int = setting(64, "model=splat_distill: tokens the splat stem gives the vision tower (M)")
+    stem_width: int = setting(128, "model=splat_distill: width inside the splat stem")
+    stem_depth: int = setting(4, "model=splat_distill: Perceiver resampler layers")
+    stem_pooling: str = setting("perceiver", "model=splat_distill: how the stem pools N splats into M tokens",
+                                STEM_POOLINGS)
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
@@ -134,7 +143,8 @@ class TrainConfig(Phases):
         validate_fields(self)
         positive = ("image_size", "patch", "num_gaussians", "steps", "batch_size", "log_every", "checkpoint_every",
                     "max_bad_steps", "refine_rounds", "refine_depth", "refine_features", "num_tokens",
-                    "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks", "embed_dim")
+                    "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks", "embed_dim",
+                    "stem_tokens", "stem_width", "stem_depth")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1, got {getattr(self, key)}")

@@ -1,0 +1,161 @@
+"""``model=splat_distill``: GaussianVision's stage 1. A frozen RGB CLIP (the teacher, a ``model=clip``
+checkpoint named by ``teacher``) embeds each image; the student - a new splat stem in front of a
+frozen copy of the same CLIP (:class:`gvit.models.GaussianCLIP`, stage ``distill``) - embeds the
+image's fitted Gaussians (``gvit fit-dataset`` folders ``offline_train`` / ``offline_eval``, whose
+manifests name the images they were fitted from and the compositing mode). Loss: the squared
+distance between the two l2-normalised embeddings (= 2 - 2 cosine), per image, averaged.
+
+The stem's input statistics are measured on the training Gaussians when a run starts and saved
+with its weights. Evaluation: mean teacher-student cosine, and zero-shot top-1 through the text
+tower of student and teacher with the teacher run's prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data import open_dataset
+from ..data.shards import load_shards, read_manifest
+from ..data.transforms import resize_square
+from ..gaussians import Gaussians
+from ..models.gaussian_clip import GaussianCLIP, clip_pixels
+from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
+from .base import ModelStep, as_number
+from .checkpoint import load_checkpoint
+from .clip_step import ClipStep, zero_shot_accuracy
+from .config import TrainConfig, config_from_dict
+from .optim import adamw, apply_gradients
+
+__all__ = ["DistillStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode"]
+
+
+def splat_mode(folder) -> str:
+    """The compositing mode a ``gvit fit-dataset`` folder was fitted with."""
+    return read_manifest(folder)["settings"]["fit"]["mode"]
+
+
+class PairedGaussians(torch.utils.data.Dataset):
+    """A finished ``gvit fit-dataset`` folder with the images it was fitted from: items
+    ``((image [3, H, W], gaussians), label)``, the Gaussians as the tuple (means, scales, angles,
+    colors, opacities, valid) of one padded set."""
+
+    def __init__(self, folder):
+        g, labels, indices, manifest = load_shards(folder)
+        settings = manifest["settings"]
+        self.images = open_dataset(settings["data"], settings["split"])
+        self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
+        if g.valid is None:
+            self.gaussians.valid = torch.ones(g.means.shape[:2], dtype=torch.bool)
+        self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        image, _ = self.images[self.indices[i]]
+        g = self.gaussians
+        return (image, (g.means[i], g.scales[i], g.angles[i], g.colors[i], g.opacities[i], g.valid[i])), \
+            int(self.targets[i])
+
+
+def paired_collate(size: int):
+    """Items of :class:`PairedGaussians` -> ``([B, 3, size, size] images, Gaussians)`` and labels."""
+    def collate(items):
+        images = torch.stack([resize_square(img, size) for (img, _), _ in items])
+        fields = zip(*(g for (_, g), _ in items))
+        return (images, Gaussians(*(torch.stack(f) for f in fields))), torch.tensor([t for _, t in items],
+                                                                                      dtype=torch.long)
+
+    return collate
+
+
+def mirror_sets(g: Gaussians, flip: Tensor) -> Gaussians:
+    """Mirror left-right the sets where ``flip`` ``[B]``: x -> -x, angle -> -angle."""
+    means = torch.where(flip[:, None, None], g.means * torch.tensor([-1.0, 1.0]), g.means)
+    angles = torch.where(flip[:, None], -g.angles, g.angles)
+    return Gaussians(means, g.scales, angles, g.colors, g.opacities, g.valid)
+
+
+class DistillStep(ModelStep):
+    """``model=splat_distill``: trains the student's stem only."""
+
+    @staticmethod
+    def datasets(cfg: TrainConfig) -> tuple:
+        if not cfg.offline_train:
+            raise ValueError("config: model=splat_distill needs offline_train (a gvit fit-dataset folder)")
+        train = PairedGaussians(cfg.offline_train)
+        return train, PairedGaussians(cfg.offline_eval) if cfg.offline_eval else None
+
+    @staticmethod
+    def collate(cfg: TrainConfig):
+        return paired_collate(cfg.image_size)
+
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        if not cfg.teacher:
+            raise ValueError("config: model=splat_distill needs teacher (a model=clip checkpoint)")
+        state = load_checkpoint(cfg.teacher, map_location="cpu")
+        teacher_cfg = config_from_dict(state["config"], where=str(cfg.teacher))
+        if teacher_cfg.model != "clip":
+            raise ValueError(f"{cfg.teacher}: the teacher must be a model=clip checkpoint, not model={teacher_cfg.model}")
+        teacher = ClipStep(teacher_cfg, num_classes, device)
+        teacher.load_state_dict(state, optimizers=False)
+        teacher.train(False)
+        teacher.model.requires_grad_(False)
+        self.teacher = teacher
+        torch.manual_seed(cfg.seed)
+        stem = SplatStem(teacher.model.config.vision_config.hidden_size, mode=splat_mode(cfg.offline_train),
+                         num_tokens=cfg.stem_tokens, width=cfg.stem_width, depth=cfg.stem_depth,
+                         pooling=cfg.stem_pooling)
+        self.student = GaussianCLIP(copy.deepcopy(teacher.model), stem).to(device)
+        self.fractions = self.student.set_stage("distill")
+        self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
+
+    def train(self, mode: bool = True) -> None:
+        self.student.train(mode)
+        self.student.clip.eval()  # the frozen tower keeps its eval behaviour (no dropout)
+
+    def attach_training_set(self, dataset, collate) -> None:
+        g = dataset.gaussians if isinstance(dataset, PairedGaussians) else dataset.dataset.gaussians
+        self.student.stem.set_statistics(*splat_statistics(splat_set_features(g, self.student.stem.mode), g.valid))
+
+    def teacher_embeddings(self, images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.teacher.image_embeddings(images).float()
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        images, g = inputs
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
+        g = mirror_sets(g, flips).to(self.device)
+        target = F.normalize(self.teacher_embeddings(images), dim=-1)
+        with self.autocast():
+            student = F.normalize(self.student.image_embeddings(g).float(), dim=-1)
+        loss = (student - target).pow(2).sum(-1).mean()
+        ok = apply_gradients([self.parts["student"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_distill": as_number(loss)} if ok else None
+
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
+                                             num_workers=self.cfg.num_workers)
+        self.train(False)
+        teacher, student, targets = [], [], []
+        for (images, g), labels in loader:
+            teacher.append(self.teacher_embeddings(images).cpu())
+            student.append(self.student.image_embeddings(g.to(self.device)).float().cpu())
+            targets.append(labels)
+        self.train(True)
+        teacher, student, targets = torch.cat(teacher), torch.cat(student), torch.cat(targets)
+        result = {"eval_images": len(teacher), "cosine": float(F.cosine_similarity(teacher, student).mean()),
+                  "trainable_fraction": self.fractions["trainable"]}
+        classes = getattr(dataset, "classes", None) or []
+        if classes:
+            prompts = [self.teacher.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+            text = self.teacher.text_embeddings(prompts).float().cpu()
+            result["top1"] = float(zero_shot_accuracy(student, text, targets).mean())
+            result["teacher_top1"] = float(zero_shot_accuracy(teacher, text, targets).mean())
+        return result

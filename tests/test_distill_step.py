@@ -1,0 +1,80 @@
+"""model=splat_distill (GaussianVision stage 1): Gaussians paired with their images, only the stem
+learns, statistics from the training Gaussians, mirrored sets render mirrored, bad settings."""
+
+import pytest
+import torch
+
+from gvit.fit import FitConfig
+from gvit.gaussians import Gaussians
+from gvit.models.splat_stem import splat_set_features, splat_statistics
+from gvit.render import render
+from gvit.tools.fit_dataset import fit_dataset
+from gvit.train import load_config, train
+from gvit.train.checkpoint import load_checkpoint
+from gvit.train.distill_step import PairedGaussians, mirror_sets
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    quiet = dict(progress=False, log=lambda *_: None)
+    teacher = load_config(None, ["model=clip", "data=shapes:64", "steps=4", "batch_size=16", "limit_eval=16",
+                                 "text_vocab=300", "prompt=a {}", f"out={root / 'teacher'}"])
+    train(teacher, **quiet)
+    fit = FitConfig(num_gaussians=16, iters=10, mode="sum")
+    for split, n in (("train", 32), ("test", 16)):
+        fit_dataset("shapes", root / split, fit, split=split, limit=n, **quiet)
+    cfg = load_config(None, ["model=splat_distill", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"offline_train={root / 'train'}", f"offline_eval={root / 'test'}", "steps=4",
+                             "batch_size=8", "stem_depth=1", "stem_tokens=8", "stem_width=32", f"out={root / 'run'}"])
+    return root, train(cfg, **quiet)
+
+
+def test_only_the_stem_learns_and_it_is_measured_against_the_teacher(stage1):
+    root, result = stage1
+    assert result["finished"] and result["eval_images"] == 16
+    assert -1 <= result["cosine"] <= 1 and 0 < result["trainable_fraction"] < 1
+    assert 0 <= result["top1"] <= 1 and 0 <= result["teacher_top1"] <= 1
+    teacher = load_checkpoint(root / "teacher" / "checkpoint.pt")["clip"]
+    student = load_checkpoint(root / "run" / "checkpoint.pt")["student"]
+    assert all(torch.equal(student[f"clip.{k}"], v) for k, v in teacher.items())  # the tower stayed frozen
+    g = PairedGaussians(root / "train").gaussians
+    mean, std = splat_statistics(splat_set_features(g, "sum"), g.valid)
+    torch.testing.assert_close(student["stem.feature_mean"], mean)
+    torch.testing.assert_close(student["stem.feature_std"], std)
+
+
+def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
+    root, _ = stage1
+    data = PairedGaussians(root / "test")
+    (image, fields), label = data[3]
+    g = Gaussians(*(f[None] for f in fields))
+    rendered = render(g, height=32, width=32, mode="sum")[0]
+    assert 10 * torch.log10(1 / (rendered.clamp(0, 1) - image).pow(2).mean()) > 12  # close to its own image
+    other, _ = data[4][0]
+    assert (rendered.clamp(0, 1) - image).pow(2).mean() < (rendered.clamp(0, 1) - other).pow(2).mean()
+    assert label == int(data.targets[3]) and data.classes[0] == "circle"
+
+
+def test_a_mirrored_set_renders_the_mirrored_image():
+    g = torch.Generator().manual_seed(0)
+    sets = Gaussians(torch.rand(2, 6, 2, generator=g) * 1.6 - 0.8, 0.05 + 0.2 * torch.rand(2, 6, 2, generator=g),
+                     torch.rand(2, 6, generator=g) * 3, torch.rand(2, 6, 3, generator=g), torch.rand(2, 6, generator=g))
+    flip = torch.tensor([True, False])
+    out = render(mirror_sets(sets, flip), height=12, width=12)
+    ref = render(sets, height=12, width=12)
+    torch.testing.assert_close(out[0], ref[0].flip(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], ref[1])
+
+
+def test_distillation_needs_a_clip_teacher_and_gaussians(stage1, tmp_path):
+    root, _ = stage1
+    quiet = dict(progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="needs offline_train"):
+        train(load_config(None, ["model=splat_distill", f"out={tmp_path / 'a'}"]), **quiet)
+    with pytest.raises(ValueError, match="needs teacher"):
+        train(load_config(None, ["model=splat_distill", f"offline_train={root / 'train'}", f"out={tmp_path / 'b'}"]),
+              **quiet)
+    with pytest.raises(ValueError, match="must be a model=clip checkpoint"):
+        train(load_config(None, ["model=splat_distill", f"offline_train={root / 'train'}",
+                                 f"teacher={root / 'run' / 'checkpoint.pt'}", f"out={tmp_path / 'c'}"]), **quiet)
