@@ -78,3 +78,39 @@ def test_distillation_needs_a_clip_teacher_and_gaussians(stage1, tmp_path):
     with pytest.raises(ValueError, match="must be a model=clip checkpoint"):
         train(load_config(None, ["model=splat_distill", f"offline_train={root / 'train'}",
                                  f"teacher={root / 'run' / 'checkpoint.pt'}", f"out={tmp_path / 'c'}"]), **quiet)
+
+
+@pytest.mark.parametrize("align_text", [False, True])
+def test_stage_two_trains_what_the_paper_trains_from_the_stage_one_student(stage1, tmp_path, align_text):
+    root, _ = stage1
+    cfg = load_config(None, ["model=splat_align", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"stage1={root / 'run' / 'checkpoint.pt'}", f"offline_train={root / 'train'}",
+                             f"offline_eval={root / 'test'}", "steps=3", "batch_size=8", "stem_depth=1",
+                             "stem_tokens=8", "stem_width=32", f"align_text={str(align_text).lower()}",
+                             f"out={tmp_path / 'align'}"])
+    result = train(cfg, progress=False, log=lambda *_: None)
+    assert 0 <= result["top1_ratio"] and -1 <= result["cosine"] <= 1
+    before = load_checkpoint(root / "run" / "checkpoint.pt")["student"]
+    after = load_checkpoint(tmp_path / "align" / "checkpoint.pt")["student"]
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.startswith("stem.") for k in changed)
+    assert any(k.startswith("clip.vision_model.encoder.layers.0.") for k in changed)
+    assert "clip.visual_projection.weight" in changed
+    assert not any(k.startswith(("clip.vision_model.encoder.layers.2.", "clip.vision_model.embeddings."))
+                   for k in changed)
+    text = {k for k in changed if k.startswith("clip.text")}
+    if align_text:
+        assert "clip.text_projection.weight" in text
+        assert any(k.startswith("clip.text_model.encoder.layers.1.") for k in text)  # micro: 2 blocks, the last
+        assert not any(k.startswith("clip.text_model.encoder.layers.0.") for k in text)
+    else:
+        assert text == set()
+
+
+def test_stage_two_refuses_a_stage_one_that_is_not_one(stage1, tmp_path):
+    root, _ = stage1
+    cfg = load_config(None, ["model=splat_align", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"stage1={root / 'teacher' / 'checkpoint.pt'}", f"offline_train={root / 'train'}",
+                             "steps=2", "batch_size=8", f"out={tmp_path / 'x'}"])
+    with pytest.raises(ValueError, match="must be a model=splat_distill checkpoint"):
+        train(cfg, progress=False, log=lambda *_: None)

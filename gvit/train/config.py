@@ -20,7 +20,7 @@ from ..settings import apply_overrides, from_mapping, load_settings, setting, va
 
 __all__ = ["TrainConfig", "MODELS", "OFFLINE_INPUTS", "load_config", "apply_overrides", "config_from_dict"]
 
-MODELS = ("gvit", "patch_vit", "offline", "tokenizer", "clip", "splat_distill")  # what each is: gvit.train.steps.MODEL_KINDS
+MODELS = ("gvit", "patch_vit", "offline", "tokenizer", "clip", "splat_distill", "splat_align")  # what each is: gvit.train.steps.MODEL_KINDS
 OFFLINE_INPUTS = ("gaussians", "renders")
 ENCODERS = ("denoise", "refine")
 
@@ -99,6 +99,9 @@ class TrainConfig(Phases):
     # model=splat_distill (GaussianVision stage 1: a splat stem learns to stand in for the teacher's patches)
     teacher: str | None = setting(None, "model=splat_distill: the model=clip checkpoint whose image embeddings the "
                                         "stem learns to match (offline_train / offline_eval: the Gaussians)")
+    stage1: str | None = setting(None, "model=splat_align: the model=splat_distill checkpoint to start from (none: "
+                                       "a new stem, the no-stage-1 ablation)")
+    align_text: bool = setting(False, "model=splat_align: also train the last text block, text norm and projection")
     stem_tokens: int = setting(64, "model=splat_distill: tokens the splat stem gives the vision tower (M)")
     stem_width: int = setting(128, "model=splat_distill: width inside the splat stem")
     stem_depth: int = setting(4, "model=splat_distill: Perceiver resampler layers")

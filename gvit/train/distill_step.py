@@ -1,4 +1,6 @@
-"""``model=splat_distill``: GaussianVision's stage 1. A frozen RGB CLIP (the teacher, a ``model=clip``
+"""``model=splat_distill`` and ``model=splat_align``: GaussianVision's stages 1 and 2.
+
+Stage 1. A frozen RGB CLIP (the teacher, a ``model=clip``
 checkpoint named by ``teacher``) embeds each image; the student - a new splat stem in front of a
 frozen copy of the same CLIP (:class:`gvit.models.GaussianCLIP`, stage ``distill``) - embeds the
 image's fitted Gaussians (``gvit fit-dataset`` folders ``offline_train`` / ``offline_eval``, whose
@@ -6,8 +8,10 @@ manifests name the images they were fitted from and the compositing mode). Loss:
 distance between the two l2-normalised embeddings (= 2 - 2 cosine), per image, averaged.
 
 The stem's input statistics are measured on the training Gaussians when a run starts and saved
-with its weights. Evaluation: mean teacher-student cosine, and zero-shot top-1 through the text
-tower of student and teacher with the teacher run's prompt.
+with its weights. Evaluation (both stages): mean teacher-student cosine, and zero-shot top-1
+through the text tower of student and teacher with the teacher run's prompt, and their ratio.
+
+Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint, or without one (the ablation).
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from ..models.gaussian_clip import GaussianCLIP, clip_pixels
 from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
 from .base import ModelStep, as_number
 from .checkpoint import load_checkpoint
-from .clip_step import ClipStep, zero_shot_accuracy
+from .clip_step import ClipStep, contrastive_loss, zero_shot_accuracy
 from .config import TrainConfig, config_from_dict
 from .optim import adamw, apply_gradients
 
-__all__ = ["DistillStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode"]
+__all__ = ["DistillStep", "AlignStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode"]
 
 
 def splat_mode(folder) -> str:
@@ -154,8 +158,57 @@ class DistillStep(ModelStep):
                   "trainable_fraction": self.fractions["trainable"]}
         classes = getattr(dataset, "classes", None) or []
         if classes:
-            prompts = [self.teacher.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+            prompts = self.prompts(classes)
             text = self.teacher.text_embeddings(prompts).float().cpu()
-            result["top1"] = float(zero_shot_accuracy(student, text, targets).mean())
+            result["top1"] = float(zero_shot_accuracy(student, self.student_text(prompts).cpu(), targets).mean())
             result["teacher_top1"] = float(zero_shot_accuracy(teacher, text, targets).mean())
+            result["top1_ratio"] = result["top1"] / max(result["teacher_top1"], 1e-12)
         return result
+
+    def prompts(self, classes: list[str]) -> list[str]:
+        """The teacher run's prompt for each class name."""
+        return [self.teacher.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+
+    def student_text(self, captions: list[str]) -> Tensor:
+        """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains it)."""
+        ids, mask = self.teacher.text.encode(captions, self.teacher.cfg.text_length)
+        return self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float()
+
+
+class AlignStep(DistillStep):
+    """``model=splat_align``: GaussianVision's stage 2. The student (from the stage-1 checkpoint
+    ``stage1``, or a new stem without it) learns by symmetric InfoNCE between its image embeddings of
+    the Gaussians and the text embeddings of each image's caption - the teacher run's prompt with the
+    image's class; images of one class are each other's positives. Trains the stem, the first two
+    vision blocks, the vision tower's final norm and the visual projection; with ``align_text`` also
+    the last text block, the text norm and the text projection."""
+
+    def __init__(self, cfg, num_classes, device):
+        super().__init__(cfg, num_classes, device)
+        if cfg.stage1:
+            state = load_checkpoint(cfg.stage1, map_location=device)
+            if config_from_dict(state["config"], where=str(cfg.stage1)).model != "splat_distill" or "student" not in state:
+                raise ValueError(f"{cfg.stage1}: stage1 must be a model=splat_distill checkpoint")
+            try:
+                self.student.load_state_dict(state["student"])
+            except RuntimeError as exc:
+                raise ValueError(f"{cfg.stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") \
+                    from None
+        self.fractions = self.student.set_stage("align_text" if cfg.align_text else "align")
+        self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
+        self.class_prompts: list[str] = []
+
+    def attach_training_set(self, dataset, collate) -> None:
+        if not self.cfg.stage1:  # a new stem: statistics from the data (stage 1 brings its own)
+            super().attach_training_set(dataset, collate)
+        self.class_prompts = self.prompts(list(dataset.classes))
+
+    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+        images, g = inputs
+        g = mirror_sets(g, flips).to(self.device)
+        captions = [self.class_prompts[t] for t in labels.tolist()]
+        with self.autocast():
+            loss = contrastive_loss(self.student.image_embeddings(g).float(), self.student_text(captions),
+                                    self.student.logit_scale.detach(), labels[:, None] == labels[None, :])
+        ok = apply_gradients([self.parts["student"][:2]], loss, grad_clip=self.cfg.grad_clip)
+        return {"loss_align": as_number(loss)} if ok else None

@@ -31,10 +31,11 @@ from .config import TrainConfig
 from .data import flip_gaussians, shard_datasets
 from .optim import adamw, apply_gradients, set_learning_rate
 from .clip_step import ClipStep
-from .distill_step import DistillStep
+from .distill_step import AlignStep, DistillStep
 from .tokenizer_step import TokenizerStep, build_tokenizer
 
-__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "ClipStep", "DistillStep", "MODEL_KINDS", "model_kind",
+__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "ClipStep", "DistillStep", "AlignStep",
+           "MODEL_KINDS", "model_kind",
            "model_step", "build_gvit", "build_tokenizer"]
 
 
@@ -234,7 +235,7 @@ def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifie
 
 MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep,
                                            "tokenizer": TokenizerStep, "clip": ClipStep,
-                                           "splat_distill": DistillStep}
+                                           "splat_distill": DistillStep, "splat_align": AlignStep}
 
 
 def model_kind(cfg: TrainConfig) -> type[ModelStep]:
