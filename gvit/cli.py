@@ -28,6 +28,11 @@ def _score(result: dict) -> str:
                 f"codebook usage {100 * result['usage']:.1f}%, perplexity {result['perplexity']:.0f}, "
                 f"{result['bits_per_image']:.0f} bits per image")
     extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
+    if "i2t_r1" in result:  # model=clip: zero-shot top-1 and retrieval
+        extra += f", image->text R@1 {100 * result['i2t_r1']:.1f}%, text->image R@1 {100 * result['t2i_r1']:.1f}%"
+    if "cosine" in result:  # the splat stages: against the RGB teacher
+        extra += (f" ({100 * result['top1_ratio']:.0f}% of the RGB teacher's {100 * result['teacher_top1']:.2f}%), "
+                  f"teacher-student cosine {result['cosine']:.3f}")
     return f"top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}"
 
 
