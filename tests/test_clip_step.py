@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from gvit.train import load_config, load_trained, train
 from gvit.train.checkpoint import load_checkpoint
-from gvit.train.clip_step import ClipStep, contrastive_loss, retrieval_recall, zero_shot_accuracy
+from gvit.train.clip_step import ClipStep, contrastive_loss
+from gvit.train.embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_accuracy
 from gvit.train.data import caption_collate, caption_datasets
 
 
@@ -93,3 +94,22 @@ def test_bad_clip_settings_are_refused():
         load_config(None, ["model=clip", "prompt=no slot"])
     with pytest.raises(ValueError, match="text_vocab"):
         load_config(None, ["model=clip", "text_vocab=100"])
+
+
+def test_knn_votes_by_similarity_weighted_neighbours():
+    train = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9], [0.6, 0.4]])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.7, 0.3]])
+    assert knn_accuracy(train, labels, test, torch.tensor([0, 1, 1]), k=1) == 1.0  # nearest: 0, 2 or 3, 4
+    # with k = 5 and a flat vote (huge temperature) the majority class 1 wins everywhere
+    assert knn_accuracy(train, labels, test, torch.tensor([1, 1, 1]), k=5, temperature=1e6) == 1.0
+
+
+def test_linear_probe_separates_separable_classes_and_not_shuffled_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 4
+    labels = torch.arange(3).repeat(40)
+    x = centres[labels] + torch.randn(120, 8, generator=g)
+    assert linear_probe_accuracy(x[:90], labels[:90], x[90:], labels[90:]) == 1.0
+    shuffled = labels[torch.randperm(120, generator=g)]  # no signal: near chance on held-out items
+    assert linear_probe_accuracy(x[:90], shuffled[:90], x[90:], shuffled[90:]) < 0.7

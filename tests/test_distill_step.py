@@ -35,6 +35,8 @@ def test_only_the_stem_learns_and_it_is_measured_against_the_teacher(stage1):
     assert result["finished"] and result["eval_images"] == 16
     assert -1 <= result["cosine"] <= 1 and 0 < result["trainable_fraction"] < 1
     assert 0 <= result["top1"] <= 1 and 0 <= result["teacher_top1"] <= 1
+    for key in ("teacher_knn", "student_knn", "teacher_linear", "student_linear"):
+        assert 0 <= result[key] <= 1
     teacher = load_checkpoint(root / "teacher" / "checkpoint.pt")["clip"]
     student = load_checkpoint(root / "run" / "checkpoint.pt")["student"]
     assert all(torch.equal(student[f"clip.{k}"], v) for k, v in teacher.items())  # the tower stayed frozen

@@ -22,17 +22,12 @@ from ..models.gaussian_clip import clip_pixels, rgb_clip
 from .base import ModelStep, as_number
 from .config import TrainConfig
 from .data import caption_collate, caption_datasets, dataset_captions
+from .embedding_eval import retrieval_recall, same_caption, zero_shot_accuracy
 from .optim import adamw, apply_gradients
 
-__all__ = ["ClipStep", "contrastive_loss", "zero_shot_accuracy", "retrieval_recall"]
+__all__ = ["ClipStep", "contrastive_loss"]
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def _same_caption(captions: list[str]) -> Tensor:
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    index = torch.tensor([ids[c] for c in captions])
-    return index[:, None] == index[None, :]
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, positives: Tensor) -> Tensor:
@@ -41,27 +36,6 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, positives
     logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     target = positives.float() / positives.sum(1, keepdim=True)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
-
-
-def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor) -> Tensor:
-    """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``."""
-    scores = F.normalize(image, dim=-1) @ F.normalize(class_text, dim=-1).T
-    return (scores.argmax(-1) == targets).float()
-
-
-def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:
-    """Image -> text and text -> image recall@k over a split where image i's caption is
-    ``captions[i]`` (embedded as ``text[i]``); a retrieved item counts when its caption text is the
-    query's (captions repeat)."""
-    same = _same_caption(captions).to(image.device)
-    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    out = {}
-    for name, s in (("i2t", scores), ("t2i", scores.T)):
-        order = s.argsort(-1, descending=True)
-        hits = same.gather(1, order)  # [N, N]: is the r-th retrieved item a match
-        for k in ks:
-            out[f"{name}_r{k}"] = float(hits[:, :k].any(1).float().mean())
-    return out
 
 
 class ClipStep(ModelStep):
@@ -112,7 +86,7 @@ class ClipStep(ModelStep):
         images = self._augment(images, flips, gen, rank, world)
         with self.autocast():
             loss = contrastive_loss(self.image_embeddings(images).float(), self.text_embeddings(captions).float(),
-                                    self.model.logit_scale, _same_caption(captions).to(self.device))
+                                    self.model.logit_scale, same_caption(captions).to(self.device))
         ok = apply_gradients([self.parts["clip"][:2]], loss, grad_clip=self.cfg.grad_clip)
         return {"loss_clip": as_number(loss), "logit_scale": as_number(self.model.logit_scale.exp())} if ok else None
 

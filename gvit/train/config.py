@@ -102,6 +102,8 @@ class TrainConfig(Phases):
     stage1: str | None = setting(None, "model=splat_align: the model=splat_distill checkpoint to start from (none: "
                                        "a new stem, the no-stage-1 ablation)")
     align_text: bool = setting(False, "model=splat_align: also train the last text block, text norm and projection")
+    probe_images: int = setting(5000, "model=splat_distill / splat_align: training items whose frozen embeddings the "
+                                      "evaluation's kNN and linear probe are fitted on (0: none)")
     stem_tokens: int = setting(64, "model=splat_distill: tokens the splat stem gives the vision tower (M)")
     stem_width: int = setting(128, "model=splat_distill: width inside the splat stem")
     stem_depth: int = setting(4, "model=splat_distill: Perceiver resampler layers")
@@ -155,7 +157,7 @@ class TrainConfig(Phases):
             value = getattr(self, key)
             if value is not None and (value < 1 or self.image_size % value):
                 raise ValueError(f"config: {key} must be >= 1 and divide image_size {self.image_size}, got {value}")
-        for key in ("token_neighbours", "neighbour_layers", "fit_steps"):
+        for key in ("token_neighbours", "neighbour_layers", "fit_steps", "probe_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"config: {key} must be >= 0, got {getattr(self, key)}")
         for key in ("limit_train", "limit_eval"):

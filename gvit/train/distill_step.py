@@ -8,8 +8,9 @@ manifests name the images they were fitted from and the compositing mode). Loss:
 distance between the two l2-normalised embeddings (= 2 - 2 cosine), per image, averaged.
 
 The stem's input statistics are measured on the training Gaussians when a run starts and saved
-with its weights. Evaluation (both stages): mean teacher-student cosine, and zero-shot top-1
-through the text tower of student and teacher with the teacher run's prompt, and their ratio.
+with its weights. Evaluation (both stages): mean teacher-student cosine, zero-shot top-1 through the text tower of
+student and teacher with the teacher run's prompt and their ratio, and for both image embeddings a
+weighted kNN and a linear probe fitted on ``probe_images`` training items.
 
 Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint, or without one (the ablation).
 """
@@ -30,7 +31,9 @@ from ..models.gaussian_clip import GaussianCLIP, clip_pixels
 from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
 from .base import ModelStep, as_number
 from .checkpoint import load_checkpoint
-from .clip_step import ClipStep, contrastive_loss, zero_shot_accuracy
+from .clip_step import ClipStep, contrastive_loss
+from .data import limit
+from .embedding_eval import knn_accuracy, linear_probe_accuracy, zero_shot_accuracy
 from .config import TrainConfig, config_from_dict
 from .optim import adamw, apply_gradients
 
@@ -118,14 +121,33 @@ class DistillStep(ModelStep):
         self.student = GaussianCLIP(copy.deepcopy(teacher.model), stem).to(device)
         self.fractions = self.student.set_stage("distill")
         self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
+        self.probe_set = None
 
     def train(self, mode: bool = True) -> None:
         self.student.train(mode)
         self.student.clip.eval()  # the frozen tower keeps its eval behaviour (no dropout)
 
     def attach_training_set(self, dataset, collate) -> None:
-        g = dataset.gaussians if isinstance(dataset, PairedGaussians) else dataset.dataset.gaussians
-        self.student.stem.set_statistics(*splat_statistics(splat_set_features(g, self.student.stem.mode), g.valid))
+        """The stem's input statistics from the training Gaussians (unless :meth:`keeps_statistics`);
+        the items the evaluation's probes are fitted on."""
+        if not self.keeps_statistics():
+            g = dataset.gaussians if isinstance(dataset, PairedGaussians) else dataset.dataset.gaussians
+            self.student.stem.set_statistics(*splat_statistics(splat_set_features(g, self.student.stem.mode), g.valid))
+        self.probe_set = limit(dataset, self.cfg.probe_images) if self.cfg.probe_images else None
+
+    def keeps_statistics(self) -> bool:
+        return False
+
+    def embed(self, dataset, collate) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher (RGB) and student (Gaussian) image embeddings and labels of a paired dataset."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
+                                             num_workers=self.cfg.num_workers)
+        teacher, student, targets = [], [], []
+        for (images, g), labels in loader:
+            teacher.append(self.teacher_embeddings(images).cpu())
+            student.append(self.student.image_embeddings(g.to(self.device)).float().cpu())
+            targets.append(labels)
+        return torch.cat(teacher), torch.cat(student), torch.cat(targets)
 
     def teacher_embeddings(self, images: Tensor) -> Tensor:
         with torch.no_grad():
@@ -144,18 +166,16 @@ class DistillStep(ModelStep):
 
     @torch.no_grad()
     def evaluate(self, dataset, collate) -> dict:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
-                                             num_workers=self.cfg.num_workers)
         self.train(False)
-        teacher, student, targets = [], [], []
-        for (images, g), labels in loader:
-            teacher.append(self.teacher_embeddings(images).cpu())
-            student.append(self.student.image_embeddings(g.to(self.device)).float().cpu())
-            targets.append(labels)
+        teacher, student, targets = self.embed(dataset, collate)
+        probe = self.embed(self.probe_set, collate) if self.probe_set is not None else None
         self.train(True)
-        teacher, student, targets = torch.cat(teacher), torch.cat(student), torch.cat(targets)
         result = {"eval_images": len(teacher), "cosine": float(F.cosine_similarity(teacher, student).mean()),
                   "trainable_fraction": self.fractions["trainable"]}
+        if probe is not None:  # frozen embeddings of probe_images training items: kNN and a linear probe
+            for name, train_emb, test_emb in (("teacher", probe[0], teacher), ("student", probe[1], student)):
+                result[f"{name}_knn"] = knn_accuracy(train_emb, probe[2], test_emb, targets)
+                result[f"{name}_linear"] = linear_probe_accuracy(train_emb, probe[2], test_emb, targets)
         classes = getattr(dataset, "classes", None) or []
         if classes:
             prompts = self.prompts(classes)
@@ -198,9 +218,11 @@ class AlignStep(DistillStep):
         self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
         self.class_prompts: list[str] = []
 
+    def keeps_statistics(self) -> bool:
+        return bool(self.cfg.stage1)  # stage 1's stem brings its own
+
     def attach_training_set(self, dataset, collate) -> None:
-        if not self.cfg.stage1:  # a new stem: statistics from the data (stage 1 brings its own)
-            super().attach_training_set(dataset, collate)
+        super().attach_training_set(dataset, collate)
         self.class_prompts = self.prompts(list(dataset.classes))
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase):

@@ -1,0 +1,75 @@
+"""Measures of embeddings ``[N, D]`` (image or text, any scale: cosine where it matters): zero-shot
+classification by class-prompt embeddings, image <-> text retrieval, a weighted kNN classifier and a
+linear probe. Plain tensors in, numbers out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["same_caption", "zero_shot_accuracy", "retrieval_recall", "knn_accuracy", "linear_probe_accuracy"]
+
+
+def same_caption(captions: list[str]) -> Tensor:
+    """``[N, N]`` bool: items i and j carry the same caption text."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    index = torch.tensor([ids[c] for c in captions])
+    return index[:, None] == index[None, :]
+
+
+def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor) -> Tensor:
+    """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``."""
+    scores = F.normalize(image, dim=-1) @ F.normalize(class_text, dim=-1).T
+    return (scores.argmax(-1) == targets).float()
+
+
+def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:
+    """Image -> text and text -> image recall@k over a split where image i's caption is
+    ``captions[i]`` (embedded as ``text[i]``); a retrieved item counts when its caption text is the
+    query's (captions repeat)."""
+    same = same_caption(captions).to(image.device)
+    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    out = {}
+    for name, s in (("i2t", scores), ("t2i", scores.T)):
+        order = s.argsort(-1, descending=True)
+        hits = same.gather(1, order)  # [N, N]: is the r-th retrieved item a match
+        for k in ks:
+            out[f"{name}_r{k}"] = float(hits[:, :k].any(1).float().mean())
+    return out
+
+
+
+def knn_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, k: int = 20,
+                 temperature: float = 0.07) -> float:
+    """Top-1 of a weighted kNN vote on cosine similarity (each of the ``k`` nearest training items
+    votes for its label with weight exp(similarity / temperature))."""
+    sim = F.normalize(test.double(), dim=-1) @ F.normalize(train.double(), dim=-1).T
+    top, index = sim.topk(min(k, len(train)), dim=-1)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    votes = torch.zeros(len(test), classes, dtype=torch.float64)
+    votes.scatter_add_(1, train_labels[index], (top / temperature).exp())
+    return float((votes.argmax(-1) == test_labels).double().mean())
+
+
+def linear_probe_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, *,
+                          weight_decay: float = 1e-4, steps: int = 100) -> float:
+    """Top-1 of a multinomial logistic regression on standardised features (float64, L-BFGS to
+    convergence, L2 penalty ``weight_decay`` on the weights)."""
+    mean, std = train.double().mean(0), train.double().std(0).clamp_min(1e-8)
+    x, xt = (train.double() - mean) / std, (test.double() - mean) / std
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    w = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, train_labels) + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(((xt @ w + b).argmax(-1) == test_labels).double().mean())
