@@ -77,7 +77,7 @@ def test_distillation_needs_a_clip_teacher_and_gaussians(stage1, tmp_path):
     with pytest.raises(ValueError, match="needs teacher"):
         train(load_config(None, ["model=splat_distill", f"offline_train={root / 'train'}", f"out={tmp_path / 'b'}"]),
               **quiet)
-    with pytest.raises(ValueError, match="must be a model=clip checkpoint"):
+    with pytest.raises(ValueError, match="must be a model=clip checkpoint or a CLIP folder"):
         train(load_config(None, ["model=splat_distill", f"offline_train={root / 'train'}",
                                  f"teacher={root / 'run' / 'checkpoint.pt'}", f"out={tmp_path / 'c'}"]), **quiet)
 
@@ -116,3 +116,61 @@ def test_stage_two_refuses_a_stage_one_that_is_not_one(stage1, tmp_path):
                              "steps=2", "batch_size=8", f"out={tmp_path / 'x'}"])
     with pytest.raises(ValueError, match="must be a model=splat_distill checkpoint"):
         train(cfg, progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A tiny random CLIP with a fast tokenizer and pixel statistics, saved as transformers saves a
+    pretrained one (what a user would point teacher= at)."""
+    import json
+
+    import tokenizers
+    import transformers
+
+    from gvit.data.captions import CaptionedShapes
+    from gvit.data.text import TextTokenizer
+
+    folder = tmp_path_factory.mktemp("pretrained_clip")
+    text = TextTokenizer.train(CaptionedShapes("train", n=200).captions, vocab_size=300).tokenizer
+    text.post_processor = tokenizers.processors.TemplateProcessing(single="[BOS] $A [EOS]",
+                                                                   special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=text, pad_token="[PAD]", bos_token="[BOS]",
+                                         eos_token="[EOS]", unk_token="[UNK]").save_pretrained(folder)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=24, patch_size=4), projection_dim=16)
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.4, 0.3],
+                                                                 "image_std": [0.2, 0.25, 0.3]}))
+    return folder
+
+
+def test_a_pretrained_clip_folder_teaches_with_its_own_tokenizer_and_pixel_statistics(stage1, pretrained_dir,
+                                                                                       tmp_path):
+    import transformers
+
+    from gvit.train.teacher import load_teacher
+
+    teacher = load_teacher(str(pretrained_dir), "a {}", torch.device("cpu"))
+    images = torch.rand(2, 3, 32, 32)
+    clip = transformers.CLIPModel.from_pretrained(pretrained_dir).eval()
+    resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bicubic", align_corners=False,
+                                              antialias=True).clamp(0, 1)
+    pixels = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(teacher.image_embeddings(images), expected)
+        ids, mask = teacher.encode_text(["a red star", "a small blue ring at the top"])
+        assert ids.shape == (2, 16) and ids[0, 0] == 2 and ids[0, int(mask[0].sum()) - 1] == 3
+        text = clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+        torch.testing.assert_close(teacher.text_embeddings(["a red star", "a small blue ring at the top"]), text)
+    root, _ = stage1
+    cfg = load_config(None, ["model=splat_distill", f"teacher={pretrained_dir}", f"offline_train={root / 'train'}",
+                             f"offline_eval={root / 'test'}", "steps=2", "batch_size=8", "stem_depth=1",
+                             "stem_tokens=8", "stem_width=32", "prompt=a {}", f"out={tmp_path / 'run'}"])
+    result = train(cfg, progress=False, log=lambda *_: None)
+    assert result["finished"] and -1 <= result["cosine"] <= 1 and 0 <= result["teacher_top1"] <= 1

@@ -75,8 +75,16 @@ class ClipStep(ModelStep):
         vision = self.model.vision_model(pixel_values=clip_pixels(images.to(self.device)))
         return self.model.visual_projection(vision.pooler_output)
 
+    @property
+    def prompt(self) -> str:
+        return self.cfg.prompt
+
+    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Caption ids ``[N, text_length]`` and attention mask."""
+        return self.text.encode(captions, self.cfg.text_length)
+
     def text_embeddings(self, captions: list[str]) -> Tensor:
-        ids, mask = self.text.encode(captions, self.cfg.text_length)
+        ids, mask = self.encode_text(captions)
         out = self.model.text_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         return self.model.text_projection(out.pooler_output)
 

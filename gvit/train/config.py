@@ -97,8 +97,9 @@ class TrainConfig(Phases):
     prompt: str = setting("a photo of a {}.", "model=clip: caption of a labelled image ({} = class name), and the "
                                               "zero-shot prompt")
     # model=splat_distill (GaussianVision stage 1: a splat stem learns to stand in for the teacher's patches)
-    teacher: str | None = setting(None, "model=splat_distill: the model=clip checkpoint whose image embeddings the "
-                                        "stem learns to match (offline_train / offline_eval: the Gaussians)")
+    teacher: str | None = setting(None, "model=splat_distill / splat_align: the RGB CLIP whose image embeddings the "
+                                        "stem learns to match: a model=clip checkpoint, or a transformers CLIP folder "
+                                        "(with its tokenizer; prompt is then this run's)")
     stage1: str | None = setting(None, "model=splat_align: the model=splat_distill checkpoint to start from (none: "
                                        "a new stem, the no-stage-1 ablation)")
     align_text: bool = setting(False, "model=splat_align: also train the last text block, text norm and projection")

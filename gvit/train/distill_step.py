@@ -27,15 +27,16 @@ from ..data import open_dataset
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
 from ..gaussians import Gaussians
-from ..models.gaussian_clip import GaussianCLIP, clip_pixels
+from ..models.gaussian_clip import GaussianCLIP
 from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
 from .base import ModelStep, as_number
 from .checkpoint import load_checkpoint
-from .clip_step import ClipStep, contrastive_loss
+from .clip_step import contrastive_loss
+from .config import TrainConfig, config_from_dict
 from .data import limit
 from .embedding_eval import knn_accuracy, linear_probe_accuracy, zero_shot_accuracy
-from .config import TrainConfig, config_from_dict
 from .optim import adamw, apply_gradients
+from .teacher import load_teacher
 
 __all__ = ["DistillStep", "AlignStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode"]
 
@@ -104,16 +105,8 @@ class DistillStep(ModelStep):
     def __init__(self, cfg, num_classes, device):
         super().__init__(cfg, num_classes, device)
         if not cfg.teacher:
-            raise ValueError("config: model=splat_distill needs teacher (a model=clip checkpoint)")
-        state = load_checkpoint(cfg.teacher, map_location="cpu")
-        teacher_cfg = config_from_dict(state["config"], where=str(cfg.teacher))
-        if teacher_cfg.model != "clip":
-            raise ValueError(f"{cfg.teacher}: the teacher must be a model=clip checkpoint, not model={teacher_cfg.model}")
-        teacher = ClipStep(teacher_cfg, num_classes, device)
-        teacher.load_state_dict(state, optimizers=False)
-        teacher.train(False)
-        teacher.model.requires_grad_(False)
-        self.teacher = teacher
+            raise ValueError("config: model=splat_distill needs teacher (a model=clip checkpoint or a CLIP folder)")
+        self.teacher = teacher = load_teacher(cfg.teacher, cfg.prompt, device, num_classes)
         torch.manual_seed(cfg.seed)
         stem = SplatStem(teacher.model.config.vision_config.hidden_size, mode=splat_mode(cfg.offline_train),
                          num_tokens=cfg.stem_tokens, width=cfg.stem_width, depth=cfg.stem_depth,
@@ -186,12 +179,12 @@ class DistillStep(ModelStep):
         return result
 
     def prompts(self, classes: list[str]) -> list[str]:
-        """The teacher run's prompt for each class name."""
-        return [self.teacher.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+        """the teacher's prompt for each class name."""
+        return [self.teacher.prompt.format(c.replace("_", " ")) for c in classes]
 
     def student_text(self, captions: list[str]) -> Tensor:
         """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains it)."""
-        ids, mask = self.teacher.text.encode(captions, self.teacher.cfg.text_length)
+        ids, mask = self.teacher.encode_text(captions)
         return self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float()
 
 
@@ -226,7 +219,7 @@ class AlignStep(DistillStep):
         self.class_prompts = self.prompts(list(dataset.classes))
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        images, g = inputs
+        _, g = inputs
         g = mirror_sets(g, flips).to(self.device)
         captions = [self.class_prompts[t] for t in labels.tolist()]
         with self.autocast():
