@@ -1,0 +1,85 @@
+"""GaussianToken (B) against plain VQ (A) at equal tokens, its fixed-geometry (C) and bits-fair (D)
+ablations, and A with 4x the tokens at D's bits; seeds, then one table.
+
+Every variant trains the same settings (``configs/cifar10_tokenizer_cpu.yaml`` by default: 64 tokens,
+1,024 codes, the same CNN encoder and decoder, steps, batch and losses), differing only in
+``tokenizer`` (and ``num_tokens`` for the larger A), through ``gvit train``'s own code; each run lives in
+``--runs``/NAME-sSEED, so an interrupted table resumes (a finished run is read back, a started one
+resumed from its checkpoint). Prints PSNR, SSIM and L1 on the test split, codebook usage and
+perplexity over it, bits per image, map coverage and training seconds, as mean +- std over seeds.
+
+    python bench/tokenizer.py                                   # A, B seeds 0 1; C, D, A-256 seed 0
+    python bench/tokenizer.py --runs /tmp/tok steps=200         # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# name -> (overrides, what it is)
+VARIANTS = {
+    "A": (["tokenizer=vq"], "plain VQ, 64 tokens on the 8x8 grid"),
+    "B": (["tokenizer=gaussian"], "GaussianToken, 64 Gaussian tokens (geometry as float32)"),
+    "C": (["tokenizer=gaussian_fixed"], "B with fixed geometry (8x8 grid, half-cell scales, angle 0)"),
+    "D": (["tokenizer=gaussian_bits"], "B with the geometry quantised to geometry_bits bits per value"),
+    "A-256": (["tokenizer=vq", "num_tokens=256"], "plain VQ, 256 tokens on the 16x16 grid"),
+}
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    mean = statistics.mean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def run(config: str, out: Path, overrides: list[str]) -> dict:
+    """One finished run's result.json: read back, resumed, or trained from the start."""
+    from gvit.train import load_config, train_or_reuse
+
+    return train_or_reuse(load_config(config, [*overrides, f"out={out}"]), progress=False, log=lambda *_: None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="key=value settings on top of --config's, for every variant")
+    p.add_argument("--config", default="configs/cifar10_tokenizer_cpu.yaml")
+    p.add_argument("--runs", default="runs/tokenizer_table", help="folder of the runs (NAME-sSEED each)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of A and B")
+    p.add_argument("--seeds-others", type=int, nargs="*", default=[0], help="seeds of C, D and A-256")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    a = p.parse_args()
+
+    import torch
+
+    from gvit.train import load_config
+
+    results: dict[str, list[dict]] = {}
+    for name in a.variants:
+        extra, _ = VARIANTS[name]
+        for seed in a.seeds if name in ("A", "B") else a.seeds_others:
+            r = run(a.config, Path(a.runs) / f"{name}-s{seed}", [*a.overrides, *extra, f"seed={seed}"])
+            results.setdefault(name, []).append(r)
+            print(f"{name} seed {seed}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, usage {100 * r['usage']:.1f}%, "
+                  f"perplexity {r['perplexity']:.0f}, {r['train_seconds']:.0f} s", flush=True)
+
+    cfg = load_config(a.config, a.overrides)
+    print(f"\n{cfg.data}: {cfg.steps} steps of batch {cfg.batch_size}, {cfg.codebook_size} codes of {cfg.code_dim} "
+          f"values, geometry_bits {cfg.geometry_bits}; evaluated on {results[a.variants[0]][0]['eval_images']} test "
+          f"images; torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| variant | what | seeds | PSNR (dB) | SSIM | L1 | codebook usage % | perplexity | bits per image "
+          "| map coverage % | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rs in results.items():
+        print(f"| {name} | {VARIANTS[name][1]} | {len(rs)} | {spread([r['psnr'] for r in rs])} "
+              f"| {spread([r['ssim'] for r in rs], digits=4)} | {spread([r['l1'] for r in rs], digits=4)} "
+              f"| {spread([r['usage'] for r in rs], 100, 1)} | {spread([r['perplexity'] for r in rs], digits=0)} "
+              f"| {rs[0]['bits_per_image']:.0f} | {spread([r['coverage'] for r in rs], 100, 1)} "
+              f"| {statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
