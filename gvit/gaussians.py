@@ -128,13 +128,14 @@ def compact(gaussians: Gaussians, raw: Tensor | None = None):
     return (out, take(raw, order)) if raw is not None else out
 
 
-def _full_valid(g: Gaussians) -> Tensor:
+def valid_mask(g: Gaussians) -> Tensor:
+    """``g.valid``, or an all-True ``[B, k]`` mask where it is None."""
     return g.valid if g.valid is not None else torch.ones(g.means.shape[:2], dtype=torch.bool, device=g.means.device)
 
 
 def concat(sets: list[Gaussians]) -> Gaussians:
     """Concatenate batches of the same k along B (valid masks kept, or made all-True where one is None)."""
-    valid = torch.cat([_full_valid(g) for g in sets]) if any(g.valid is not None for g in sets) else None
+    valid = torch.cat([valid_mask(g) for g in sets]) if any(g.valid is not None for g in sets) else None
     return Gaussians(*(torch.cat([getattr(g, f) for g in sets]) for f in _FIELDS), valid=valid)
 
 
@@ -143,7 +144,7 @@ def pad(g: Gaussians, k: int) -> Gaussians:
     extra = k - g.num_gaussians
     if extra < 0:
         raise ValueError(f"pad: the sets already have {g.num_gaussians} > {k} slots")
-    valid = _full_valid(g)
+    valid = valid_mask(g)
     if extra == 0:
         return replace(g, valid=valid)
 

@@ -49,8 +49,7 @@ def test_only_the_stem_learns_and_it_is_measured_against_the_teacher(stage1):
 def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
     root, _ = stage1
     data = PairedGaussians(root / "test")
-    (image, fields), label = data[3]
-    g = Gaussians(*(f[None] for f in fields))
+    (image, g), label = data[3]
     rendered = render(g, height=32, width=32, mode="sum")[0]
     assert 10 * torch.log10(1 / (rendered.clamp(0, 1) - image).pow(2).mean()) > 12  # close to its own image
     other, _ = data[4][0]

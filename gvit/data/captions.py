@@ -28,7 +28,7 @@ from .images import read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["CaptionedShapes", "ClassCaptions", "CaptionFile", "COLOR_NAMES", "HELD_OUT_PAIRS", "color_names",
-           "describe_shapes", "DEFAULT_PROMPT"]
+           "describe_shapes", "class_prompt", "DEFAULT_PROMPT"]
 
 # the corners of the RGB cube, indexed by 4 r + 2 g + b with each channel rounded to 0 or 1
 COLOR_NAMES = ("black", "blue", "green", "cyan", "red", "purple", "yellow", "white")
@@ -38,6 +38,11 @@ DEFAULT_PROMPT = "a photo of a {}."
 PLACES = {(-1, -1): "at the top left", (0, -1): "at the top", (1, -1): "at the top right",
           (-1, 0): "on the left", (0, 0): "in the middle", (1, 0): "on the right",
           (-1, 1): "at the bottom left", (0, 1): "at the bottom", (1, 1): "at the bottom right"}
+
+
+def class_prompt(prompt: str, name: str) -> str:
+    """``prompt`` with the class ``name`` in its ``{}`` (underscores read as spaces)."""
+    return prompt.format(name.replace("_", " "))
 
 
 def color_names(colors: Tensor) -> list[str]:
@@ -99,7 +104,7 @@ class ClassCaptions(torch.utils.data.Dataset):
             raise ValueError(f"prompt must hold {{}} where the class name goes, got {prompt!r}")
         self.dataset, self.prompt, self.classes = dataset, prompt, list(dataset.classes)
         self.targets = torch.as_tensor(dataset.labels)
-        self.captions = [prompt.format(self.classes[t].replace("_", " ")) for t in self.targets.tolist()]
+        self.captions = [class_prompt(prompt, self.classes[t]) for t in self.targets.tolist()]
 
     def __len__(self) -> int:
         return len(self.dataset)

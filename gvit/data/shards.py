@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..files import write_json
-from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians
+from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians, valid_mask
 
 __all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "shard_done", "write_shard", "read_shard",
            "write_manifest", "read_manifest", "load_shards", "ShardDataset"]
@@ -135,7 +135,7 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder: str | os.PathLike, scale_factor: float = 1.0):
         g, labels, _, manifest = load_shards(folder)
         self.raw = encode(g, scale_factor=scale_factor)
-        self.valid = g.valid if g.valid is not None else torch.ones(g.means.shape[:2], dtype=torch.bool)
+        self.valid = valid_mask(g)
         self.targets = labels
         self.classes = manifest.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
 

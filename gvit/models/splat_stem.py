@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..gaussians import Gaussians
+from ..gaussians import Gaussians, valid_mask
 from .features import fourier_features, log_covariance
 from .layers import Mlp, init_weights
 
@@ -39,10 +39,6 @@ __all__ = ["SplatStem", "PerceiverResampler", "splat_set_features", "splat_stati
 
 SPLAT_MODES = ("sum", "alpha")
 STEM_POOLINGS = ("perceiver", "grid", "curve")
-
-
-def _valid(g: Gaussians) -> Tensor:
-    return g.valid if g.valid is not None else torch.ones(g.means.shape[:2], dtype=torch.bool, device=g.means.device)
 
 
 def splat_feature_count(mode: str) -> int:
@@ -58,7 +54,7 @@ def splat_set_features(g: Gaussians, mode: str) -> Tensor:
     logcov = log_covariance(g.scales, g.angles)
     if mode == "sum":
         return torch.cat([g.means, logcov, g.colors * g.opacities[..., None]], -1)
-    valid = _valid(g)
+    valid = valid_mask(g)
     rank = valid.long().cumsum(1) - 1  # front to back among the valid splats
     order = rank / (valid.sum(1, keepdim=True) - 1).clamp_min(1)
     return torch.cat([g.means, logcov, g.colors, g.opacities[..., None], order[..., None].to(g.means.dtype)], -1)
@@ -192,7 +188,7 @@ class SplatStem(nn.Module):
         return torch.cat([x, fourier_features(g.means, self.frequencies)], -1)
 
     def forward(self, g: Gaussians) -> Tensor:
-        valid = _valid(g)
+        valid = valid_mask(g)
         if not valid.any(1).all():
             raise ValueError("splat stem: every set needs at least one valid splat")
         x = self.embed(self.features(g).to(self.embed.weight.dtype))

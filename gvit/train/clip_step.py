@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import TextTokenizer
+from ..data.captions import class_prompt
 from ..models.gaussian_clip import clip_pixels, rgb_clip
 from .base import ModelStep, as_number
 from .config import TrainConfig
@@ -115,7 +116,7 @@ class ClipStep(ModelStep):
         result = {"eval_images": len(image)} | retrieval_recall(image, text, captions)
         classes = getattr(dataset, "classes", None) or []
         if classes and (targets >= 0).all():
-            prompts = [self.cfg.prompt.format(c.replace("_", " ")) for c in classes]
+            prompts = [class_prompt(self.cfg.prompt, c) for c in classes]
             correct = zero_shot_accuracy(image, self.text_embeddings(prompts).float().cpu(), targets)
             result["top1"] = float(correct.mean())
             if held_out is not None and held_out.any():

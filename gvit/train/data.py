@@ -122,8 +122,8 @@ def caption_datasets(cfg) -> tuple:
     captioned built-in shapes, a ``.jsonl`` / ``.tsv`` file a caption file (no test split), anything
     else :func:`gvit.data.open_dataset`'s images captioned by ``cfg.prompt``."""
     if cfg.data == "shapes" or cfg.data.startswith("shapes:"):
-        n = int(cfg.data.partition(":")[2] or 4096)
-        return CaptionItems(CaptionedShapes("train", n=n)), CaptionItems(CaptionedShapes("test"))
+        n = cfg.data.partition(":")[2]
+        return CaptionItems(CaptionedShapes("train", n=int(n) if n else None)), CaptionItems(CaptionedShapes("test"))
     if cfg.data.endswith((".jsonl", ".tsv")):
         return CaptionItems(CaptionFile(cfg.data)), None
     train, test = image_datasets(cfg)

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import open_dataset
+from ..data.captions import class_prompt
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
-from ..gaussians import Gaussians
+from ..gaussians import Gaussians, concat, valid_mask
 from ..models.gaussian_clip import GaussianCLIP
 from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
 from .base import ModelStep, as_number
@@ -48,16 +49,14 @@ def splat_mode(folder) -> str:
 
 class PairedGaussians(torch.utils.data.Dataset):
     """A finished ``gvit fit-dataset`` folder with the images it was fitted from: items
-    ``((image [3, H, W], gaussians), label)``, the Gaussians as the tuple (means, scales, angles,
-    colors, opacities, valid) of one padded set."""
+    ``((image [3, H, W], gaussians), label)``, the Gaussians a batch of one padded set."""
 
     def __init__(self, folder):
         g, labels, indices, manifest = load_shards(folder)
         settings = manifest["settings"]
         self.images = open_dataset(settings["data"], settings["split"])
+        g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
-        if g.valid is None:
-            self.gaussians.valid = torch.ones(g.means.shape[:2], dtype=torch.bool)
         self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
 
     def __len__(self) -> int:
@@ -65,18 +64,15 @@ class PairedGaussians(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         image, _ = self.images[self.indices[i]]
-        g = self.gaussians
-        return (image, (g.means[i], g.scales[i], g.angles[i], g.colors[i], g.opacities[i], g.valid[i])), \
-            int(self.targets[i])
+        return (image, self.gaussians[i]), int(self.targets[i])
 
 
 def paired_collate(size: int):
     """Items of :class:`PairedGaussians` -> ``([B, 3, size, size] images, Gaussians)`` and labels."""
     def collate(items):
         images = torch.stack([resize_square(img, size) for (img, _), _ in items])
-        fields = zip(*(g for (_, g), _ in items))
-        return (images, Gaussians(*(torch.stack(f) for f in fields))), torch.tensor([t for _, t in items],
-                                                                                      dtype=torch.long)
+        gaussians = concat([g for (_, g), _ in items])
+        return (images, gaussians), torch.tensor([t for _, t in items], dtype=torch.long)
 
     return collate
 
@@ -112,7 +108,7 @@ class DistillStep(ModelStep):
                          num_tokens=cfg.stem_tokens, width=cfg.stem_width, depth=cfg.stem_depth,
                          pooling=cfg.stem_pooling)
         self.student = GaussianCLIP(copy.deepcopy(teacher.model), stem).to(device)
-        self.fractions = self.student.set_stage("distill")
+        self.fractions = self.student.set_stage(self.stage())
         self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
         self.probe_set = None
 
@@ -130,6 +126,10 @@ class DistillStep(ModelStep):
 
     def keeps_statistics(self) -> bool:
         return False
+
+    def stage(self) -> str:
+        """What trains (:meth:`gvit.models.GaussianCLIP.set_stage`)."""
+        return "distill"
 
     def embed(self, dataset, collate) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher (RGB) and student (Gaussian) image embeddings and labels of a paired dataset."""
@@ -179,8 +179,8 @@ class DistillStep(ModelStep):
         return result
 
     def prompts(self, classes: list[str]) -> list[str]:
-        """the teacher's prompt for each class name."""
-        return [self.teacher.prompt.format(c.replace("_", " ")) for c in classes]
+        """The teacher's prompt for each class name."""
+        return [class_prompt(self.teacher.prompt, c) for c in classes]
 
     def student_text(self, captions: list[str]) -> Tensor:
         """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains it)."""
@@ -207,9 +207,10 @@ class AlignStep(DistillStep):
             except RuntimeError as exc:
                 raise ValueError(f"{cfg.stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") \
                     from None
-        self.fractions = self.student.set_stage("align_text" if cfg.align_text else "align")
-        self.parts["student"] = (self.student, adamw(cfg, self.student), "student_opt")
         self.class_prompts: list[str] = []
+
+    def stage(self) -> str:
+        return "align_text" if self.cfg.align_text else "align"
 
     def keeps_statistics(self) -> bool:
         return bool(self.cfg.stage1)  # stage 1's stem brings its own
