@@ -23,7 +23,6 @@ import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -232,6 +231,19 @@ def det_covariance(scales: Tensor) -> Tensor:
 G0_LAYOUTS = ("uniform", "stratified", "grid")
 
 
+def grid_shape(k: int) -> tuple[int, int]:
+    """Rows and columns of g0's grid for k Gaussians: r = floor(sqrt(k)), c = ceil(k / r)."""
+    rows = max(1, math.isqrt(k))
+    return rows, -(-k // rows)
+
+
+def grid_centres(k: int) -> Tensor:
+    """``[k, 2]`` (x, y) centres in (-1, 1) of the first k cells of :func:`grid_shape`, row-major."""
+    rows, cols = grid_shape(k)
+    i = torch.arange(k)
+    return torch.stack([((i % cols) + 0.5) / cols, ((i // cols) + 0.5) / rows], -1) * 2 - 1
+
+
 def sample_initial(
     batch_size: int,
     num_gaussians: int,
@@ -264,8 +276,7 @@ def sample_initial(
     kw = dict(generator=generator, device=device, dtype=dtype)
     unit = torch.rand(*shape, 2, **kw)  # position inside the image (uniform) or inside the cell
     if layout in ("stratified", "grid"):
-        rows = max(1, math.isqrt(num_gaussians))
-        cols = -(-num_gaussians // rows)
+        rows, cols = grid_shape(num_gaussians)
         cells = torch.rand(batch_size, rows * cols, generator=generator, device=device).argsort(1)[:, :num_gaussians]
         if layout == "grid":
             cells = cells.sort(1).values

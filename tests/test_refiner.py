@@ -108,3 +108,31 @@ def test_training_with_the_refiner_and_splat_tokens_resumes_and_explains(tmp_pat
     assert maps["cdam"].shape == (2, 16) and torch.isfinite(maps["cdam"]).all()
     with pytest.raises(ValueError, match="encoder=refine reads the image itself"):
         load_config(None, ["encoder=refine", "sample_image=true"])
+
+
+def test_refiner_with_learned_queries_starts_on_g0s_grid_learns_its_centres_and_trains(tmp_path):
+    from gvit.gaussians import grid_centres
+    from gvit.train import TrainConfig, load_trained, train
+
+    torch.manual_seed(0)
+    enc = RefinementEncoder(16, 12, "micro", rounds=1, depth=1, features=8, learned_queries=True)
+    # the queries sit at the centres of g0's grid cells (3 rows x 4 columns for k = 12), scaled as g0's means
+    centres = decode(torch.cat([enc.queries.detach(), torch.zeros(12, 7)], -1)).means
+    assert torch.allclose(centres[:4, 0], 0.95 * torch.tensor([-0.75, -0.25, 0.25, 0.75]), atol=1e-6)
+    assert torch.allclose(centres[::4, 1], 0.95 * torch.tensor([-2 / 3, 0.0, 2 / 3]), atol=1e-6)
+    assert torch.allclose(grid_centres(12)[5], torch.tensor([-0.25, 0.0]))
+    images = torch.rand(2, 3, 16, 16)
+    out = enc(images)
+    assert out.shape == (2, 12, 9)
+    render(decode(out), height=16, width=16).sum().backward()
+    assert enc.queries.grad is not None and enc.queries.grad.abs().sum() > 0  # the centres learn
+    with pytest.raises(ValueError, match="learned queries"):
+        enc(images, sample_initial(2, 12))
+    # through the trainer: no g0 is drawn, the queries are saved and loaded with the checkpoint
+    settings = dict(data="shapes:32", limit_eval=8, encoder="refine", encoder_size="micro", refine_rounds=1,
+                    refine_depth=1, classifier_size="micro", image_size=16, num_gaussians=16, g0_layout="grid",
+                    learned_queries=True, batch_size=8, steps=2, log_every=1)
+    result = train(TrainConfig(**settings, out=str(tmp_path / "lq")), progress=False)
+    assert result["psnr"] > 5
+    model = load_trained(tmp_path / "lq" / "checkpoint.pt").model
+    assert model.sample_g0(2) is None and model.encoder.learned_queries

@@ -3,7 +3,8 @@
 images ``[B, 3, H, W]`` and g0 ``[B, k, 9]`` -> raw Gaussians ``[B, k, 9]``:
 
 1. a small CNN (three 3x3 convolutions, full resolution) turns the image into a feature map F;
-2. g0's centres are kept; each Gaussian starts as a round splat sized to the grid spacing of k
+2. g0's centres are kept (with ``learned_queries``, the centres are learned parameters, one set for
+   every image, started on the grid of k cells: the ablation of the noisy g0); each Gaussian starts as a round splat sized to the grid spacing of k
    cells (0.6 spacings), opacity 0.9, with the image's colour at its centre (a coarse picture);
 3. ``rounds`` times: every Gaussian token is its 9 raw values, F seen through its footprint
    (:func:`gvit.models.encoder.sample_footprints`: a 3x3 stencil at +-1 sigma along its axes) and,
@@ -23,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..gaussians import ANGLE, COLOR, OPACITY, RAW_DIM, SCALE, decode
+from ..gaussians import ANGLE, COLOR, OPACITY, RAW_DIM, SCALE, decode, grid_centres
 from ..render import render
 from .encoder import STENCIL, sample_footprints
 from .layers import Mlp, Transformer, TransformerModel, ViTSize, get_size, init_weights
@@ -31,15 +32,16 @@ from .layers import Mlp, Transformer, TransformerModel, ViTSize, get_size, init_
 __all__ = ["RefinementEncoder"]
 
 
+
 class RefinementEncoder(TransformerModel):
     """See the module docstring. ``size`` sets the width and heads of each round's transformer,
-    ``depth`` its blocks; ``features`` is the CNN's channel count."""
-
-    learned_queries = False
+    ``depth`` its blocks; ``features`` is the CNN's channel count; with ``learned_queries`` the
+    encoder takes no g0 (its centres are the parameter ``queries`` ``[k, 2]``, raw: tanh gives
+    positions in [-1, 1])."""
 
     def __init__(self, image_size: int | tuple[int, int], num_gaussians: int, size: str | ViTSize = "tiny", *,
                  rounds: int = 3, depth: int = 2, features: int = 64, residual: bool = True,
-                 scale_factor: float = 1.0, channels: int = 3):
+                 scale_factor: float = 1.0, channels: int = 3, learned_queries: bool = False):
         super().__init__()
         size = get_size(size)
         if rounds < 1 or depth < 1 or features < 1:
@@ -48,6 +50,7 @@ class RefinementEncoder(TransformerModel):
             raise ValueError(f"the refinement encoder reads RGB images, got {channels} channels")
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.num_gaussians, self.scale_factor, self.residual = num_gaussians, scale_factor, residual
+        self.learned_queries = learned_queries
         width, taps = size.width, len(STENCIL)
         self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, features, 3, padding=1),
                                   nn.GELU(), nn.Conv2d(features, features, 3, padding=1))
@@ -61,9 +64,12 @@ class RefinementEncoder(TransformerModel):
         nn.init.normal_(self.slot_embed, std=0.02)
         for head in self.heads:
             nn.init.zeros_(head.fc2.weight)
+        if learned_queries:  # the centres of k near-square grid cells, row-major
+            centres = grid_centres(num_gaussians)
+            self.queries = nn.Parameter(torch.atanh(0.95 * centres))  # as g0 places its means
 
     # the optimiser's view (TransformerModel): slot embeddings are not decayed; no layer-wise decay
-    _NO_DECAY = ("slot_embed",)
+    _NO_DECAY = ("slot_embed", "queries")
 
     @property
     def num_layers(self) -> int:
@@ -94,6 +100,11 @@ class RefinementEncoder(TransformerModel):
 
     def forward(self, images: Tensor, g0: Tensor | None = None) -> Tensor:
         b, k = len(images), self.num_gaussians
+        if self.learned_queries:
+            if g0 is not None:
+                raise ValueError("g0: this encoder has learned queries and takes no g0")
+            g0 = torch.zeros(b, k, RAW_DIM, dtype=self.queries.dtype, device=self.queries.device)
+            g0 = torch.cat([self.queries.expand(b, k, 2), g0[..., 2:]], -1)
         if g0 is None or g0.shape != (b, k, RAW_DIM):
             raise ValueError(f"g0: expected [B={b}, k={k}, {RAW_DIM}], got {None if g0 is None else tuple(g0.shape)}")
         if images.shape[1:] != (3, *self.image_size):

@@ -66,7 +66,8 @@ class TrainConfig(Phases):
     g0_layout: str = setting("uniform", "how g0's means are drawn (uniform as the paper, or a jittered grid)",
                              G0_LAYOUTS)
     scale_factor: float = setting(1.0, "c in scale = c * sigmoid(s)")
-    learned_queries: bool = setting(False, "the encoder's Gaussian tokens are learned queries instead of g0")
+    learned_queries: bool = setting(False, "the encoder starts from learned queries instead of g0 (refine: learned "
+                                                   "centres)")
     sample_image: bool = setting(False, "Gaussian tokens also see the image through g0's footprint")
     image_colors: bool = setting(False, "g0's colours are read from the image at its centres")
     pool: str = setting("cls", "classifier pooling", ("cls", "mean"))
@@ -187,9 +188,9 @@ class TrainConfig(Phases):
             raise ValueError(f"config: prompt must hold {{}} where the class name goes, got {self.prompt!r}")
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
-        if self.encoder == "refine" and (self.learned_queries or self.sample_image or self.image_colors):
-            raise ValueError("config: encoder=refine reads the image itself; learned_queries, sample_image and "
-                             "image_colors belong to encoder=denoise")
+        if self.encoder == "refine" and (self.sample_image or self.image_colors):
+            raise ValueError("config: encoder=refine reads the image itself; sample_image and image_colors belong "
+                             "to encoder=denoise")
         for key in ("sample_image", "image_colors"):
             if getattr(self, key) and self.learned_queries:
                 raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")

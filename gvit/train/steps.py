@@ -219,7 +219,7 @@ def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
     if cfg.encoder == "refine":
         encoder = RefinementEncoder(cfg.image_size, cfg.num_gaussians, cfg.encoder_size, rounds=cfg.refine_rounds,
                                     depth=cfg.refine_depth, residual=cfg.refine_residual, features=cfg.refine_features,
-                                    scale_factor=cfg.scale_factor)
+                                    scale_factor=cfg.scale_factor, learned_queries=cfg.learned_queries)
     else:
         encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
                                   learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
