@@ -95,7 +95,7 @@ def train_rows(size: str, batch: int, k: int, repeats: int) -> list[dict]:
             sec = _best_seconds(step, repeats)
             rows.append({"case": case, "precision": precision, "seconds": sec,
                          "peak_mb": torch.cuda.max_memory_allocated() / 2**20})
-            del run
+            run = None  # frees the models before the next case
             torch.cuda.empty_cache()
     return rows
 

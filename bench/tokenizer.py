@@ -15,7 +15,6 @@ perplexity over it, bits per image, map coverage and training seconds, as mean +
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 

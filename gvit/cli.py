@@ -189,6 +189,18 @@ def _interpret(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vl_eval(args: argparse.Namespace) -> int:
+    from .tools.vl_eval import vl_eval
+
+    rows = vl_eval(args.checkpoint, args.gaussians, args.out, limit=args.limit, overwrite=args.overwrite,
+                   progress=not args.quiet)["rows"]
+    for r in rows:
+        print(f"{r['gaussians']}: k={r['k']} {r['compression']:.2f}x, zero-shot {100 * r.get('top1', float('nan')):.1f}% "
+              f"(teacher {100 * r.get('teacher_top1', float('nan')):.1f}%), cosine {r['cosine']:.3f}")
+    print(f"-> {Path(args.out) / 'vl_eval.md'}")
+    return 0
+
+
 OVERWRITE = ("write into a folder that holds other files, another job's outputs or work made with other settings "
              "(a run there starts again)")
 
@@ -323,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
     it.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     it.set_defaults(func=_interpret)
+
+    vl = sub.add_parser("vl-eval", help="splat-stage checkpoints (model=splat_distill / splat_align) on fitted test "
+                                        "Gaussians beside the RGB teacher: zero-shot, retrieval, held-out pairs, kNN, "
+                                        "linear probe, cosine, against the compression ratio")
+    vl.add_argument("--checkpoint", required=True, nargs="+", help="one checkpoint for every folder, or one per folder")
+    vl.add_argument("--gaussians", required=True, nargs="+", help="gvit fit-dataset folders of test images")
+    vl.add_argument("--out", required=True)
+    vl.add_argument("--limit", type=int, default=None, help="test items per folder, spread over it (default: all)")
+    vl.add_argument("--quiet", action="store_true")
+    vl.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    vl.set_defaults(func=_vl_eval)
 
     tk = sub.add_parser("tokens", help="a trained tokenizer (model=tokenizer): encode its evaluation split to a token "
                                        "file, decode a token file to images, or report several tokenizers side by side")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gvit.data import ShapesDataset
+from gvit.data import ShapesDataset, open_dataset
 from gvit.data.captions import (COLOR_NAMES, HELD_OUT_PAIRS, CaptionedShapes, CaptionFile, ClassCaptions,
                                 color_names, describe_shapes)
 from gvit.data.shapes import SHAPE_CLASSES, make_shapes
@@ -27,8 +27,12 @@ def test_train_split_never_shows_a_held_out_pair_and_test_marks_them():
     assert len(train) == 400 and not any(p in HELD_OUT_PAIRS for p in pairs(train))
     marked = [p in HELD_OUT_PAIRS for p in pairs(test)]
     assert marked == test.held_out.tolist() and 0.05 < sum(marked) / len(marked) < 0.25
-    image, caption = train[0]
-    assert image.shape == (3, 32, 32) and caption == train.captions[0]
+    image, label = train[0]  # items are (image, label), as every dataset's; the caption is captions[i]
+    assert image.shape == (3, 32, 32) and label == int(train.targets[0]) and train.labels is train.targets
+    opened = open_dataset("captioned-shapes:50", "test")
+    assert isinstance(opened, CaptionedShapes) and opened.captions == test.captions[:50]
+    with pytest.raises(ValueError, match="captioned-shapes:N"):
+        open_dataset("captioned-shapes:x")
     assert CaptionedShapes("train", n=50).captions == train.captions[:50]  # deterministic
 
 
@@ -51,10 +55,19 @@ def test_caption_words_describe_the_pixels():
     assert centroid_x[left].max() < 0 < centroid_x[right].min()
 
 
+def test_a_mirrored_caption_swaps_left_and_right_only():
+    from gvit.data.captions import mirror_caption
+
+    assert mirror_caption("a small red star at the top left") == "a small red star at the top right"
+    assert mirror_caption("a large blue ring on the right") == "a large blue ring on the left"
+    assert mirror_caption("a star in the middle") == "a star in the middle"
+    assert mirror_caption("bright lefty") == "bright lefty"
+
+
 def test_class_prompts_caption_a_labelled_dataset():
     data = ClassCaptions(ShapesDataset("test", n=10), "a picture of a {}")
     assert data.captions[3] == f"a picture of a {SHAPE_CLASSES[int(data.targets[3])]}"
-    assert data[3][1] == data.captions[3] and data[3][0].shape == (3, 32, 32)
+    assert data[3][1] == int(data.labels[3]) and data[3][0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="prompt"):
         ClassCaptions(ShapesDataset("test", n=2), "no slot")
 
@@ -72,8 +85,8 @@ def test_caption_files_read_jsonl_and_tsv(tmp_path):
     (tmp_path / "pairs.tsv").write_text("img/b.png\tlight\n")
     data = CaptionFile(tmp_path / "pairs.jsonl")
     assert len(data) == 2 and data.captions == ["a dark square", "light"] and data.targets.tolist() == [-1, -1]
-    image, caption = data[1]
-    assert image.shape == (3, 8, 10) and float(image.min()) == 1.0 and caption == "light"
+    image, label = data[1]
+    assert image.shape == (3, 8, 10) and float(image.min()) == 1.0 and label == -1
     assert CaptionFile(tmp_path / "pairs.tsv").captions == ["light"]
 
 

@@ -23,7 +23,8 @@ def stage1(tmp_path_factory):
     train(teacher, **quiet)
     fit = FitConfig(num_gaussians=16, iters=10, mode="sum")
     for split, n in (("train", 32), ("test", 16)):
-        fit_dataset("shapes", root / split, fit, split=split, limit=n, **quiet)
+        fit_dataset("captioned-shapes", root / split, fit, split=split, limit=n, **quiet)
+    fit_dataset("shapes", root / "plain", fit, split="test", limit=8, **quiet)
     cfg = load_config(None, ["model=splat_distill", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
                              f"offline_train={root / 'train'}", f"offline_eval={root / 'test'}", "steps=4",
                              "batch_size=8", "stem_depth=1", "stem_tokens=8", "stem_width=32", f"out={root / 'run'}"])
@@ -35,8 +36,10 @@ def test_only_the_stem_learns_and_it_is_measured_against_the_teacher(stage1):
     assert result["finished"] and result["eval_images"] == 16
     assert -1 <= result["cosine"] <= 1 and 0 < result["trainable_fraction"] < 1
     assert 0 <= result["top1"] <= 1 and 0 <= result["teacher_top1"] <= 1
-    for key in ("teacher_knn", "student_knn", "teacher_linear", "student_linear"):
+    for key in ("teacher_knn", "student_knn", "teacher_linear", "student_linear", "top1_held_out",
+                "teacher_top1_held_out", "i2t_r1", "t2i_r10", "teacher_i2t_r5", "teacher_t2i_r1"):
         assert 0 <= result[key] <= 1
+    assert result["i2t_r1"] <= result["i2t_r5"] <= result["i2t_r10"]
     teacher = load_checkpoint(root / "teacher" / "checkpoint.pt")["clip"]
     student = load_checkpoint(root / "run" / "checkpoint.pt")["student"]
     assert all(torch.equal(student[f"clip.{k}"], v) for k, v in teacher.items())  # the tower stayed frozen
@@ -48,13 +51,31 @@ def test_only_the_stem_learns_and_it_is_measured_against_the_teacher(stage1):
 
 def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
     root, _ = stage1
+    from gvit.data import open_dataset
+
     data = PairedGaussians(root / "test")
-    (image, g), label = data[3]
+    (image, g, caption), label = data[3]
+    source = open_dataset("captioned-shapes", "test")
+    assert caption == source.captions[data.indices[3]] and data.held_out.tolist() == source.held_out[data.indices].tolist()
+    assert data.held_out.any()  # the test images include pairs training never showed
     rendered = render(g, height=32, width=32, mode="sum")[0]
     assert 10 * torch.log10(1 / (rendered.clamp(0, 1) - image).pow(2).mean()) > 12  # close to its own image
-    other, _ = data[4][0]
+    other = data[4][0][0]
     assert (rendered.clamp(0, 1) - image).pow(2).mean() < (rendered.clamp(0, 1) - other).pow(2).mean()
     assert label == int(data.targets[3]) and data.classes[0] == "circle"
+
+
+def test_without_captions_of_its_own_an_item_is_captioned_by_its_class_prompt(stage1, tmp_path):
+    from gvit.train.distill_step import AlignStep
+
+    root, _ = stage1
+    plain = PairedGaussians(root / "plain")
+    assert plain.captions == [""] * 8 and plain.held_out is None
+    cfg = load_config(None, ["model=splat_align", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"offline_train={root / 'plain'}", "stem_depth=1", "stem_tokens=8", "stem_width=32",
+                             f"out={tmp_path / 'a'}"])
+    step = AlignStep(cfg, 6, torch.device("cpu"))
+    assert step.captions(["", "a small red star"], [2, 0], plain.classes) == [f"a {plain.classes[2]}", "a small red star"]
 
 
 def test_a_mirrored_set_renders_the_mirrored_image():
@@ -173,3 +194,45 @@ def test_a_pretrained_clip_folder_teaches_with_its_own_tokenizer_and_pixel_stati
                              "stem_tokens=8", "stem_width=32", "prompt=a {}", f"out={tmp_path / 'run'}"])
     result = train(cfg, progress=False, log=lambda *_: None)
     assert result["finished"] and -1 <= result["cosine"] <= 1 and 0 <= result["teacher_top1"] <= 1
+
+
+def test_vl_eval_measures_stages_beside_the_teacher_against_compression_and_keeps_finished_rows(stage1, tmp_path):
+    import json
+
+    from gvit.cli import main
+    from gvit.tools.vl_eval import vl_eval
+
+    root, _ = stage1
+    quiet = dict(progress=False, log=lambda *_: None)
+    pruned = FitConfig(num_gaussians=16, iters=10, mode="sum", prune_tau=0.5, prune_at=0.5)
+    fit_dataset("captioned-shapes", tmp_path / "pruned", pruned, split="test", limit=16, **quiet)
+    fit_dataset("captioned-shapes", tmp_path / "alpha", FitConfig(num_gaussians=8, iters=2), split="test", limit=4,
+                **quiet)
+    ckpt = root / "run" / "checkpoint.pt"
+    rows = vl_eval([ckpt], [root / "test", tmp_path / "pruned"], tmp_path / "vl", **quiet)["rows"]
+    full, small = rows
+    manifest = json.loads((tmp_path / "pruned" / "manifest.json").read_text())
+    assert small["pruned"] and not full["pruned"] and small["k"] == full["k"] == 16
+    assert small["mean_count"] == manifest["mean_count"] < 16 and small["compression"] > full["compression"]
+    assert full["bytes"] == pytest.approx(3 * 32 * 32 / full["compression"])
+    assert full["top1_ratio"] == pytest.approx(full["top1"] / full["teacher_top1"])
+    assert full["eval_images"] == 16 and 0 <= full["top1_held_out"] <= 1 and 0 <= full["teacher_knn"] <= 1
+    assert full["i2t_r1"] <= full["i2t_r10"] and -1 <= full["cosine"] <= 1
+    for name in ("vl_eval.json", "vl_eval.md", "vl_eval.csv", "vl_eval.png", "rows.jsonl"):
+        assert (tmp_path / "vl" / name).is_file()
+    assert "| test | 16 |" in (tmp_path / "vl" / "vl_eval.md").read_text()
+    # a rerun keeps the finished rows (nothing is evaluated again)
+    seen = []
+    again = vl_eval([ckpt], [root / "test", tmp_path / "pruned"], tmp_path / "vl", progress=False, log=seen.append)
+    assert again["rows"] == rows and len(seen) == 2 and all("kept" in line for line in seen)
+    assert main(["vl-eval", "--checkpoint", str(ckpt), "--gaussians", str(root / "test"), "--limit", "4",
+                 "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "cli" / "vl_eval.json").read_text())["rows"][0]["eval_images"] == 4
+    with pytest.raises(ValueError, match="2 checkpoints for 3 Gaussian folders"):
+        vl_eval([ckpt, ckpt], [root / "test"] * 3, tmp_path / "x", **quiet)
+    with pytest.raises(ValueError, match="needs a splat stage checkpoint"):
+        vl_eval([root / "teacher" / "checkpoint.pt"], [root / "test"], tmp_path / "y", **quiet)
+    with pytest.raises(ValueError, match="fitted in alpha mode"):
+        vl_eval([ckpt], [tmp_path / "alpha"], tmp_path / "z", **quiet)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        vl_eval([ckpt], [tmp_path], tmp_path / "w", **quiet)

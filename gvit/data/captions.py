@@ -1,8 +1,9 @@
 """Images with text, for vision-language training and zero-shot tests offline.
 
-Every captioned dataset yields ``(image [3, H, W] float32 in [0, 1], caption str)`` and has
-``captions`` (one per image), ``targets`` (``[N]`` class labels, for zero-shot classification) and
-``classes``:
+Every captioned dataset yields ``(image [3, H, W] float32 in [0, 1], label int)`` items, as every
+labelled dataset does (so it can be fitted by ``gvit fit-dataset`` and paired with its Gaussians),
+and has ``captions`` (one str per image), ``targets`` (``[N]`` class labels, for zero-shot
+classification; -1 where there are no classes), ``classes`` and ``held_out`` (``[N]`` bool or None):
 
 * :class:`CaptionedShapes`: the built-in shapes described by shape, colour, size and position
   ("a small red star at the top left"). Colour words name the nearest corner of the RGB cube (8
@@ -28,7 +29,7 @@ from .images import read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["CaptionedShapes", "ClassCaptions", "CaptionFile", "COLOR_NAMES", "HELD_OUT_PAIRS", "color_names",
-           "describe_shapes", "class_prompt", "DEFAULT_PROMPT"]
+           "describe_shapes", "class_prompt", "mirror_caption", "DEFAULT_PROMPT"]
 
 # the corners of the RGB cube, indexed by 4 r + 2 g + b with each channel rounded to 0 or 1
 COLOR_NAMES = ("black", "blue", "green", "cyan", "red", "purple", "yellow", "white")
@@ -43,6 +44,12 @@ PLACES = {(-1, -1): "at the top left", (0, -1): "at the top", (1, -1): "at the t
 def class_prompt(prompt: str, name: str) -> str:
     """``prompt`` with the class ``name`` in its ``{}`` (underscores read as spaces)."""
     return prompt.format(name.replace("_", " "))
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the left-right mirrored image: the words left and right swapped."""
+    swap = {"left": "right", "right": "left"}
+    return " ".join(swap.get(w, w) for w in caption.split(" "))
 
 
 def color_names(colors: Tensor) -> list[str]:
@@ -91,9 +98,6 @@ class CaptionedShapes(InMemoryImages):
         self.held_out = torch.cat(held_out)
         self.captions, self.classes = captions, list(SHAPE_CLASSES)
 
-    def __getitem__(self, i: int):
-        return self.images[i], self.captions[i]
-
 
 class ClassCaptions(torch.utils.data.Dataset):
     """A labelled dataset (``(image, label)`` items, ``classes``, ``labels``) captioned by
@@ -105,13 +109,17 @@ class ClassCaptions(torch.utils.data.Dataset):
         self.dataset, self.prompt, self.classes = dataset, prompt, list(dataset.classes)
         self.targets = torch.as_tensor(dataset.labels)
         self.captions = [class_prompt(prompt, self.classes[t]) for t in self.targets.tolist()]
+        self.held_out = None
+
+    @property
+    def labels(self) -> Tensor:
+        return self.targets
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        image, _ = self.dataset[i]
-        return image, self.captions[i]
+        return self.dataset[i]
 
 
 class CaptionFile(torch.utils.data.Dataset):
@@ -157,9 +165,14 @@ class CaptionFile(torch.utils.data.Dataset):
             raise ValueError(f"{path}: no image-caption pairs")
         self.classes: list[str] = []
         self.targets = torch.full((len(self.files),), -1, dtype=torch.long)
+        self.held_out = None
+
+    @property
+    def labels(self) -> Tensor:
+        return self.targets
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return read_image(self.files[i]), self.captions[i]
+        return read_image(self.files[i]), -1

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .base import InMemoryImages, Subset
+from .captions import CaptionedShapes
 from .cifar import CifarBatches, is_cifar
 from .images import ImageFolder
 from .shapes import SHAPE_CLASSES, make_shapes
@@ -43,6 +44,8 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
     ``path`` is one of:
 
     * ``"shapes"`` (or ``"shapes:N"`` for N images): the built-in procedural dataset;
+      ``"captioned-shapes"`` (``"captioned-shapes:N"``): the captioned shapes
+      (:class:`gvit.data.captions.CaptionedShapes`, splits train and test);
     * a folder holding ``<split>.zip`` or ``<split>/`` ImageFolder trees (how ../shared/data
       stores CIFAR-10 and Fashion-MNIST);
     * a CIFAR-10/100 python layout (folder or .tar.gz, see :mod:`gvit.data.cifar`);
@@ -54,11 +57,12 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
     text = str(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if text == "shapes" or text.startswith("shapes:"):
-        n = text.partition(":")[2]
+    name, _, n = text.partition(":")
+    if name in ("shapes", "captioned-shapes"):
         if n and not n.isdigit():
-            raise ValueError(f"dataset {text!r}: expected shapes or shapes:N with N a positive integer")
-        return ShapesDataset(split, n=int(n) if n else None, **kwargs)
+            raise ValueError(f"dataset {text!r}: expected {name} or {name}:N with N a positive integer")
+        kind = ShapesDataset if name == "shapes" else CaptionedShapes
+        return kind(split, n=int(n) if n else None, **kwargs)
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"dataset: {root} does not exist (expected a folder, a .zip, a CIFAR "

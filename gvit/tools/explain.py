@@ -64,7 +64,7 @@ def explain_files(checkpoint, inputs: list, out, *, target: int | str | None = N
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     trained = load_gvit(checkpoint, job="explain")
-    cfg, classes = trained.cfg, trained.classes
+    classes = trained.classes
     if isinstance(target, str):
         if target.isdigit():
             target = int(target)

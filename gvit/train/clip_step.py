@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import TextTokenizer
-from ..data.captions import class_prompt
+from ..data.captions import class_prompt, mirror_caption
 from ..models.gaussian_clip import clip_pixels, rgb_clip
 from .base import ModelStep, as_number
 from .config import TrainConfig
@@ -93,6 +93,7 @@ class ClipStep(ModelStep):
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
         images, captions = inputs
         images = self._augment(images, flips, gen, rank, world)
+        captions = [mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
         with self.autocast():
             loss = contrastive_loss(self.image_embeddings(images).float(), self.text_embeddings(captions).float(),
                                     self.model.logit_scale, same_caption(captions).to(self.device))

@@ -9,10 +9,12 @@ uninterrupted run and does not depend on the number of processes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from ..data import CaptionedShapes, CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
+from ..data import CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
 from ..data.shards import ShardDataset
 from ..data.transforms import resize_square
 from ..gaussians import ANGLE, POS
@@ -105,8 +107,8 @@ class CaptionItems(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        image, caption = self.dataset[i]
-        return (image, caption), int(self.targets[i])
+        image, _ = self.dataset[i]
+        return (image, self.captions[i]), int(self.targets[i])
 
 
 def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
@@ -118,17 +120,20 @@ def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
 
 
 def caption_datasets(cfg) -> tuple:
-    """``(train, test or None)`` images with captions (:mod:`gvit.data.captions`): ``shapes`` is the
-    captioned built-in shapes, a ``.jsonl`` / ``.tsv`` file a caption file (no test split), anything
-    else :func:`gvit.data.open_dataset`'s images captioned by ``cfg.prompt``."""
-    if cfg.data == "shapes" or cfg.data.startswith("shapes:"):
-        n = cfg.data.partition(":")[2]
-        return CaptionItems(CaptionedShapes("train", n=int(n) if n else None)), CaptionItems(CaptionedShapes("test"))
+    """``(train, test or None)`` images with captions (:mod:`gvit.data.captions`): a dataset with
+    captions of its own (``captioned-shapes``; ``shapes`` is read as it), a ``.jsonl`` / ``.tsv``
+    file a caption file (no test split), anything else :func:`gvit.data.open_dataset`'s images
+    captioned by ``cfg.prompt``."""
     if cfg.data.endswith((".jsonl", ".tsv")):
         return CaptionItems(CaptionFile(cfg.data)), None
-    train, test = image_datasets(cfg)
-    return (CaptionItems(ClassCaptions(train, cfg.prompt)),
-            None if test is None else CaptionItems(ClassCaptions(test, cfg.prompt)))
+    data = f"captioned-{cfg.data}" if cfg.data.partition(":")[0] == "shapes" else cfg.data
+    train, test = image_datasets(replace(cfg, data=data))
+    return tuple(None if d is None else CaptionItems(with_captions(d, cfg.prompt)) for d in (train, test))
+
+
+def with_captions(dataset, prompt: str):
+    """``dataset`` itself when it has captions, else its images captioned by the class ``prompt``."""
+    return dataset if hasattr(dataset, "captions") else ClassCaptions(dataset, prompt)
 
 
 def caption_collate(size: int):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import open_dataset
-from ..data.captions import class_prompt
+from ..data.captions import class_prompt, mirror_caption
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
 from ..gaussians import Gaussians, concat, valid_mask
@@ -34,8 +34,8 @@ from .base import ModelStep, as_number
 from .checkpoint import load_checkpoint
 from .clip_step import contrastive_loss
 from .config import TrainConfig, config_from_dict
-from .data import limit
-from .embedding_eval import knn_accuracy, linear_probe_accuracy, zero_shot_accuracy
+from .data import dataset_captions, limit
+from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, same_caption, zero_shot_accuracy
 from .optim import adamw, apply_gradients
 from .teacher import load_teacher
 
@@ -49,7 +49,10 @@ def splat_mode(folder) -> str:
 
 class PairedGaussians(torch.utils.data.Dataset):
     """A finished ``gvit fit-dataset`` folder with the images it was fitted from: items
-    ``((image [3, H, W], gaussians), label)``, the Gaussians a batch of one padded set."""
+    ``((image [3, H, W], gaussians, caption), label)``, the Gaussians a batch of one padded set.
+    ``captions`` are the image dataset's own (``captioned-shapes``, caption files), or "" for every
+    item where it has none (the steps then caption by class prompt); ``held_out`` marks the
+    attribute pairs training never showed (None where the dataset has no such marks)."""
 
     def __init__(self, folder):
         g, labels, indices, manifest = load_shards(folder)
@@ -58,21 +61,27 @@ class PairedGaussians(torch.utils.data.Dataset):
         g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
         self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
+        own = getattr(self.images, "captions", None)
+        self.captions = [own[i] for i in self.indices] if own is not None else [""] * len(self.indices)
+        held_out = getattr(self.images, "held_out", None)
+        self.held_out = None if held_out is None else held_out[indices]
+        self.manifest = manifest
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
         image, _ = self.images[self.indices[i]]
-        return (image, self.gaussians[i]), int(self.targets[i])
+        return (image, self.gaussians[i], self.captions[i]), int(self.targets[i])
 
 
 def paired_collate(size: int):
-    """Items of :class:`PairedGaussians` -> ``([B, 3, size, size] images, Gaussians)`` and labels."""
+    """Items of :class:`PairedGaussians` -> ``([B, 3, size, size] images, Gaussians, captions)`` and labels."""
     def collate(items):
-        images = torch.stack([resize_square(img, size) for (img, _), _ in items])
-        gaussians = concat([g for (_, g), _ in items])
-        return (images, gaussians), torch.tensor([t for _, t in items], dtype=torch.long)
+        images = torch.stack([resize_square(img, size) for (img, _, _), _ in items])
+        gaussians = concat([g for (_, g, _), _ in items])
+        captions = [c for (_, _, c), _ in items]
+        return (images, gaussians, captions), torch.tensor([t for _, t in items], dtype=torch.long)
 
     return collate
 
@@ -122,7 +131,11 @@ class DistillStep(ModelStep):
         if not self.keeps_statistics():
             g = dataset.gaussians if isinstance(dataset, PairedGaussians) else dataset.dataset.gaussians
             self.student.stem.set_statistics(*splat_statistics(splat_set_features(g, self.student.stem.mode), g.valid))
-        self.probe_set = limit(dataset, self.cfg.probe_images) if self.cfg.probe_images else None
+        self.set_probe_set(limit(dataset, self.cfg.probe_images) if self.cfg.probe_images else None)
+
+    def set_probe_set(self, dataset) -> None:
+        """The paired training items the evaluation's kNN and linear probe are fitted on (None: no probes)."""
+        self.probe_set = dataset
 
     def keeps_statistics(self) -> bool:
         return False
@@ -136,7 +149,7 @@ class DistillStep(ModelStep):
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
                                              num_workers=self.cfg.num_workers)
         teacher, student, targets = [], [], []
-        for (images, g), labels in loader:
+        for (images, g, _), labels in loader:
             teacher.append(self.teacher_embeddings(images).cpu())
             student.append(self.student.image_embeddings(g.to(self.device)).float().cpu())
             targets.append(labels)
@@ -147,7 +160,7 @@ class DistillStep(ModelStep):
             return self.teacher.image_embeddings(images).float()
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        images, g = inputs
+        images, g, _ = inputs
         images = torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
         g = mirror_sets(g, flips).to(self.device)
         target = F.normalize(self.teacher_embeddings(images), dim=-1)
@@ -162,30 +175,57 @@ class DistillStep(ModelStep):
         self.train(False)
         teacher, student, targets = self.embed(dataset, collate)
         probe = self.embed(self.probe_set, collate) if self.probe_set is not None else None
-        self.train(True)
         result = {"eval_images": len(teacher), "cosine": float(F.cosine_similarity(teacher, student).mean()),
                   "trainable_fraction": self.fractions["trainable"]}
         if probe is not None:  # frozen embeddings of probe_images training items: kNN and a linear probe
             for name, train_emb, test_emb in (("teacher", probe[0], teacher), ("student", probe[1], student)):
                 result[f"{name}_knn"] = knn_accuracy(train_emb, probe[2], test_emb, targets)
                 result[f"{name}_linear"] = linear_probe_accuracy(train_emb, probe[2], test_emb, targets)
-        classes = getattr(dataset, "classes", None) or []
-        if classes:
+        captions, _, held_out = dataset_captions(dataset)
+        classes = getattr(dataset, "classes", None) or getattr(getattr(dataset, "dataset", None), "classes", None) or []
+        captions = self.captions(captions, targets.tolist(), classes)
+        if all(captions):  # image <-> caption retrieval, student (its text tower) and teacher
+            unique = list(dict.fromkeys(captions))
+            where = torch.tensor([unique.index(c) for c in captions]) if len(unique) < 4096 else None
+            for name, image, text in (("", student, self.student_text), ("teacher_", teacher, self.teacher_text)):
+                emb = text(unique)
+                emb = emb[where] if where is not None else text(captions)
+                result |= {f"{name}{k}": v for k, v in retrieval_recall(image, emb, captions).items()}
+        if classes and (targets >= 0).all():
             prompts = self.prompts(classes)
-            text = self.teacher.text_embeddings(prompts).float().cpu()
-            result["top1"] = float(zero_shot_accuracy(student, self.student_text(prompts).cpu(), targets).mean())
-            result["teacher_top1"] = float(zero_shot_accuracy(teacher, text, targets).mean())
+            correct = {"": zero_shot_accuracy(student, self.student_text(prompts), targets),
+                       "teacher_": zero_shot_accuracy(teacher, self.teacher_text(prompts), targets)}
+            for name, hits in correct.items():
+                result[f"{name}top1"] = float(hits.mean())
+                if held_out is not None and held_out.any():
+                    result[f"{name}top1_held_out"] = float(hits[held_out].mean())
             result["top1_ratio"] = result["top1"] / max(result["teacher_top1"], 1e-12)
+        self.train(True)
         return result
+
+    def captions(self, own: list[str], targets: list[int], classes: list[str]) -> list[str]:
+        """Each item's own caption, or its class prompt where it has none ("")."""
+        prompts = self.prompts(classes) if classes else []
+        return [c or (prompts[t] if 0 <= t < len(prompts) else "") for c, t in zip(own, targets)]
+
+    def teacher_text(self, captions: list[str]) -> Tensor:
+        """The teacher's text embeddings (on the CPU), 1,024 captions at a time."""
+        return torch.cat([self.teacher.text_embeddings(captions[i:i + 1024]).float().cpu()
+                          for i in range(0, len(captions), 1024)])
 
     def prompts(self, classes: list[str]) -> list[str]:
         """The teacher's prompt for each class name."""
         return [class_prompt(self.teacher.prompt, c) for c in classes]
 
-    def student_text(self, captions: list[str]) -> Tensor:
-        """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains it)."""
-        ids, mask = self.teacher.encode_text(captions)
-        return self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float()
+    def student_text(self, captions: list[str], *, cpu: bool = True) -> Tensor:
+        """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains
+        it), 1,024 captions at a time; on the CPU unless ``cpu=False`` (kept on the device, with gradient)."""
+        out = []
+        for i in range(0, len(captions), 1024):
+            ids, mask = self.teacher.encode_text(captions[i:i + 1024])
+            out.append(self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float())
+        out = torch.cat(out)
+        return out.cpu() if cpu else out
 
 
 class AlignStep(DistillStep):
@@ -207,7 +247,7 @@ class AlignStep(DistillStep):
             except RuntimeError as exc:
                 raise ValueError(f"{cfg.stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") \
                     from None
-        self.class_prompts: list[str] = []
+        self.classes: list[str] = []
 
     def stage(self) -> str:
         return "align_text" if self.cfg.align_text else "align"
@@ -217,14 +257,15 @@ class AlignStep(DistillStep):
 
     def attach_training_set(self, dataset, collate) -> None:
         super().attach_training_set(dataset, collate)
-        self.class_prompts = self.prompts(list(dataset.classes))
+        self.classes = list(dataset.classes)
 
     def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        _, g = inputs
+        _, g, own = inputs
         g = mirror_sets(g, flips).to(self.device)
-        captions = [self.class_prompts[t] for t in labels.tolist()]
+        captions = [mirror_caption(c) if f else c
+                     for c, f in zip(self.captions(own, labels.tolist(), self.classes), flips.tolist())]
         with self.autocast():
-            loss = contrastive_loss(self.student.image_embeddings(g).float(), self.student_text(captions),
-                                    self.student.logit_scale.detach(), labels[:, None] == labels[None, :])
+            loss = contrastive_loss(self.student.image_embeddings(g).float(), self.student_text(captions, cpu=False),
+                                    self.student.logit_scale.detach(), same_caption(captions).to(self.device))
         ok = apply_gradients([self.parts["student"][:2]], loss, grad_clip=self.cfg.grad_clip)
         return {"loss_align": as_number(loss)} if ok else None
