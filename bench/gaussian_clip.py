@@ -32,7 +32,8 @@ def main() -> None:
     p.add_argument("--num-gaussians", type=int, default=64)
     p.add_argument("--iters", type=int, default=200, help="fitting iterations per image")
     p.add_argument("--fit-limit", type=int, default=None, help="fit only this many training images")
-    p.add_argument("--prompt", default=None, help="class prompt (default: 'a {}' for shapes, the config's otherwise)")
+    p.add_argument("--prompt", default=None, help="class prompt (default for the shapes: an ensemble of 'a <size> "
+                                                   "<colour> {}' over the caption words; the config's otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-k", type=int, nargs="*", default=[], help="further k for the compression sweep")
     p.add_argument("--prune-tau", type=float, default=None, help="also the main k with pruning at this tau")
@@ -40,6 +41,7 @@ def main() -> None:
 
     import torch
 
+    from gvit.data.captions import COLOR_NAMES
     from gvit.data.shards import read_manifest
     from gvit.fit import FitConfig
     from gvit.tools.fit_dataset import fit_dataset
@@ -48,7 +50,8 @@ def main() -> None:
 
     runs = Path(a.runs)
     quiet = dict(progress=False, log=lambda *_: None)
-    prompt = a.prompt or ("a {}" if a.data.startswith("shapes") else None)
+    shape_prompt = " | ".join(f"a {size} {color} {{}}" for size in ("small", "large") for color in COLOR_NAMES)
+    prompt = a.prompt or (shape_prompt if a.data.startswith("shapes") else None)
     common = [f"steps={a.steps}", f"batch_size={a.batch_size}", f"seed={a.seed}", "limit_eval=2000"]
     teacher_cfg = load_config(None, ["model=clip", f"data={a.data}", *common, *([f"prompt={prompt}"] if prompt else []),
                                      f"out={runs / 'stage0_clip'}"])

@@ -55,6 +55,19 @@ def test_caption_words_describe_the_pixels():
     assert centroid_x[left].max() < 0 < centroid_x[right].min()
 
 
+def test_a_prompt_may_be_an_ensemble_of_templates():
+    from gvit.data.captions import class_prompt, class_prompts, prompt_templates
+    from gvit.train import load_config
+
+    assert prompt_templates("a {} | a small {}") == ["a {}", "a small {}"]
+    assert class_prompt("a {} | a small {}", "pickup_truck") == "a pickup truck"  # captions use the first
+    assert class_prompts("a {}|one {}", ["cat", "dog"]) == ["a cat", "one cat", "a dog", "one dog"]
+    with pytest.raises(ValueError, match="every |-separated template.*'a small'"):
+        prompt_templates("a {} | a small")
+    with pytest.raises(ValueError, match="config: prompt must hold"):
+        load_config(None, ["prompt=a {} | no slot"])
+
+
 def test_a_mirrored_caption_swaps_left_and_right_only():
     from gvit.data.captions import mirror_caption
 

@@ -39,6 +39,14 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
     classes = torch.eye(3)
     image = torch.tensor([[1.0, 0.1, 0], [0, 2.0, 0], [0.9, 1.0, 0], [0, 0, 1.0]])
     assert zero_shot_accuracy(image, classes, torch.tensor([0, 1, 0, 2])).tolist() == [1, 1, 0, 1]
+    # a prompt ensemble: 2 templates per class, class-major; each class is the mean of its normalised
+    # templates. Class 0's templates are e0 and 5 * e2 (normalised: e2), so its mean is (e0 + e2) / 2.
+    ensemble = torch.stack([classes[0], 5 * classes[2], classes[1], classes[1], classes[2], classes[2]])
+    probe = torch.tensor([[0.7, 0.0, 0.72], [0.0, 0.0, 1.0]])  # nearer (e0 + e2) / sqrt 2 than e2 alone
+    assert zero_shot_accuracy(probe, ensemble, torch.tensor([0, 2]), templates=2).tolist() == [1, 1]
+    assert zero_shot_accuracy(probe, ensemble[::2], torch.tensor([0, 2])).tolist() == [0, 1]  # first templates only
+    with pytest.raises(ValueError, match="not 4 per class"):
+        zero_shot_accuracy(probe, ensemble, torch.tensor([0, 2]), templates=4)
     captions = ["a", "b", "a", "c"]
     text = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0], [0, 0, 1.0]])
     r = retrieval_recall(image, text, captions, ks=(1, 2))

@@ -29,7 +29,7 @@ from .images import read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
 __all__ = ["CaptionedShapes", "ClassCaptions", "CaptionFile", "COLOR_NAMES", "HELD_OUT_PAIRS", "color_names",
-           "describe_shapes", "class_prompt", "mirror_caption", "DEFAULT_PROMPT"]
+           "describe_shapes", "class_prompt", "class_prompts", "prompt_templates", "mirror_caption", "DEFAULT_PROMPT"]
 
 # the corners of the RGB cube, indexed by 4 r + 2 g + b with each channel rounded to 0 or 1
 COLOR_NAMES = ("black", "blue", "green", "cyan", "red", "purple", "yellow", "white")
@@ -41,9 +41,27 @@ PLACES = {(-1, -1): "at the top left", (0, -1): "at the top", (1, -1): "at the t
           (-1, 1): "at the bottom left", (0, 1): "at the bottom", (1, 1): "at the bottom right"}
 
 
+def prompt_templates(prompt: str) -> list[str]:
+    """The templates of ``prompt``: one, or several separated by ``|`` (a prompt ensemble), each
+    holding ``{}`` where the class name goes (ValueError naming the one that does not)."""
+    templates = [t.strip() for t in prompt.split("|")]
+    for t in templates:
+        if "{}" not in t:
+            raise ValueError(f"prompt must hold {{}} where the class name goes (in every |-separated template), "
+                             f"got {t!r}")
+    return templates
+
+
 def class_prompt(prompt: str, name: str) -> str:
-    """``prompt`` with the class ``name`` in its ``{}`` (underscores read as spaces)."""
-    return prompt.format(name.replace("_", " "))
+    """The first template of ``prompt`` with the class ``name`` in its ``{}`` (underscores read as
+    spaces): the caption of an image of that class."""
+    return prompt_templates(prompt)[0].format(name.replace("_", " "))
+
+
+def class_prompts(prompt: str, classes: list[str]) -> list[str]:
+    """Every template of ``prompt`` for every class, class-major (``[C * T]``): the texts whose mean
+    embedding stands for each class in zero-shot classification (CLIP's prompt ensembling)."""
+    return [t.format(c.replace("_", " ")) for c in classes for t in prompt_templates(prompt)]
 
 
 def mirror_caption(caption: str) -> str:
@@ -104,8 +122,7 @@ class ClassCaptions(torch.utils.data.Dataset):
     ``prompt.format(class name)``."""
 
     def __init__(self, dataset, prompt: str = DEFAULT_PROMPT):
-        if "{}" not in prompt:
-            raise ValueError(f"prompt must hold {{}} where the class name goes, got {prompt!r}")
+        prompt_templates(prompt)  # checked
         self.dataset, self.prompt, self.classes = dataset, prompt, list(dataset.classes)
         self.targets = torch.as_tensor(dataset.labels)
         self.captions = [class_prompt(prompt, self.classes[t]) for t in self.targets.tolist()]

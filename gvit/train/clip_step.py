@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import TextTokenizer
-from ..data.captions import class_prompt, mirror_caption
+from ..data.captions import class_prompts, mirror_caption
 from ..models.gaussian_clip import clip_pixels, rgb_clip
 from .base import ModelStep, as_number
 from .config import TrainConfig
@@ -117,8 +117,9 @@ class ClipStep(ModelStep):
         result = {"eval_images": len(image)} | retrieval_recall(image, text, captions)
         classes = getattr(dataset, "classes", None) or []
         if classes and (targets >= 0).all():
-            prompts = [class_prompt(self.cfg.prompt, c) for c in classes]
-            correct = zero_shot_accuracy(image, self.text_embeddings(prompts).float().cpu(), targets)
+            prompts = class_prompts(self.cfg.prompt, classes)
+            correct = zero_shot_accuracy(image, self.text_embeddings(prompts).float().cpu(), targets,
+                                         len(prompts) // len(classes))
             result["top1"] = float(correct.mean())
             if held_out is not None and held_out.any():
                 result["top1_held_out"] = float(correct[held_out].mean())

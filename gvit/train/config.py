@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..gaussians import G0_LAYOUTS
+from ..data.captions import prompt_templates
 from ..guidance import Phases
 from ..losses import RECONSTRUCTION_LOSSES
 from ..models import SIZES, TOKENIZER_KINDS
@@ -96,7 +97,8 @@ class TrainConfig(Phases):
     text_vocab: int = setting(1000, "model=clip: size of the byte-level BPE vocabulary learned from the training "
                                     "captions")
     prompt: str = setting("a photo of a {}.", "model=clip: caption of a labelled image ({} = class name), and the "
-                                              "zero-shot prompt")
+                                              "zero-shot prompt; several templates separated by | are a prompt "
+                                              "ensemble for zero-shot (captions use the first)")
     # model=splat_distill (GaussianVision stage 1: a splat stem learns to stand in for the teacher's patches)
     teacher: str | None = setting(None, "model=splat_distill / splat_align: the RGB CLIP whose image embeddings the "
                                         "stem learns to match: a model=clip checkpoint, or a transformers CLIP folder "
@@ -184,8 +186,10 @@ class TrainConfig(Phases):
         if self.text_length < 3 or self.text_vocab < 300:
             raise ValueError(f"config: text_length must be >= 3 and text_vocab >= 300 (the 256 bytes and specials), "
                              f"got {self.text_length} and {self.text_vocab}")
-        if "{}" not in self.prompt:
-            raise ValueError(f"config: prompt must hold {{}} where the class name goes, got {self.prompt!r}")
+        try:
+            prompt_templates(self.prompt)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
         if self.finetune_from and self.model != "gvit":
             raise ValueError("config: finetune_from needs model=gvit")
         if self.encoder == "refine" and (self.sample_image or self.image_colors):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import open_dataset
-from ..data.captions import class_prompt, mirror_caption
+from ..data.captions import class_prompt, class_prompts, mirror_caption
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
 from ..gaussians import Gaussians, concat, valid_mask
@@ -192,9 +192,10 @@ class DistillStep(ModelStep):
                 emb = emb[where] if where is not None else text(captions)
                 result |= {f"{name}{k}": v for k, v in retrieval_recall(image, emb, captions).items()}
         if classes and (targets >= 0).all():
-            prompts = self.prompts(classes)
-            correct = {"": zero_shot_accuracy(student, self.student_text(prompts), targets),
-                       "teacher_": zero_shot_accuracy(teacher, self.teacher_text(prompts), targets)}
+            prompts = class_prompts(self.teacher.prompt, classes)  # every template (a prompt ensemble)
+            per_class = len(prompts) // len(classes)
+            correct = {"": zero_shot_accuracy(student, self.student_text(prompts), targets, per_class),
+                       "teacher_": zero_shot_accuracy(teacher, self.teacher_text(prompts), targets, per_class)}
             for name, hits in correct.items():
                 result[f"{name}top1"] = float(hits.mean())
                 if held_out is not None and held_out.any():
@@ -214,7 +215,7 @@ class DistillStep(ModelStep):
                           for i in range(0, len(captions), 1024)])
 
     def prompts(self, classes: list[str]) -> list[str]:
-        """The teacher's prompt for each class name."""
+        """The teacher's prompt (its first template) for each class name: the class captions."""
         return [class_prompt(self.teacher.prompt, c) for c in classes]
 
     def student_text(self, captions: list[str], *, cpu: bool = True) -> Tensor:

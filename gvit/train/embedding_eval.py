@@ -18,8 +18,13 @@ def same_caption(captions: list[str]) -> Tensor:
     return index[:, None] == index[None, :]
 
 
-def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor) -> Tensor:
-    """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``."""
+def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor, templates: int = 1) -> Tensor:
+    """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``.
+    ``class_text`` is ``[C * templates, D]``, class-major; with several templates per class their
+    l2-normalised embeddings are averaged (CLIP's prompt ensembling)."""
+    if templates < 1 or len(class_text) % templates:
+        raise ValueError(f"class_text: {len(class_text)} embeddings are not {templates} per class")
+    class_text = F.normalize(class_text, dim=-1).unflatten(0, (-1, templates)).mean(1)
     scores = F.normalize(image, dim=-1) @ F.normalize(class_text, dim=-1).T
     return (scores.argmax(-1) == targets).float()
 
