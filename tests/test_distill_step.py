@@ -116,6 +116,8 @@ def test_stage_two_trains_what_the_paper_trains_from_the_stage_one_student(stage
     after = load_checkpoint(tmp_path / "align" / "checkpoint.pt")["student"]
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert any(k.startswith("stem.") for k in changed)
+    # it started from the stage-1 student: 3 small steps away from it (a new stem would be far off)
+    assert (after["stem.proj.weight"] - before["stem.proj.weight"]).abs().max() < 0.05
     assert any(k.startswith("clip.vision_model.encoder.layers.0.") for k in changed)
     assert "clip.visual_projection.weight" in changed
     assert not any(k.startswith(("clip.vision_model.encoder.layers.2.", "clip.vision_model.embeddings."))
@@ -127,6 +129,23 @@ def test_stage_two_trains_what_the_paper_trains_from_the_stage_one_student(stage
         assert not any(k.startswith("clip.text_model.encoder.layers.0.") for k in text)
     else:
         assert text == set()
+
+
+def test_a_stage_two_checkpoint_loads_without_its_stage_one_file(stage1, tmp_path):
+    import shutil
+
+    from gvit.train import load_trained
+
+    root, _ = stage1
+    shutil.copy(root / "run" / "checkpoint.pt", tmp_path / "stage1.pt")
+    cfg = load_config(None, ["model=splat_align", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"stage1={tmp_path / 'stage1.pt'}", f"offline_train={root / 'train'}",
+                             f"offline_eval={root / 'test'}", "steps=2", "batch_size=8", "stem_depth=1",
+                             "stem_tokens=8", "stem_width=32", f"out={tmp_path / 'align'}"])
+    result = train(cfg, progress=False, log=lambda *_: None)
+    (tmp_path / "stage1.pt").unlink()
+    again = load_trained(tmp_path / "align" / "checkpoint.pt").evaluate()
+    assert again["cosine"] == pytest.approx(result["cosine"]) and again["top1"] == result["top1"]
 
 
 def test_stage_two_refuses_a_stage_one_that_is_not_one(stage1, tmp_path):

@@ -69,6 +69,15 @@ class ModelStep:
             if optimizers:
                 opt.load_state_dict(state[opt_name])
 
+    def starts_from(self) -> str | None:
+        """The checkpoint whose weights a new run of this kind starts from (:meth:`load_pretrained`,
+        before its first step; a resumed run has them in its own checkpoint). None: new weights."""
+        return None
+
+    def load_pretrained(self, state: dict, log=print) -> None:
+        """Take the weights this kind starts from out of the checkpoint ``state`` (:meth:`starts_from`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not start from another run")
+
     def train(self, mode: bool = True) -> None:
         for module in self.modules():
             module.train(mode)

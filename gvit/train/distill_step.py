@@ -12,7 +12,8 @@ with its weights. Evaluation (both stages): mean teacher-student cosine, zero-sh
 student and teacher with the teacher run's prompt and their ratio, and for both image embeddings a
 weighted kNN and a linear probe fitted on ``probe_images`` training items.
 
-Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint, or without one (the ablation).
+Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint (loaded by the loop before the first
+step, :meth:`AlignStep.load_pretrained`), or without one (the ablation).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from ..gaussians import Gaussians, concat, valid_mask
 from ..models.gaussian_clip import GaussianCLIP
 from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
 from .base import ModelStep, as_number
-from .checkpoint import load_checkpoint
 from .clip_step import contrastive_loss
 from .config import TrainConfig, config_from_dict
 from .data import dataset_captions, limit
@@ -239,16 +239,20 @@ class AlignStep(DistillStep):
 
     def __init__(self, cfg, num_classes, device):
         super().__init__(cfg, num_classes, device)
-        if cfg.stage1:
-            state = load_checkpoint(cfg.stage1, map_location=device)
-            if config_from_dict(state["config"], where=str(cfg.stage1)).model != "splat_distill" or "student" not in state:
-                raise ValueError(f"{cfg.stage1}: stage1 must be a model=splat_distill checkpoint")
-            try:
-                self.student.load_state_dict(state["student"])
-            except RuntimeError as exc:
-                raise ValueError(f"{cfg.stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") \
-                    from None
         self.classes: list[str] = []
+
+    def starts_from(self) -> str | None:
+        return self.cfg.stage1
+
+    def load_pretrained(self, state: dict, log=print) -> None:
+        """The stage-1 student (stem, with its statistics, and the tower it was distilled into)."""
+        stage1 = self.cfg.stage1
+        if config_from_dict(state["config"], where=str(stage1)).model != "splat_distill" or "student" not in state:
+            raise ValueError(f"{stage1}: stage1 must be a model=splat_distill checkpoint")
+        try:
+            self.student.load_state_dict(state["student"])
+        except RuntimeError as exc:
+            raise ValueError(f"{stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") from None
 
     def stage(self) -> str:
         return "align_text" if self.cfg.align_text else "align"

@@ -80,8 +80,8 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     cfg = cfg.with_epochs_as_steps(len(train_ds))
     run = model_step(cfg, len(classes), device)
     run.attach_training_set(train_ds, collate)
-    if cfg.finetune_from and not resume:
-        run.load_pretrained(load_checkpoint(cfg.finetune_from, map_location=device), log)
+    if run.starts_from() and not resume:  # another run's weights (finetune_from, stage1)
+        run.load_pretrained(load_checkpoint(run.starts_from(), map_location=device), log)
     phases = run.phases()
     start, bad_steps = 0, 0
     ckpt_path = out / "checkpoint.pt"

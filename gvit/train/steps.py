@@ -109,6 +109,9 @@ class GViTStep(ModelStep):
             return cfg.phase_settings(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
         return cfg.phase_settings(**({} if cfg.guidance else {"guidance_from": 1.0}))
 
+    def starts_from(self) -> str | None:
+        return self.cfg.finetune_from
+
     def load_pretrained(self, state: dict, log=print) -> None:
         """Encoder and classifier weights of a GViT checkpoint (``finetune_from``); the head only
         when the classes match."""
