@@ -58,7 +58,8 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=512)
     p.add_argument("--size", default="tiny", help="encoder size (refine: width and heads per round)")
     p.add_argument("--fit-iters", type=int, nargs="*", default=[100, 200])
-    p.add_argument("--encoders", nargs="*", default=["refine", "refine-nores", "denoise"])
+    p.add_argument("--encoders", nargs="*", default=["refine", "refine-nores", "denoise"],
+                   help="refine, refine-nores (no residual input), refine-lq (learned queries), denoise")
     a = p.parse_args()
 
     import torch
@@ -92,7 +93,8 @@ def main() -> None:
     for name in a.encoders:
         torch.manual_seed(0)
         if name.startswith("refine"):
-            encoder = RefinementEncoder(size, a.k, a.size, residual=name == "refine")
+            encoder = RefinementEncoder(size, a.k, a.size, residual=name != "refine-nores",
+                                        learned_queries=name == "refine-lq")
             layout = "grid"
         else:
             encoder = GaussianEncoder(size, 4, a.k, a.size, sample_image=True, image_colors=True)
