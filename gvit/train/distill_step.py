@@ -185,11 +185,10 @@ class DistillStep(ModelStep):
         classes = getattr(dataset, "classes", None) or getattr(getattr(dataset, "dataset", None), "classes", None) or []
         captions = self.captions(captions, targets.tolist(), classes)
         if all(captions):  # image <-> caption retrieval, student (its text tower) and teacher
-            unique = list(dict.fromkeys(captions))
-            where = torch.tensor([unique.index(c) for c in captions]) if len(unique) < 4096 else None
+            unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # each distinct caption embedded once
+            where = torch.tensor([unique[c] for c in captions])
             for name, image, text in (("", student, self.student_text), ("teacher_", teacher, self.teacher_text)):
-                emb = text(unique)
-                emb = emb[where] if where is not None else text(captions)
+                emb = text(list(unique))[where]
                 result |= {f"{name}{k}": v for k, v in retrieval_recall(image, emb, captions).items()}
         if classes and (targets >= 0).all():
             prompts = class_prompts(self.teacher.prompt, classes)  # every template (a prompt ensemble)
