@@ -4,8 +4,9 @@ images ``[B, 3, H, W]`` and g0 ``[B, k, 9]`` -> raw Gaussians ``[B, k, 9]``:
 
 1. a small CNN (three 3x3 convolutions, full resolution) turns the image into a feature map F;
 2. g0's centres are kept (with ``learned_queries``, the centres are learned parameters, one set for
-   every image, started on the grid of k cells: the ablation of the noisy g0); each Gaussian starts as a round splat sized to the grid spacing of k
-   cells (0.6 spacings), opacity 0.9, with the image's colour at its centre (a coarse picture);
+   every image, started on the grid of k cells: the ablation of the noisy g0); each Gaussian starts
+   as a round splat sized to the grid spacing of k cells (0.6 spacings), opacity 0.9, with the
+   image's colour at its centre (a coarse picture);
 3. ``rounds`` times: every Gaussian token is its 9 raw values, F seen through its footprint
    (:func:`gvit.models.encoder.sample_footprints`: a 3x3 stencil at +-1 sigma along its axes) and,
    with ``residual``, the current render's residual (image - render) through the same footprint;
@@ -30,7 +31,6 @@ from .encoder import STENCIL, sample_footprints
 from .layers import Mlp, Transformer, TransformerModel, ViTSize, get_size, init_weights
 
 __all__ = ["RefinementEncoder"]
-
 
 
 class RefinementEncoder(TransformerModel):
@@ -103,8 +103,7 @@ class RefinementEncoder(TransformerModel):
         if self.learned_queries:
             if g0 is not None:
                 raise ValueError("g0: this encoder has learned queries and takes no g0")
-            g0 = torch.zeros(b, k, RAW_DIM, dtype=self.queries.dtype, device=self.queries.device)
-            g0 = torch.cat([self.queries.expand(b, k, 2), g0[..., 2:]], -1)
+            g0 = torch.cat([self.queries.expand(b, k, 2), self.queries.new_zeros(b, k, RAW_DIM - 2)], -1)
         if g0 is None or g0.shape != (b, k, RAW_DIM):
             raise ValueError(f"g0: expected [B={b}, k={k}, {RAW_DIM}], got {None if g0 is None else tuple(g0.shape)}")
         if images.shape[1:] != (3, *self.image_size):

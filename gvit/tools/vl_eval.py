@@ -110,10 +110,6 @@ def evaluate_folder(step: DistillStep, checkpoint: str, folder: str, limit: int 
                          "sets")
     compression = float(manifest["compression_vs_8bit"])
     metrics = step.evaluate(limit_dataset(data, limit), type(step).collate(step.cfg))
-    for name in ("knn", "linear"):  # the evaluation names these student_<m>
-        for who in ("student", "teacher"):
-            if f"{who}_{name}" in metrics:
-                metrics[name if who == "student" else f"teacher_{name}"] = metrics.pop(f"{who}_{name}")
     row = {"checkpoint": checkpoint, "gaussians": folder, "k": int(fit["num_gaussians"]),
            "mean_count": float(manifest["mean_count"]), "pruned": fit.get("prune_tau") is not None,
            "mode": fit["mode"], "psnr": float(manifest["mean_psnr"]),

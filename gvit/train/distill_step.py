@@ -10,7 +10,8 @@ distance between the two l2-normalised embeddings (= 2 - 2 cosine), per image, a
 The stem's input statistics are measured on the training Gaussians when a run starts and saved
 with its weights. Evaluation (both stages): mean teacher-student cosine, zero-shot top-1 through the text tower of
 student and teacher with the teacher run's prompt and their ratio, and for both image embeddings a
-weighted kNN and a linear probe fitted on ``probe_images`` training items.
+weighted kNN and a linear probe fitted on ``probe_images`` training items. The student's measures
+have plain names (``top1``, ``knn``, ...), the teacher's the same names after ``teacher_``.
 
 Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint (loaded by the loop before the first
 step, :meth:`AlignStep.load_pretrained`), or without one (the ablation).
@@ -84,6 +85,11 @@ def paired_collate(size: int):
         return (images, gaussians, captions), torch.tensor([t for _, t in items], dtype=torch.long)
 
     return collate
+
+
+def in_chunks(embed, texts: list[str], size: int = 1024) -> Tensor:
+    """``embed`` applied to ``size`` texts at a time, the results concatenated."""
+    return torch.cat([embed(texts[i:i + size]) for i in range(0, len(texts), size)])
 
 
 def mirror_sets(g: Gaussians, flip: Tensor) -> Gaussians:
@@ -178,11 +184,11 @@ class DistillStep(ModelStep):
         result = {"eval_images": len(teacher), "cosine": float(F.cosine_similarity(teacher, student).mean()),
                   "trainable_fraction": self.fractions["trainable"]}
         if probe is not None:  # frozen embeddings of probe_images training items: kNN and a linear probe
-            for name, train_emb, test_emb in (("teacher", probe[0], teacher), ("student", probe[1], student)):
-                result[f"{name}_knn"] = knn_accuracy(train_emb, probe[2], test_emb, targets)
-                result[f"{name}_linear"] = linear_probe_accuracy(train_emb, probe[2], test_emb, targets)
+            for name, train_emb, test_emb in (("teacher_", probe[0], teacher), ("", probe[1], student)):
+                result[f"{name}knn"] = knn_accuracy(train_emb, probe[2], test_emb, targets)
+                result[f"{name}linear"] = linear_probe_accuracy(train_emb, probe[2], test_emb, targets)
         captions, _, held_out = dataset_captions(dataset)
-        classes = getattr(dataset, "classes", None) or getattr(getattr(dataset, "dataset", None), "classes", None) or []
+        classes = getattr(dataset, "classes", None) or []
         captions = self.captions(captions, targets.tolist(), classes)
         if all(captions):  # image <-> caption retrieval, student (its text tower) and teacher
             unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # each distinct caption embedded once
@@ -210,8 +216,7 @@ class DistillStep(ModelStep):
 
     def teacher_text(self, captions: list[str]) -> Tensor:
         """The teacher's text embeddings (on the CPU), 1,024 captions at a time."""
-        return torch.cat([self.teacher.text_embeddings(captions[i:i + 1024]).float().cpu()
-                          for i in range(0, len(captions), 1024)])
+        return in_chunks(lambda part: self.teacher.text_embeddings(part).float().cpu(), captions)
 
     def prompts(self, classes: list[str]) -> list[str]:
         """The teacher's prompt (its first template) for each class name: the class captions."""
@@ -220,12 +225,12 @@ class DistillStep(ModelStep):
     def student_text(self, captions: list[str], *, cpu: bool = True) -> Tensor:
         """Text embeddings through the student's own text tower (the teacher's, unless stage 2 trains
         it), 1,024 captions at a time; on the CPU unless ``cpu=False`` (kept on the device, with gradient)."""
-        out = []
-        for i in range(0, len(captions), 1024):
-            ids, mask = self.teacher.encode_text(captions[i:i + 1024])
-            out.append(self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float())
-        out = torch.cat(out)
-        return out.cpu() if cpu else out
+        def embed(part: list[str]) -> Tensor:
+            ids, mask = self.teacher.encode_text(part)
+            out = self.student.text_embeddings(ids.to(self.device), mask.to(self.device)).float()
+            return out.cpu() if cpu else out
+
+        return in_chunks(embed, captions)
 
 
 class AlignStep(DistillStep):
