@@ -89,7 +89,7 @@ def _fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = fit_files(args.inputs, args.out, _fit_config(args), batch_size=args.batch_size, dtype=args.dtype,
                         skip_bad=args.skip_bad, overwrite=args.overwrite, pictures=not args.no_pictures,
-                        progress=not args.quiet)
+                        device=args.device, progress=not args.quiet)
     print(f"fitted {summary['fitted']} image(s) in {summary['seconds']:.1f} s, mean PSNR {summary['mean_psnr']:.2f} dB"
           f"; {summary['already_done']} already done; {len(summary['skipped_bad'])} unreadable skipped"
           f" -> {summary['out']}/metrics.csv")
@@ -101,7 +101,7 @@ def _fit_dataset(args: argparse.Namespace) -> int:
 
     result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, shard_size=args.shard_size,
                          batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     if "num_images" in result:
         print(f"{result['num_images']} images in {len(result['shards'])} shard(s): mean PSNR "
               f"{result['mean_psnr']:.2f} dB, mean count {result['mean_count']:.1f}, "
@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with "
                           "other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
+    fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to fit (auto: the GPU when there is one)")
     fit.add_argument("--quiet", action="store_true")
     _add_fit_options(fit)
     fit.set_defaults(func=_fit)
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="convert only the first N images")
     ds.add_argument("--dtype", choices=("float32", "float16"), default="float16")
     ds.add_argument("--skip-bad", action="store_true")
+    ds.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to fit (auto: the GPU when there is one)")
     ds.add_argument("--quiet", action="store_true")
     _add_fit_options(ds)
     ds.add_argument("--overwrite", action="store_true", help=OVERWRITE)

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["rank_world", "launched_world", "init_process_group", "all_ranks", "all_reduce_grads", "share_threads",
+__all__ = ["device_for", "rank_world", "launched_world", "init_process_group", "all_ranks", "all_reduce_grads", "share_threads",
            "barrier"]
 
 
@@ -26,6 +26,18 @@ def launched_world() -> tuple[int, int, int]:
     """(rank, world size, local world size) from the torchrun environment ((0, 1, 1) without one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     return int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def device_for(name: str, what: str = "device") -> torch.device:
+    """The device a job named ``name`` runs on: ``auto`` is CUDA when available, else the CPU; under
+    torchrun a CUDA job takes the GPU of its LOCAL_RANK. ``cuda`` without a GPU raises, naming ``what``."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{what}: expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}=cuda but no CUDA device is available")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_process_group(device: torch.device) -> None:

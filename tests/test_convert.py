@@ -162,6 +162,24 @@ def test_fit_dataset_cli_errors(tmp_path, capsys):
     assert "--shard-size" in capsys.readouterr().err
 
 
+def test_fit_device_choice(tmp_path, capsys, monkeypatch):
+    from gvit.distributed import device_for
+
+    assert device_for("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device: expected auto, cpu or cuda, got 'gpu'"):
+        device_for("gpu", "--device")
+    if torch.cuda.is_available():
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert device_for("auto") == torch.device("cuda", 0)
+        return
+    assert device_for("auto") == torch.device("cpu")
+    out = tmp_path / "o"
+    for cmd in (["fit-dataset", "--data", "shapes:4"], ["fit", str(_photo_dir(tmp_path))]):
+        assert main([*cmd, "--out", str(out), "--device", "cuda", *QUICK]) == 2
+        assert "--device=cuda but no CUDA device is available" in capsys.readouterr().err
+        assert not out.exists()  # refused before anything is written
+
+
 def test_fit_dataset_skip_bad_images_in_a_zip(tmp_path):
     import zipfile
 

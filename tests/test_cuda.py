@@ -11,9 +11,12 @@ import os
 import pytest
 import torch
 
+from gvit.data.shards import load_shards
 from gvit.distributed import all_ranks, all_reduce_grads
+from gvit.fit import FitConfig, fit_gaussians
 from gvit.render import rasterize
 from gvit.render._gsplat import available as gsplat_available
+from gvit.tools.fit_dataset import fit_dataset
 from gvit.train import TrainConfig, load_checkpoint, train
 from reference import random_scene, reference_render
 
@@ -90,3 +93,15 @@ def test_collectives_over_nccl(tmp_path):
         assert torch.equal(p.grad.cpu(), torch.tensor([1.0, 2.0, 3.0])) and torch.equal(q.grad.cpu(), torch.zeros(2))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_fit_dataset_on_cuda_matches_the_cpu(tmp_path):
+    cfg = FitConfig(num_gaussians=16, iters=40, backend="torch")
+    gpu = fit_dataset("shapes:12", tmp_path / "gpu", cfg, shard_size=8, device="cuda", progress=False)
+    cpu = fit_dataset("shapes:12", tmp_path / "cpu", cfg, shard_size=8, device="cpu", progress=False)
+    assert abs(gpu["mean_psnr"] - cpu["mean_psnr"]) < 0.5 and gpu["mean_psnr"] > 15
+    g, labels = load_shards(tmp_path / "gpu")[:2]
+    assert g.means.device.type == "cpu" and labels.shape == (12,)
+    images = torch.rand(3, 3, 16, 16)
+    res = fit_gaussians(images.cuda(), FitConfig(num_gaussians=8, iters=5), progress=False).to("cpu")
+    assert res.raw.device.type == res.rendered.device.type == res.gaussians.means.device.type == "cpu"

@@ -122,6 +122,12 @@ class FitResult:
     rendered: Tensor
     history: list[tuple[int, float, float]] = field(default_factory=list)
 
+    def to(self, device) -> "FitResult":
+        """The same result with every tensor on ``device``."""
+        tensors = {name: getattr(self, name).to(device) for name in
+                   ("raw", "gaussians", "psnr", "ssim", "iters", "psnr_before_prune", "rendered")}
+        return replace(self, **tensors)
+
 
 # --------------------------------------------------------------------------- pruning and sizes
 

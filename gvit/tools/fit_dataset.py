@@ -12,7 +12,7 @@ import torch
 
 from ..data import ImageReadError, open_dataset, spread_indices
 from ..data.shards import shard_done, shard_name, storage_dtype, write_manifest, write_shard
-from ..distributed import barrier, launched_world, share_threads
+from ..distributed import barrier, device_for, launched_world, share_threads
 from ..files import output_folder, record_settings
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import RAW_DIM, concat, decode
@@ -23,19 +23,22 @@ __all__ = ["fit_dataset"]
 
 def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, split: str = "train",
                 shard_size: int = 1024, batch_size: int = 256, limit: int | None = None, dtype: str = "float16",
-                skip_bad: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+                skip_bad: bool = False, overwrite: bool = False, device: str = "auto", progress: bool = True,
+                log=print) -> dict:
     """Convert a dataset (anything :func:`gvit.data.open_dataset` opens) into Gaussian shards.
 
     Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
     of the ``limit`` images evenly spread over it (:func:`gvit.data.spread_indices`, so folders
     stored class by class stay balanced); each shard records the dataset indices it holds.
-    Finished shards are skipped on a rerun; the settings are recorded in ``settings.json`` and a
+    Images are fitted on ``device`` (``auto``: the GPU when there is one; under torchrun each
+    process takes the GPU of its LOCAL_RANK). Finished shards are skipped on a rerun; the settings are recorded in ``settings.json`` and a
     rerun with different settings into the same folder is refused. Under ``torchrun`` each process
     takes every WORLD_SIZE-th shard and rank 0 writes ``manifest.json`` once all shards exist.
     Unreadable images raise (naming the file), or with ``skip_bad`` are left out and listed in
     their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
     """
     storage_dtype(dtype)  # refuse an unknown dtype before any work
+    where = device_for(device, "--device")
     for name, value in (("--shard-size", shard_size), ("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -53,11 +56,12 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
             stack.enter_context(output_folder(out, "fit-dataset", settings=settings, continues=True,
                                               overwrite=overwrite))
         return _convert(dataset, data, order, out, config, settings, split, shard_size, batch_size, dtype, skip_bad,
-                        progress, log, (rank, world, local_world))
+                        where, progress, log, (rank, world, local_world))
 
 
 def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict, split: str, shard_size: int,
-             batch_size: int, dtype: str, skip_bad: bool, progress: bool, log, launch: tuple[int, int, int]) -> dict:
+             batch_size: int, dtype: str, skip_bad: bool, device: torch.device, progress: bool, log,
+             launch: tuple[int, int, int]) -> dict:
     n = len(order)
     rank, world, local_world = launch
     record_settings(out / "settings.json", settings, write=rank == 0)
@@ -89,7 +93,7 @@ def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict,
                              "one size per dataset (use gvit fit for folders of photos)")
         parts = []
         for b in range(0, len(images), batch_size):
-            res = fit_gaussians(torch.stack(images[b:b + batch_size]), config, progress=False)
+            res = fit_gaussians(torch.stack(images[b:b + batch_size]).to(device), config, progress=False).to("cpu")
             parts.append(res)
             bar.update(len(res.psnr))
             bar.set_postfix(shard=s, psnr=f"{float(res.psnr.mean()):.2f}")

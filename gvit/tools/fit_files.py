@@ -20,6 +20,7 @@ import torch
 
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
 from ..data.shards import storage_dtype
+from ..distributed import device_for
 from ..fit import FitConfig, auto_batch_size, compression_ratio, fit_gaussians
 from ..files import output_folder
 from ..gaussians import compact, load_gaussians, save_gaussians
@@ -71,9 +72,10 @@ def _write_metrics(path: Path, rows: dict[str, dict]) -> None:
 
 def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: FitConfig, *,
               batch_size: int | None = None, dtype: str = "float32", skip_bad: bool = False, overwrite: bool = False,
-              pictures: bool = True, progress: bool = True, log=print) -> dict:
+              pictures: bool = True, device: str = "auto", progress: bool = True, log=print) -> dict:
     """Fit Gaussians to image files (see the module docstring for what is written).
 
+    Images are fitted on ``device`` (``auto``: the GPU when there is one) and written from the CPU.
     Images of the same size are fitted together, ``batch_size`` at a time (default: chosen from
     the image size, k and free memory by :func:`gvit.fit.auto_batch_size`), and read only when
     their batch comes (memory stays bounded for any number of files). Every file's header is
@@ -84,6 +86,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     summary dict (counts, mean PSNR, skipped files, seconds).
     """
     torch_dtype, nbytes = storage_dtype(dtype)
+    where = device_for(device, "--device")
     out = Path(out)
     jobs = collect_images(inputs)
     if not jobs:
@@ -91,7 +94,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     settings = {"fit": config.to_dict(), "dtype": dtype}
     with output_folder(out, "fit", settings=settings, inputs=inputs, overwrite=overwrite, continues=True):
         return _fit_files(jobs, out, config, torch_dtype, nbytes, batch_size, skip_bad, overwrite, pictures,
-                          progress, log)
+                          where, progress, log)
 
 
 def _finished(out: Path, name: str, rows: dict[str, dict]) -> bool:
@@ -129,7 +132,7 @@ def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dty
 
 
 def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, batch_size: int | None, skip_bad: bool,
-               overwrite: bool, pictures: bool, progress: bool, log) -> dict:
+               overwrite: bool, pictures: bool, device: torch.device, progress: bool, log) -> dict:
     bad: list[str] = []
     done = 0
     metrics_path = out / "metrics.csv"
@@ -147,7 +150,7 @@ def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, bat
             bad.append(str(exc))
     batches = []
     for (h, w), group in by_size.items():
-        size = batch_size or auto_batch_size(h, w, config.num_gaussians)
+        size = batch_size or auto_batch_size(h, w, config.num_gaussians, device)
         batches += [group[i:i + size] for i in range(0, len(group), size)]
     bar = progress_bar(sum(len(b) for b in batches), desc="fitting", unit="img", enabled=progress)
     start = time.perf_counter()
@@ -171,7 +174,7 @@ def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, bat
             if not names:
                 continue
             x = torch.stack(pixels)
-            res = fit_gaussians(x, config, progress=progress)
+            res = fit_gaussians(x.to(device), config, progress=progress).to("cpu")
             pending.append(writer.submit(_write_batch, out, x, res, names, sources, config, torch_dtype, nbytes,
                                          pictures, rows, metrics_path))
             fitted += names

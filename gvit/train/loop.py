@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import init_process_group, rank_world
+from ..distributed import device_for, init_process_group, rank_world
 from ..files import atomic_path, check_settings, output_folder, settings_diff, write_json
 from ..progress import progress_bar
 from ..settings import apply_overrides
@@ -34,11 +34,7 @@ __all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_t
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config: device=cuda but no CUDA device is available")
-    return torch.device(cfg.device)
+    return device_for(cfg.device, "config: device")
 
 
 def _state(run: ModelStep, cfg: TrainConfig, step: int, bad_steps: int, classes: list[str]) -> dict:
@@ -64,8 +60,6 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     device = _device(cfg)
     init_process_group(device)
     rank, world = rank_world()
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(cfg.out)
     if cfg.batch_size % world:
         raise ValueError(f"config: batch_size {cfg.batch_size} must be divisible by the {world} processes")
