@@ -12,8 +12,9 @@ from .settings import add_arguments, from_arguments
 
 
 def _add_fit_options(parser: argparse.ArgumentParser, **defaults) -> None:
-    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (help, choices, defaults declared there)."""
+    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (as declared there), and ``--device``."""
     add_arguments(parser, FitConfig, title="fitting", **defaults)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU if any")
 
 
 def _fit_config(args: argparse.Namespace) -> FitConfig:
@@ -75,7 +76,7 @@ def _fit_demo(args: argparse.Namespace) -> int:
     from .tools.demo import run_fit_demo
 
     print(run_fit_demo(args.out, _fit_config(args), images=args.images, size=args.size, seed=args.seed,
-                       overwrite=args.overwrite, progress=not args.quiet))
+                       overwrite=args.overwrite, device=args.device, progress=not args.quiet))
     outdir = Path(args.out)
     print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
           f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
@@ -243,8 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with "
                           "other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
-    fit.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="where to fit (auto: the GPU when there is one)")
     fit.add_argument("--quiet", action="store_true")
     _add_fit_options(fit)
     fit.set_defaults(func=_fit)
@@ -261,8 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="convert only the first N images")
     ds.add_argument("--dtype", choices=("float32", "float16"), default="float16")
     ds.add_argument("--skip-bad", action="store_true")
-    ds.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="where to fit (auto: the GPU when there is one)")
     ds.add_argument("--quiet", action="store_true")
     _add_fit_options(ds)
     ds.add_argument("--overwrite", action="store_true", help=OVERWRITE)

@@ -174,7 +174,7 @@ def test_fit_device_choice(tmp_path, capsys, monkeypatch):
         return
     assert device_for("auto") == torch.device("cpu")
     out = tmp_path / "o"
-    for cmd in (["fit-dataset", "--data", "shapes:4"], ["fit", str(_photo_dir(tmp_path))]):
+    for cmd in (["fit-dataset", "--data", "shapes:4"], ["fit", str(_photo_dir(tmp_path))], ["fit-demo"]):
         assert main([*cmd, "--out", str(out), "--device", "cuda", *QUICK]) == 2
         assert "--device=cuda but no CUDA device is available" in capsys.readouterr().err
         assert not out.exists()  # refused before anything is written

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data import SHAPE_CLASSES, make_shapes
+from ..distributed import device_for
 from ..files import output_folder, write_text
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import save_gaussians
@@ -94,20 +95,21 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
 
 
 def run_fit_demo(out: str | Path, config: FitConfig, *, images: int = 8, size: int = 32, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> str:
-    """Fit ``config`` to ``images`` built-in shapes images; writes ``reconstructions.png`` (image |
+                 overwrite: bool = False, device: str = "auto", progress: bool = True) -> str:
+    """Fit ``config`` to ``images`` built-in shapes images on ``device``; writes ``reconstructions.png`` (image |
     Gaussians | 2-sigma ellipses), ``gaussians.safetensors`` and ``report.md``. Returns the summary line."""
     for name, value in (("images", images), ("size", size)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    where = device_for(device, "--device")
     settings = {"fit": config.to_dict(), "images": images, "size": size, "seed": seed}
     with output_folder(out, "fit-demo", settings=settings, continues=True, overwrite=overwrite):
-        return _fit_demo(Path(out), config, images, size, seed, progress)
+        return _fit_demo(Path(out), config, images, size, seed, where, progress)
 
 
-def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int, progress: bool) -> str:
+def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int, device, progress: bool) -> str:
     pixels, labels, _ = make_shapes(images, size, seed=seed)
-    res = fit_gaussians(pixels, config, progress=progress)
+    res = fit_gaussians(pixels.to(device), config, progress=progress).to("cpu")
     save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,
                    metadata={"height": str(size), "width": str(size), "source": "gvit demo shapes"})
     rows, s = [], 8
