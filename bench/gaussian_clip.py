@@ -11,10 +11,11 @@ relative to the RGB teacher, with the compression of the Gaussians against 8-bit
 The compression sweep: ``--sweep-k`` fits and trains stages 1 and 2 again for each further k, and
 ``--prune-tau`` adds the main k fitted with luminance-aware pruning; each variant's stage-2 student
 is evaluated on its own test Gaussians. ``--stem-ablation grid curve`` trains stage 1 again on the
-main k with those poolings in place of the Perceiver resampler. With ``--jobs N`` the variants (fit, stage 1, stage 2; the
-main one with the ablation) run as N processes side by side, fitting while the teacher trains (on a
-GPU, where one small model leaves it mostly idle); ``--teacher-set`` passes settings to stage 0 alone
-(``clip_size=tiny base_lr=4e-3``).
+main k with those poolings in place of the Perceiver resampler. With ``--jobs N`` the variants (fit,
+stage 1, stage 2; the no-stage-1 ablation; the stem ablation) run as N processes side by side,
+fitting while the teacher trains (on a GPU, where one small model leaves it mostly idle);
+``--teacher-set`` passes settings to stage 0 alone (``clip_size=tiny base_lr=4e-3``), ``--set`` to
+every stage (``num_workers=4`` on a GPU, where JPEG decoding bounds the teacher's steps).
 
     python bench/gaussian_clip.py                                   # the built-in captioned shapes
     python bench/gaussian_clip.py --data ../shared/data/cifar10 --steps 3000 --fit-limit 10000 \
@@ -50,8 +51,8 @@ def main() -> None:
                    help="also stage 1 with these stem poolings on the main k (against the Perceiver)")
     p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE", help="settings of stage 0 alone")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings of every stage")
-    p.add_argument("--jobs", type=int, default=1, help="variants trained side by side after the teacher")
-    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # K or K:TAU, run by --jobs
+    p.add_argument("--jobs", type=int, default=1, help="variants run side by side (fitting while the teacher trains)")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # K[:TAU][@POOLING], run by --jobs
     a = p.parse_args()
 
     import torch
@@ -168,7 +169,7 @@ def run_side_by_side(variants: list[tuple[int, float | None, str]], jobs: int, r
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
 
-    def one(v: tuple[int, float | None]) -> None:
+    def one(v: tuple[int, float | None, str]) -> None:
         name = f"{v[0]}" + (f":{v[1]:g}" if v[1] is not None else "") + (f"@{v[2]}" if v[2] != "perceiver" else "")
         log = runs / f"variant_{name.replace(':', '_').replace('@', '_')}.log"
         with open(log, "w") as f:

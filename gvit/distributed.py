@@ -11,8 +11,8 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["device_for", "rank_world", "launched_world", "init_process_group", "all_ranks", "all_reduce_grads", "share_threads",
-           "barrier"]
+__all__ = ["device_for", "rank_world", "launched_world", "init_process_group", "all_ranks", "all_reduce_grads",
+           "share_threads", "barrier"]
 
 
 def rank_world() -> tuple[int, int]:

@@ -96,8 +96,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
 
 def run_fit_demo(out: str | Path, config: FitConfig, *, images: int = 8, size: int = 32, seed: int = 0,
                  overwrite: bool = False, device: str = "auto", progress: bool = True) -> str:
-    """Fit ``config`` to ``images`` built-in shapes images on ``device``; writes ``reconstructions.png`` (image |
-    Gaussians | 2-sigma ellipses), ``gaussians.safetensors`` and ``report.md``. Returns the summary line."""
+    """Fit ``config`` to ``images`` built-in shapes images on ``device``; writes ``reconstructions.png``
+    (image | Gaussians | 2-sigma ellipses), ``gaussians.safetensors`` and ``report.md``. Returns the
+    summary line."""
     for name, value in (("images", images), ("size", size)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
