@@ -53,6 +53,11 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
     # image 2 ([0.9, 1, 0]) retrieves text 1 ("b") first, then a text "a": a miss at 1, a hit at 2
     assert r["i2t_r1"] == 0.75 and r["i2t_r2"] == 1.0
     assert r["t2i_r1"] == 1.0  # every caption's best image carries that caption
+    # a repeated caption is one text: image 0 ("a") ranks "b" first and "a" second, however often "b" repeats
+    image = torch.tensor([[0.6, 1.0, 0], [0, 1.0, 0], [0, 1.0, 0]])
+    r = retrieval_recall(image, torch.eye(3)[[0, 1, 1]], ["a", "b", "b"], ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(2 / 3) and r["i2t_r2"] == 1.0
+    assert r["t2i_r1"] == 1.0  # each distinct caption asked once: "a" finds image 0, "b" image 1
 
 
 def _cfg(tmp_path, *extra):

@@ -31,18 +31,23 @@ def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor, templ
 
 def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:
     """Image -> text and text -> image recall@k over a split where image i's caption is
-    ``captions[i]`` (embedded as ``text[i]``); a retrieved item counts when its caption text is the
-    query's (captions repeat)."""
-    same = same_caption(captions).to(image.device)
-    scores = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    ``captions[i]`` (embedded as ``text[i]``). Repeated captions (class prompts, repeated shape
+    descriptions) are one text: image -> text ranks the distinct captions, a hit when the image's own
+    is among the first k (with class prompts: top-k accuracy); text -> image asks each distinct caption
+    once, a hit when one of the first k images carries it."""
+    distinct = list(dict.fromkeys(captions))
+    index = {c: i for i, c in enumerate(distinct)}
+    own = torch.tensor([index[c] for c in captions], device=image.device)  # [N]: each image's caption
+    first = torch.tensor([captions.index(c) for c in distinct], device=image.device)  # [U]: one item per caption
+    scores = F.normalize(image, dim=-1) @ F.normalize(text[first], dim=-1).T  # [N, U]
+    i2t_hits = scores.argsort(-1, descending=True) == own[:, None]  # [N, U]: the r-th caption is the image's own
+    order = scores.T.argsort(-1, descending=True)  # [U, N]
+    t2i_hits = own[order] == torch.arange(len(distinct), device=image.device)[:, None]
     out = {}
-    for name, s in (("i2t", scores), ("t2i", scores.T)):
-        order = s.argsort(-1, descending=True)
-        hits = same.gather(1, order)  # [N, N]: is the r-th retrieved item a match
+    for name, hits in (("i2t", i2t_hits), ("t2i", t2i_hits)):
         for k in ks:
             out[f"{name}_r{k}"] = float(hits[:, :k].any(1).float().mean())
     return out
-
 
 
 def knn_accuracy(train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, k: int = 20,
