@@ -35,10 +35,13 @@ def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5,
     descriptions) are one text: image -> text ranks the distinct captions, a hit when the image's own
     is among the first k (with class prompts: top-k accuracy); text -> image asks each distinct caption
     once, a hit when one of the first k images carries it."""
-    distinct = list(dict.fromkeys(captions))
-    index = {c: i for i, c in enumerate(distinct)}
+    first_item: dict[str, int] = {}  # each distinct caption -> its first item, in order of appearance
+    for i, c in enumerate(captions):
+        first_item.setdefault(c, i)
+    distinct = list(first_item)
+    index = {c: u for u, c in enumerate(distinct)}
     own = torch.tensor([index[c] for c in captions], device=image.device)  # [N]: each image's caption
-    first = torch.tensor([captions.index(c) for c in distinct], device=image.device)  # [U]: one item per caption
+    first = torch.tensor(list(first_item.values()), device=image.device)  # [U]: one item per caption
     scores = F.normalize(image, dim=-1) @ F.normalize(text[first], dim=-1).T  # [N, U]
     i2t_hits = scores.argsort(-1, descending=True) == own[:, None]  # [N, U]: the r-th caption is the image's own
     order = scores.T.argsort(-1, descending=True)  # [U, N]
