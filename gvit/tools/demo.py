@@ -108,7 +108,8 @@ def run_fit_demo(out: str | Path, config: FitConfig, *, images: int = 8, size: i
         return _fit_demo(Path(out), config, images, size, seed, where, progress)
 
 
-def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int, device, progress: bool) -> str:
+def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int, device: torch.device,
+              progress: bool) -> str:
     pixels, labels, _ = make_shapes(images, size, seed=seed)
     res = fit_gaussians(pixels.to(device), config, progress=progress).to("cpu")
     save_gaussians(outdir / "gaussians.safetensors", res.gaussians, labels=labels,

@@ -33,8 +33,8 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     Images are fitted on ``device`` (``auto``: the GPU when there is one; under torchrun each
     process takes the GPU of its LOCAL_RANK). Finished shards are skipped on a rerun; the settings
     are recorded in ``settings.json`` and a rerun with different settings into the same folder is
-    refused. Under ``torchrun`` each process
-    takes every WORLD_SIZE-th shard and rank 0 writes ``manifest.json`` once all shards exist.
+    refused. Under ``torchrun`` each process takes every WORLD_SIZE-th shard and rank 0 writes
+    ``manifest.json`` once all shards exist.
     Unreadable images raise (naming the file), or with ``skip_bad`` are left out and listed in
     their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
     """

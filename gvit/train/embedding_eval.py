@@ -38,14 +38,13 @@ def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5,
     first_item: dict[str, int] = {}  # each distinct caption -> its first item, in order of appearance
     for i, c in enumerate(captions):
         first_item.setdefault(c, i)
-    distinct = list(first_item)
-    index = {c: u for u, c in enumerate(distinct)}
+    index = {c: u for u, c in enumerate(first_item)}
     own = torch.tensor([index[c] for c in captions], device=image.device)  # [N]: each image's caption
     first = torch.tensor(list(first_item.values()), device=image.device)  # [U]: one item per caption
     scores = F.normalize(image, dim=-1) @ F.normalize(text[first], dim=-1).T  # [N, U]
     i2t_hits = scores.argsort(-1, descending=True) == own[:, None]  # [N, U]: the r-th caption is the image's own
     order = scores.T.argsort(-1, descending=True)  # [U, N]
-    t2i_hits = own[order] == torch.arange(len(distinct), device=image.device)[:, None]
+    t2i_hits = own[order] == torch.arange(len(first_item), device=image.device)[:, None]
     out = {}
     for name, hits in (("i2t", i2t_hits), ("t2i", t2i_hits)):
         for k in ks:
