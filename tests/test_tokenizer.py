@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gvit.models.quantizer import VectorQuantizer, code_statistics, kmeans, rotate_to
-from gvit.models.tokenizer import SCALE_MAX, SCALE_MIN, TOKENIZER_KINDS, DeformableCrossAttention, Tokenizer
+from gvit.models.query_head import DeformableCrossAttention
+from gvit.models.tokenizer import SCALE_MAX, SCALE_MIN, TOKENIZER_KINDS, make_tokenizer
 
 from reference import reference_render
 
@@ -103,13 +104,13 @@ def test_usage_and_perplexity_of_a_known_histogram():
 
 
 def test_splatting_matches_a_dense_float64_sum():
-    model = Tokenizer("gaussian", image_size=16, num_tokens=9, num_codes=8, z=4)
+    model = make_tokenizer("gaussian", image_size=16, num_tokens=9, num_codes=8, z=4)
     g = torch.Generator().manual_seed(0)
     means = torch.rand(2, 9, 2, generator=g) * 2 - 1
     scales = 0.05 + 0.3 * torch.rand(2, 9, 2, generator=g)
     angles = torch.rand(2, 9, generator=g) * math.pi
     codes = torch.randn(2, 9, 4, generator=g)
-    out = model.splat(codes, means, scales, angles)
+    out = model.zmap(codes, means, scales, angles)
     ref = reference_render(means.double(), scales.double(), angles.double(), codes.double(),
                            torch.ones(2, 9, dtype=torch.float64), 8, 8, mode="sum")
     assert out.shape == (2, 4, 8, 8) and torch.allclose(out.double(), ref, atol=1e-5)
@@ -157,7 +158,7 @@ def test_deformable_cross_attention_matches_point_by_point_sampling_in_float64()
 
 
 def test_gaussian_tokens_start_on_the_grid_with_half_cell_scales():
-    model = Tokenizer("gaussian", image_size=16, num_tokens=16, num_codes=8, channels=8, width=16, heads=2)
+    model = make_tokenizer("gaussian", image_size=16, num_tokens=16, num_codes=8, channels=8, width=16, heads=2)
     unit = torch.sigmoid(model.head.anchors[:, 3:5])
     torch.testing.assert_close(SCALE_MIN + (SCALE_MAX - SCALE_MIN) * unit, torch.full((16, 2), 1.0))  # 8/4/2 px
     torch.testing.assert_close(model.head.refine[0].fc2.bias[3:5], model.head.anchors[0, 3:5])
@@ -166,7 +167,7 @@ def test_gaussian_tokens_start_on_the_grid_with_half_cell_scales():
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)
 def test_every_kind_trains_and_decoding_its_tokens_equals_the_forward_pass(kind):
     torch.manual_seed(0)
-    model = Tokenizer(kind, image_size=16, num_tokens=16, num_codes=32, channels=16, width=32, heads=2,
+    model = make_tokenizer(kind, image_size=16, num_tokens=16, num_codes=32, channels=16, width=32, heads=2,
                       feature_dim=16, stages=2)
     images = torch.rand(3, 3, 16, 16)
     out = model(images, torch.Generator().manual_seed(0))
@@ -186,28 +187,29 @@ def test_every_kind_trains_and_decoding_its_tokens_equals_the_forward_pass(kind)
 
 
 def test_bits_per_image():
-    assert Tokenizer("vq", num_codes=1024).bits_per_image() == 640
-    assert Tokenizer("gaussian_fixed", num_codes=1024).bits_per_image() == 640
-    assert Tokenizer("gaussian", num_codes=1024).bits_per_image() == 640 + 64 * 5 * 32
-    assert Tokenizer("gaussian_bits", num_codes=1024, geometry_bits=4).bits_per_image() == 640 + 64 * 20
+    assert make_tokenizer("vq", num_codes=1024).bits_per_image() == 640
+    assert make_tokenizer("gaussian_fixed", num_codes=1024).bits_per_image() == 640
+    assert make_tokenizer("gaussian", num_codes=1024).bits_per_image() == 640 + 64 * 5 * 32
+    assert make_tokenizer("gaussian_bits", num_codes=1024, geometry_bits=4).bits_per_image() == 640 + 64 * 20
 
 
 def test_codebook_state_round_trips():
-    a = Tokenizer("vq", image_size=16, num_tokens=16, num_codes=8, channels=16)
+    a = make_tokenizer("vq", image_size=16, num_tokens=16, num_codes=8, channels=16)
     a(torch.rand(4, 3, 16, 16))
-    b = Tokenizer("vq", image_size=16, num_tokens=16, num_codes=8, channels=16)
+    b = make_tokenizer("vq", image_size=16, num_tokens=16, num_codes=8, channels=16)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.quantizer.codebook, b.quantizer.codebook) and bool(b.quantizer.initialised)
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: Tokenizer("patches"), "kind"),
-    (lambda: Tokenizer("vq", num_tokens=60), "square grid"),
-    (lambda: Tokenizer("gaussian", geometry_bits=0), "geometry_bits"),
+    (lambda: make_tokenizer("patches"), "kind"),
+    (lambda: make_tokenizer("vq", num_tokens=60), "square grid"),
+    (lambda: make_tokenizer("gaussian", geometry_bits=0), "geometry_bits"),
     (lambda: VectorQuantizer(8, 3, gradient="magic"), "gradient"),
-    (lambda: Tokenizer("gaussian", image_size=16)(torch.rand(1, 3, 32, 32)), "expected"),
-    (lambda: Tokenizer("vq", image_size=16, num_tokens=16).decode(torch.full((1, 16), 5000)), "indices"),
-    (lambda: Tokenizer("gaussian", image_size=16, num_tokens=16).decode(torch.zeros(1, 16, dtype=torch.long)), "geometry"),
+    (lambda: make_tokenizer("gaussian", image_size=16)(torch.rand(1, 3, 32, 32)), "expected"),
+    (lambda: make_tokenizer("vq", image_size=16, num_tokens=16).decode(torch.full((1, 16), 5000)), "indices"),
+    (lambda: make_tokenizer("gaussian", image_size=16, num_tokens=16).decode(torch.zeros(1, 16, dtype=torch.long)),
+     "geometry"),
     (lambda: VectorQuantizer(8, 3)(torch.rand(4, 2)), "3 values"),
 ])
 def test_bad_inputs_name_the_problem(make, match):

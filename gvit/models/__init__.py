@@ -13,12 +13,13 @@ from .neighbours import NeighbourLayer, edge_features, nearest_neighbours
 from .quantizer import VectorQuantizer, code_statistics
 from .refiner import RefinementEncoder
 from .splat_stem import PerceiverResampler, SplatStem, splat_set_features, splat_statistics
-from .tokenizer import TOKENIZER_KINDS, Tokenizer
+from .tokenizer import TOKENIZER_KINDS, GaussianTokenizer, GridVQTokenizer, Tokenizer, make_tokenizer
 from .vit import GaussianClassifier, PatchViT, TokenViT
 
 __all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
            "TransformerModel", "TokenViT", "PatchViT", "GaussianClassifier", "GaussianEncoder", "sample_footprints",
            "STENCIL", "GViT", "RefinementEncoder", "splat_features", "log_covariance", "fourier_features",
-           "NeighbourLayer", "nearest_neighbours", "edge_features", "Tokenizer", "TOKENIZER_KINDS", "VectorQuantizer",
+           "NeighbourLayer", "nearest_neighbours", "edge_features", "Tokenizer", "GridVQTokenizer", "GaussianTokenizer",
+           "make_tokenizer", "TOKENIZER_KINDS", "VectorQuantizer",
            "code_statistics", "SplatStem", "PerceiverResampler", "splat_set_features", "splat_statistics",
            "GaussianCLIP"]

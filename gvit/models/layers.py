@@ -10,6 +10,7 @@ sets of varying size (``valid`` masks) are handled exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 
 __all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
-           "TransformerModel"]
+           "TransformerModel", "norm_groups"]
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,8 @@ class TransformerModel(nn.Module):
     @property
     def last_attention(self) -> Attention:
         return self.transformer.blocks[-1].attn
+
+
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups for ``channels``: 8 where they divide, else their greatest common divisor with 8."""
+    return math.gcd(channels, 8)

@@ -39,7 +39,7 @@ GEOMETRY = ("means", "scales", "angles")
 def load_tokenizer(checkpoint, overrides: list[str] | None = None):
     """:func:`gvit.train.load_trained` for a ``model=tokenizer`` checkpoint (ValueError otherwise)."""
     trained = load_trained(checkpoint, overrides)
-    if trained.cfg.model != "tokenizer":
+    if not trained.kind.tokenizes:
         raise ValueError(f"{checkpoint}: not a tokenizer checkpoint (model={trained.cfg.model!r})")
     return trained
 
@@ -115,7 +115,7 @@ def encode_tokens(checkpoint, out, *, overrides: list[str] | None = None, limit:
             parts.setdefault("indices", []).append(encoded.indices.cpu())
             parts.setdefault("labels", []).append(labels)
             for name in GEOMETRY:
-                if getattr(encoded, name) is not None and model.kind != "gaussian_fixed":
+                if getattr(encoded, name) is not None and model.stored_geometry:
                     parts.setdefault(name, []).append(getattr(encoded, name).float().cpu())
             bar.update(len(labels))
         bar.close()
@@ -143,7 +143,9 @@ def decode_tokens(checkpoint, tokens, out, *, limit: int | None = None, overwrit
         if key in meta and str(meta[key]) != str(expected[key]):
             raise ValueError(f"{tokens}: made by a tokenizer with {key}={meta[key]}, {checkpoint} has {expected[key]}")
     if tensors["indices"].shape[1] != model.num_tokens:
-        raise ValueError(f"{tokens}: {tensors['indices'].shape[1]} tokens per image, the tokenizer reads {model.num_tokens}")
+        raise ValueError(
+            f"{tokens}: {tensors['indices'].shape[1]} tokens per image, the tokenizer reads {model.num_tokens}"
+        )
     n = len(tensors["indices"]) if limit is None else min(limit, len(tensors["indices"]))
     with output_folder(out, "tokens-decode", settings={"checkpoint": str(checkpoint), "tokens": str(tokens),
                                                       "limit": limit},
@@ -224,7 +226,7 @@ def tokenizer_report(checkpoints: list, out, *, names: list[str] | None = None, 
 
 def _reconstruction_figure(path, batch: Tensor, names: list[str], runs) -> None:
     plt = pyplot()
-    gaussian_runs = [(n, r) for n, r in zip(names, runs) if r.model.kind != "vq"]
+    gaussian_runs = [(n, r) for n, r in zip(names, runs) if r.model.gaussian_tokens]
     cols = 1 + len(runs) + len(gaussian_runs)
     fig, axes = plt.subplots(len(batch), cols, figsize=(2 * cols, 2 * len(batch)), squeeze=False)
     outputs = {}
