@@ -38,7 +38,8 @@ def load(source: str, n: int):
 
 
 def measure(spec: dict) -> dict:
-    from gvit.fit import FitConfig, compression_ratio, fit_gaussians
+    from gvit.fit import FitConfig, fit_gaussians
+    from gvit.gaussians import compression_ratio
 
     images = load(spec["source"], spec["n"])
     cfg = FitConfig(**spec["config"])

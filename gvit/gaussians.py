@@ -367,7 +367,9 @@ def validate_gaussians(g: Gaussians, *, source: str = "gaussians") -> None:
     if g.colors.ndim != 3 or g.colors.shape[:2] != (b, k) or g.colors.shape[2] < 1:
         raise ValueError(f"{source}: colors must be [B, k, C] with B={b}, k={k}, got {tuple(g.colors.shape)}")
     if g.valid is not None and (g.valid.shape != (b, k) or g.valid.dtype != torch.bool):
-        raise ValueError(f"{source}: valid must be a bool tensor of shape {(b, k)}, got {g.valid.dtype} {tuple(g.valid.shape)}")
+        raise ValueError(
+            f"{source}: valid must be a bool tensor of shape {(b, k)}, got {g.valid.dtype} {tuple(g.valid.shape)}"
+        )
     for name in _FIELDS:
         t = getattr(g, name)
         if not t.is_floating_point():
@@ -380,3 +382,10 @@ def validate_gaussians(g: Gaussians, *, source: str = "gaussians") -> None:
         raise ValueError(f"{source}: scales must be > 0")
     if ((g.opacities < 0) | (g.opacities > 1)).any():
         raise ValueError(f"{source}: opacities must lie in [0, 1]")
+
+
+def compression_ratio(counts: Tensor, height: int, width: int, *, bytes_per_value: int = 2,
+                      values_per_gaussian: int = RAW_DIM) -> Tensor:
+    """Pixel bytes (8-bit RGB) over Gaussian bytes (``values_per_gaussian`` values of
+    ``bytes_per_value`` each), per image: above 1 means the Gaussians are smaller."""
+    return (3.0 * height * width) / (counts.double().clamp_min(1) * values_per_gaussian * bytes_per_value)

@@ -5,16 +5,9 @@ import pytest
 import torch
 
 from gvit.data import make_shapes
-from gvit.fit import (
-    FitConfig,
-    compression_ratio,
-    fit_gaussians,
-    gaussians_from_segments,
-    initialize,
-    luminance_contribution,
-)
+from gvit.fit import FitConfig, fit_gaussians, gaussians_from_segments, initialize, luminance_contribution
 from gvit.fit.init import split_to_count
-from gvit.gaussians import Gaussians, compact, decode
+from gvit.gaussians import Gaussians, compact, compression_ratio, decode
 from gvit.losses import psnr
 from gvit.render import render
 
@@ -211,6 +204,10 @@ def test_bad_images_are_refused():
 def test_auto_batch_size_follows_image_size_and_k_within_bounds():
     from gvit.fit import auto_batch_size
 
-    small, large, huge = auto_batch_size(32, 32, 256), auto_batch_size(512, 512, 16384), auto_batch_size(8000, 8000, 10**6)
+    small, large, huge = (
+        auto_batch_size(32, 32, 256),
+        auto_batch_size(512, 512, 16384),
+        auto_batch_size(8000, 8000, 10**6),
+    )
     assert small == 256 and 1 <= huge <= large <= small
     assert auto_batch_size(32, 32, 256, most=16) == 16

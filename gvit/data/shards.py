@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..files import write_json
-from ..gaussians import Gaussians, compact, concat, encode, load_gaussians, pad, save_gaussians, valid_mask
+from ..gaussians import (Gaussians, compact, compression_ratio, concat, encode, load_gaussians, pad, save_gaussians,
+                         valid_mask)
 
 __all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "shard_done", "write_shard", "read_shard",
            "write_manifest", "read_manifest", "load_shards", "ShardDataset"]
@@ -76,8 +77,6 @@ def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *
                    classes: list[str] | None, **extra) -> dict:
     """Summarise the finished shards ``0 .. num_shards - 1`` of ``folder`` into ``manifest.json``
     (counts, PSNR, compression against 8-bit pixels, skipped images, the settings); returns it."""
-    from ..fit import compression_ratio
-
     folder = Path(folder)
     counts, psnrs, skipped = [], [], []
     for s in range(num_shards):
@@ -90,7 +89,8 @@ def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *
     manifest = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "shards": [shard_name(s) for s in range(num_shards)],
                 "num_images": int(len(counts)), "height": h, "width": w, "classes": classes,
                 "mean_count": float(counts.mean()), "mean_psnr": sum(psnrs) / len(psnrs),
-                "compression_vs_8bit": float(compression_ratio(counts, h, w, bytes_per_value=storage_dtype(dtype)[1]).mean()),
+                "compression_vs_8bit": float(compression_ratio(counts, h, w,
+                                                               bytes_per_value=storage_dtype(dtype)[1]).mean()),
                 "skipped": skipped, "settings": settings, **extra}
     write_json(folder / "manifest.json", manifest)
     return manifest

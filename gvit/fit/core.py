@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from ..settings import setting, validate_fields
 from .init import INITS, check_images, initialize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution", "compression_ratio",
+__all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution",
            "auto_batch_size", "check_memory"]
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
@@ -61,7 +61,9 @@ class FitConfig:
     target_psnr: float | None = setting(None, "stop an image once its PSNR reaches this (dB)")
     check_every: int = setting(10, "iterations between PSNR checks (target PSNR, history)")
     l1_opacity: float = setting(0.0, "L1 penalty on opacities (drives unneeded Gaussians to 0 before pruning)")
-    prune_tau: float | None = setting(None, "prune Gaussians whose luminance contribution is below tau x the image mean")
+    prune_tau: float | None = setting(
+        None, "prune Gaussians whose luminance contribution is below tau x the image mean"
+    )
     prune_at: float = setting(0.6, "when to prune, as a fraction of the iterations")
     scale_factor: float = setting(1.0, "c in scale = c * sigmoid(s)")
     mode: str = setting("alpha", "rasterizer compositing", MODES)
@@ -106,10 +108,10 @@ class FitResult:
 
     ``raw`` ``[B, k, 9]`` and ``gaussians`` (decoded with the config's scale factor; ``valid``
     marks the Gaussians that survived pruning, None without pruning), per-image ``psnr`` and
-    ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]), ``iters`` ``[B]`` steps taken (fewer
-    than the config's when ``target_psnr`` stopped an image early), ``psnr_before_prune`` ``[B]``
-    (NaN without pruning), wall-clock ``seconds`` and ``history``: (step, seconds, mean PSNR of
-    the images still fitting) every ``check_every`` steps.
+    ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]),
+    ``iters`` ``[B]`` steps taken (fewer than the config's when ``target_psnr`` stopped an image
+    early), ``psnr_before_prune`` ``[B]`` (NaN without pruning), wall-clock ``seconds`` and
+    ``history``: (step, seconds, mean PSNR of the images still fitting) every ``check_every`` steps.
     """
 
     raw: Tensor
@@ -149,13 +151,6 @@ def luminance_contribution(gaussians: Gaussians, *, height: int, width: int, mod
         luma = out.new_tensor(LUMA).view(1, 3, 1, 1)
         (grad,) = torch.autograd.grad((out * luma).sum(), opac)
     return (grad * opac).abs().detach()
-
-
-def compression_ratio(counts: Tensor, height: int, width: int, *, bytes_per_value: int = 2,
-                      values_per_gaussian: int = RAW_DIM) -> Tensor:
-    """Pixel bytes (8-bit RGB) over Gaussian bytes (``values_per_gaussian`` values of
-    ``bytes_per_value`` each), per image: above 1 means the Gaussians are smaller."""
-    return (3.0 * height * width) / (counts.double().clamp_min(1) * values_per_gaussian * bytes_per_value)
 
 
 # --------------------------------------------------------------------------- the fitting loop
@@ -311,5 +306,5 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
         out = render(g, **render_kw).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
     return FitResult(raw=raw.detach(), gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
-                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start, rendered=out,
-                     history=history)
+                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
+                     rendered=out, history=history)

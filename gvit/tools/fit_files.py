@@ -21,9 +21,9 @@ import torch
 from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
 from ..data.shards import storage_dtype
 from ..distributed import device_for
-from ..fit import FitConfig, auto_batch_size, compression_ratio, fit_gaussians
+from ..fit import FitConfig, auto_batch_size, fit_gaussians
 from ..files import output_folder
-from ..gaussians import compact, load_gaussians, save_gaussians
+from ..gaussians import compact, compression_ratio, load_gaussians, save_gaussians
 from ..progress import progress_bar
 from ..viz import draw_ellipses, save_png, to_uint8
 from .artifacts import write_csv
@@ -90,7 +90,9 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     out = Path(out)
     jobs = collect_images(inputs)
     if not jobs:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(
+            f"no images found in {', '.join(map(str, inputs))} (extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     settings = {"fit": config.to_dict(), "dtype": dtype}
     with output_folder(out, "fit", settings=settings, inputs=inputs, overwrite=overwrite, continues=True):
         return _fit_files(jobs, out, config, torch_dtype, nbytes, batch_size, skip_bad, overwrite, pictures,
@@ -126,7 +128,8 @@ def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dty
         rows[name] = {"name": name, "file": str(sources[name]), "height": h, "width": w, "count": count,
                       "psnr": f"{float(res.psnr[i]):.3f}", "ssim": f"{float(res.ssim[i]):.5f}",
                       "bytes": count * 9 * nbytes,
-                      "compression": f"{float(compression_ratio(torch.tensor([count]), h, w, bytes_per_value=nbytes)):.3f}",
+                      "compression": "%.3f" % float(compression_ratio(torch.tensor([count]), h, w,
+                                                                      bytes_per_value=nbytes)),
                       "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
     _write_metrics(metrics_path, rows)
 
