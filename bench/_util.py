@@ -23,3 +23,21 @@ def run_child(script: str, args: list[str]) -> dict:
     """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is a JSON result."""
     out = subprocess.run([sys.executable, script, "--child", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# every step of a timed GViT case is in one phase (the schedule's fractions chosen so)
+PHASE_OVERRIDES = {"encoder": ["perceptual_from=0", "classifier_from=1", "guidance_from=1"],
+                   "joint": ["perceptual_from=0", "classifier_from=0", "guidance_from=1"],
+                   "guidance": ["perceptual_from=0", "classifier_from=0", "guidance_from=0", "guidance_every=1"]}
+
+
+def case_config(recipe, case: str, overrides: list[str]):
+    """The settings of a timed training case, ``patch_vit`` or ``gvit:<phase>``, from a GViT recipe."""
+    from gvit.train import load_config
+
+    model, _, phase = case.partition(":")
+    if model == "gvit":
+        return load_config(recipe, [*overrides, *PHASE_OVERRIDES[phase or "joint"]])
+    shared = [o for o in overrides if o.partition("=")[0] in ("classifier_size", "batch_size", "steps", "image_size",
+                                                              "device", "precision")]
+    return load_config(recipe, shared, as_model=model)

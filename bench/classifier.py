@@ -26,7 +26,8 @@ import statistics
 import time
 
 
-def train_and_test(variant: str, train, test, steps: int, batch: int, lr: float, size: str, seed: int) -> tuple[float, float]:
+def train_and_test(variant: str, train, test, steps: int, batch: int, lr: float, size: str,
+                   seed: int) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _util import case_config
 
 RENDER_CASES = [(64, 256, 32, 32), (1, 512, 224, 224), (16, 4096, 224, 224)]
 TRAIN_CASES = ("patch_vit", "gvit:encoder", "gvit:joint", "gvit:guidance")
@@ -62,34 +63,29 @@ def render_rows(repeats: int) -> list[dict]:
 
             torch.cuda.reset_peak_memory_stats()
             sec = _best_seconds(step, repeats)
-            rows.append({"B": b, "k": k, "H": h, "W": w, "path": backend, "seconds": sec, "gpx_per_s": b * k * h * w / sec,
+            rows.append({"B": b, "k": k, "H": h, "W": w, "path": backend, "seconds": sec,
+                         "gpx_per_s": b * k * h * w / sec,
                          "peak_mb": torch.cuda.max_memory_allocated() / 2**20,
                          "max_diff": (images[backend] - images["torch"]).abs().max().item()})
     return rows
 
 
 def train_rows(size: str, batch: int, k: int, repeats: int) -> list[dict]:
-    from gvit.guidance import Phase
-    from gvit.train import load_config, model_step, step_generator
+    from gvit.train import model_step, step_generator
 
-    phases = {"encoder": Phase("encoder", True, False, 0.1, 0.0, False),
-              "joint": Phase("joint", True, True, 0.1, 1.0, False),
-              "guidance": Phase("guidance", True, False, 0.1, 1.0, True)}
     rows = []
     for precision in ("bf16", "fp32"):
         for case in TRAIN_CASES:
-            model, _, phase_name = case.partition(":")
-            cfg = load_config(RECIPE, [f"model={model}", f"encoder_size={size}", f"classifier_size={size}",
-                                       f"batch_size={batch}", f"num_gaussians={k}", "steps=1000", "image_size=32",
-                                       "device=cuda", f"precision={precision}"])
+            cfg = case_config(RECIPE, case, [f"encoder_size={size}", f"classifier_size={size}", f"batch_size={batch}",
+                                             f"num_gaussians={k}", "steps=1000", "image_size=32", "device=cuda",
+                                             f"precision={precision}"])
             run = model_step(cfg, 10, torch.device("cuda"))
             images, labels = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-            phase = phases[phase_name or "joint"]
             counter = iter(range(10**6))
 
             def step():
                 i = next(counter)
-                run.step(i, images, labels, step_generator(cfg.seed, i), 0, 1, phase)
+                run.step(i, images, labels, step_generator(cfg.seed, i), 0, 1)
 
             torch.cuda.reset_peak_memory_stats()
             sec = _best_seconds(step, repeats)

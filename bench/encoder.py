@@ -84,11 +84,13 @@ def main() -> None:
     print("| method | test PSNR (dB) | seconds | note |")
     print("|---|---|---|---|")
     start = decode(initialize(test, a.k, "grid"))
-    print(f"| grid start (cell colours, no learning) | {float(psnr(render(start, height=size, width=size).clamp(0, 1), test).mean()):.2f} | - | the refiner's round-0 input |")
+    start_psnr = float(psnr(render(start, height=size, width=size).clamp(0, 1), test).mean())
+    print(f"| grid start (cell colours, no learning) | {start_psnr:.2f} | - | the refiner's round-0 input |")
     for iters in a.fit_iters:
         t0 = time.perf_counter()
         res = fit_gaussians(test, FitConfig(num_gaussians=a.k, iters=iters), progress=False)
-        print(f"| per-image fitting, {iters} iterations | {float(res.psnr.mean()):.2f} | {time.perf_counter() - t0:.0f} "
+        print(f"| per-image fitting, {iters} iterations | {float(res.psnr.mean()):.2f} "
+              f"| {time.perf_counter() - t0:.0f} "
               f"| {len(test) / (time.perf_counter() - t0):.1f} images/s |", flush=True)
     for name in a.encoders:
         torch.manual_seed(0)

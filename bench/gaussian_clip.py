@@ -152,7 +152,9 @@ def main() -> None:
         sweep.append((runs / name / "stage2" / "checkpoint.pt", test))
     print(f"\n{a.data}: {a.steps} steps of batch {a.batch_size} per stage, seed {a.seed}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | teacher-student cosine | zero-shot top-1 % | relative to the RGB teacher | trainable % | train s |")
+    print(
+        "| model | teacher-student cosine | zero-shot top-1 % | relative to the RGB teacher | trainable % | train s |"
+    )
     print("|---|---|---|---|---|---|")
     print(f"| RGB teacher (stage 0) | 1 | {100 * teacher['top1']:.1f} | 1 | 100 | {teacher['train_seconds']:.0f} |")
     for name, r in rows.items():

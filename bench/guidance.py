@@ -4,7 +4,7 @@ Trains the same settings (``gvit demo``'s by default, or ``--config``) with ``gu
 ``guidance=false`` for each seed of ``--seeds`` (seed sets the weights, data order, augmentation and
 g0), each run alone in this process, and prints top-1 and PSNR as mean +- standard deviation over the
 seeds. For the guided runs it also averages what every guidance step logged to metrics.jsonl
-(:meth:`gvit.train.steps.GViTStep._guidance_step`): the norm of gamma * grad_cls against grad_rec
+(:meth:`gvit.train.gvit_step.GViTStep._guidance_step`): the norm of gamma * grad_cls against grad_rec
 over the encoder's parameters and their cosine, how far the step moved the Gaussians' centres
 (pixels), and the change of the batch's classification loss the step caused.
 

@@ -2,8 +2,9 @@
 
 Step cost (default): seconds per optimisation step of the patch ViT and of GViT in each phase.
 The CPU CIFAR-10 recipe (configs/cifar10_cpu.yaml) with the same width and depth for every model
-(``--size``), batch ``--batch`` of 32x32 images, k Gaussians, synthetic inputs (the loader is not what is measured). Each case runs in a fresh process; the
-table gives the best of ``--repeats`` steps after warm-up and the ratio to the patch ViT step.
+(``--size``), batch ``--batch`` of 32x32 images, k Gaussians, synthetic inputs (the loader is not
+what is measured). Each case runs in a fresh process; the table gives the best of ``--repeats``
+steps after warm-up and the ratio to the patch ViT step.
 
     python bench/train.py                       # tiny, batch 128, k = 64
     python bench/train.py --size micro --batch 64
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _util import peak_rss_mb, rss_mb, run_child
+from _util import case_config, peak_rss_mb, rss_mb, run_child
 
 CASES = ("patch_vit", "gvit:encoder", "gvit:joint", "gvit:guidance")
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
@@ -36,24 +37,19 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
 def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     import torch
 
-    from gvit.guidance import Phase
-    from gvit.train import load_config, model_step, step_generator
+    from gvit.train import model_step, step_generator
 
-    model, _, phase_name = case.partition(":")
-    cfg = load_config(RECIPE, [f"model={model}", f"encoder_size={size}", f"classifier_size={size}",
-                               f"batch_size={batch}", f"num_gaussians={k}", "steps=1000", "image_size=32"])
+    cfg = case_config(RECIPE, case, [f"encoder_size={size}", f"classifier_size={size}", f"batch_size={batch}",
+                                     f"num_gaussians={k}", "steps=1000", "image_size=32"])
     run = model_step(cfg, 10, "cpu")
     images = torch.rand(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
-    phase = {"encoder": Phase("encoder", True, False, 0.1, 0.0, False),  # every step in the phase measured
-             "joint": Phase("joint", True, True, 0.1, 1.0, False),
-             "guidance": Phase("guidance", True, False, 0.1, 1.0, True)}[phase_name or "joint"]
     base = rss_mb()
-    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1, phase)  # warm-up (numba cache load)
+    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1)  # warm-up (numba cache load)
     times = []
     for step in range(1, repeats + 1):
         t0 = time.perf_counter()
-        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1, phase)
+        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1)
         times.append(time.perf_counter() - t0)
     return {"case": case, "seconds": min(times), "peak_mb": peak_rss_mb(base)}
 
@@ -61,11 +57,11 @@ def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
 def accuracy_variants(ks: list[int]) -> dict[str, list[str]]:
     """Variant name -> ``key=value`` overrides of the CPU recipe."""
     variants = {
-        "patch ViT": ["model=patch_vit"],
+        "patch ViT": ["--as-model=patch_vit"],
         "GViT, no guidance": ["guidance=false"],
         "GViT, guidance": [],
         "GViT, learned queries": ["learned_queries=true", "sample_image=false", "image_colors=false"],
-        "offline Gaussians": ["model=offline"],
+        "offline Gaussians": ["--as-model=offline"],
         "GViT, guidance, paper's g0 input": ["g0_layout=uniform", "sample_image=false", "image_colors=false"],
     }
     for k in ks:
@@ -86,7 +82,7 @@ def accuracy(a) -> None:
     rows = []
     for name, overrides in accuracy_variants(a.ks).items():
         out = root / _slug(name)
-        if "model=offline" in overrides:
+        if "--as-model=offline" in overrides:
             overrides = overrides + _offline_data(a, root)
         if not (out / "result.json").is_file():
             print(f"training {name} ...", file=sys.stderr, flush=True)

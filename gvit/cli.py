@@ -1,5 +1,6 @@
-"""The ``gvit`` command line: demo, fit-demo, fit, fit-dataset, train, finetune, eval, explain, report, sweep,
-leakage, interpret."""
+"""The ``gvit`` command line: argparse and printing only; each command calls one job of
+:mod:`gvit.tools` or :mod:`gvit.train` (demo, fit-demo, fit, fit-dataset, train, finetune, eval, explain,
+report, sweep, leakage, interpret, vl-eval, tokens)."""
 
 from __future__ import annotations
 
@@ -21,20 +22,11 @@ def _fit_config(args: argparse.Namespace) -> FitConfig:
     return from_arguments(FitConfig, args)
 
 
-def _score(result: dict) -> str:
-    """``top-1 X% on N images, PSNR Y dB`` of an evaluation result (a tokenizer's: PSNR, SSIM,
-    codebook usage and bits per image)."""
-    if "top1" not in result:
-        return (f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} on {result['eval_images']} images, "
-                f"codebook usage {100 * result['usage']:.1f}%, perplexity {result['perplexity']:.0f}, "
-                f"{result['bits_per_image']:.0f} bits per image")
-    extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
-    if "i2t_r1" in result:  # model=clip: zero-shot top-1 and retrieval
-        extra += f", image->text R@1 {100 * result['i2t_r1']:.1f}%, text->image R@1 {100 * result['t2i_r1']:.1f}%"
-    if "cosine" in result:  # the splat stages: against the RGB teacher
-        extra += (f" ({100 * result['top1_ratio']:.0f}% of the RGB teacher's {100 * result['teacher_top1']:.2f}%), "
-                  f"teacher-student cosine {result['cosine']:.3f}")
-    return f"top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}"
+def _score(result: dict, model: str) -> str:
+    """One line of an evaluation result, as the run's kind words it."""
+    from .train import kind_of
+
+    return kind_of(model).describe(result)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -44,7 +36,8 @@ def _demo(args: argparse.Namespace) -> int:
                        baseline=not args.no_baseline, progress=not args.quiet)
     if "top1" not in summary:
         return 0
-    print(f"{summary['model']} on {summary['data']}: {_score(summary)}, trained in {summary['train_seconds']:.0f} s")
+    print(f"{summary['model']} on {summary['data']}: {_score(summary, summary['model'])}, "
+          f"trained in {summary['train_seconds']:.0f} s")
     for name, r in summary.get("compare", {}).items():
         print(f"{name}: top-1 {100 * r['top1']:.2f}%, trained in {r['train_seconds']:.0f} s")
     print(f"wrote {Path(args.out) / 'report.html'} (examples.png, curves.png, report.json)")
@@ -56,8 +49,7 @@ def _report(args: argparse.Namespace) -> int:
 
     summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides,
                               overwrite=args.overwrite)
-    print(f"{_score(summary)} "
-          f"-> {Path(args.out) / 'report.html'}")
+    print(f"{_score(summary, summary['model'])} -> {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -115,24 +107,24 @@ def _train(args: argparse.Namespace) -> int:
     from .train import load_config, train
 
     overrides = list(args.overrides) + ([f"finetune_from={args.checkpoint}"] if args.command == "finetune" else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, as_model=args.as_model)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if result.get("finished") and "eval_images" in result:
-        print(f"{cfg.model}: {_score(result)} "
-              f"-> {cfg.out}/result.json")
+        print(f"{cfg.model}: {_score(result, cfg.model)} -> {cfg.out}/result.json")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_checkpoint
+    from .train import load_trained
 
-    result = evaluate_checkpoint(args.checkpoint, args.overrides)
-    print(f"{args.checkpoint}: {_score(result)}")
+    trained = load_trained(args.checkpoint, args.overrides)
+    print(f"{args.checkpoint}: {trained.kind.describe(trained.evaluate())}")
     return 0
 
 
 def _tokens(args: argparse.Namespace) -> int:
     from .tools.tokens import decode_tokens, encode_tokens, tokenizer_report
+    from .train.tokenizer_step import TokenizerStep
 
     if args.action == "encode":
         summary = encode_tokens(args.checkpoint, args.out, overrides=args.overrides, limit=args.limit,
@@ -148,7 +140,7 @@ def _tokens(args: argparse.Namespace) -> int:
         checkpoints = [args.checkpoint] + list(args.also or [])
         result = tokenizer_report(checkpoints, args.out, names=args.names, overwrite=args.overwrite)
         for row in result["tokenizers"]:
-            print(f"{row['name']}: {_score(row)}")
+            print(f"{row['name']}: {TokenizerStep.describe(row)}")
         print(f"-> {Path(args.out) / 'report.html'}")
     return 0
 
@@ -196,7 +188,8 @@ def _vl_eval(args: argparse.Namespace) -> int:
     rows = vl_eval(args.checkpoint, args.gaussians, args.out, limit=args.limit, overwrite=args.overwrite,
                    progress=not args.quiet)["rows"]
     for r in rows:
-        print(f"{r['gaussians']}: k={r['k']} {r['compression']:.2f}x, zero-shot {100 * r.get('top1', float('nan')):.1f}% "
+        print(f"{r['gaussians']}: k={r['k']} {r['compression']:.2f}x, "
+              f"zero-shot {100 * r.get('top1', float('nan')):.1f}% "
               f"(teacher {100 * r.get('teacher_top1', float('nan')):.1f}%), cosine {r['cosine']:.3f}")
     print(f"-> {Path(args.out) / 'vl_eval.md'}")
     return 0
@@ -209,28 +202,32 @@ OVERWRITE = ("write into a folder that holds other files, another job's outputs 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvit", description="Vision on 2D Gaussians.")
     sub = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+    overwrite = argparse.ArgumentParser(add_help=False)
+    overwrite.add_argument("--overwrite", action="store_true", help=OVERWRITE)
+    job = [quiet, overwrite]  # the options every job that writes a folder takes
 
-    demo = sub.add_parser("demo", help="train a small GViT on the built-in shapes (a few minutes on a CPU) and "
-                                       "write a report with accuracy, reconstructions and Gaussian overlays",
-                          description="Settings: gvit.tools.demo.DEMO_SETTINGS; key=value overrides any TrainConfig key.")
+    demo = sub.add_parser("demo", parents=job,
+                          help="train a small GViT on the built-in shapes (a few minutes on a CPU) and "
+                               "write a report with accuracy, reconstructions and Gaussian overlays",
+                          description="Settings: gvit.tools.demo.DEMO_SETTINGS; key=value overrides any GViT setting "
+                                      "(gvit.train.GViTConfig).")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     demo.add_argument("--no-baseline", action="store_true", help="skip the patch ViT trained with the same budget")
-    demo.add_argument("--quiet", action="store_true")
-    demo.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     demo.set_defaults(func=_demo)
 
-    fdemo = sub.add_parser("fit-demo", help="fit Gaussians to a few built-in shapes images and write a report")
+    fdemo = sub.add_parser("fit-demo", parents=job,
+                           help="fit Gaussians to a few built-in shapes images and write a report")
     fdemo.add_argument("--images", type=int, default=8)
     fdemo.add_argument("--size", type=int, default=32)
     fdemo.add_argument("--out", default="runs/fit-demo")
-    fdemo.add_argument("--quiet", action="store_true")
     _add_fit_options(fdemo, num_gaussians=128, iters=300, dssim_weight=0.2)
-    fdemo.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     fdemo.set_defaults(func=_fit_demo)
 
-    fit = sub.add_parser("fit", help="fit Gaussians to image files or folders of images",
+    fit = sub.add_parser("fit", parents=[quiet], help="fit Gaussians to image files or folders of images",
                          description="Writes per image NAME.gaussians.safetensors, NAME.recon.png, "
                                      "NAME.overlay.png (2-sigma ellipses) and one metrics.csv. Rerunning skips "
                                      "images that are done (a metrics row and a valid Gaussian file).")
@@ -241,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "memory, at most 256)")
     fit.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     fit.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
-    fit.add_argument("--overwrite", action="store_true", help="refit every image, also in a folder holding other files or work made with "
-                          "other settings")
+    fit.add_argument("--overwrite", action="store_true",
+                     help="refit every image, also in a folder holding other files or work made with other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
-    fit.add_argument("--quiet", action="store_true")
     _add_fit_options(fit)
     fit.set_defaults(func=_fit)
 
-    ds = sub.add_parser("fit-dataset", help="convert a whole dataset into sharded Gaussian files plus labels",
+    ds = sub.add_parser("fit-dataset", parents=job,
+                        help="convert a whole dataset into sharded Gaussian files plus labels",
                         description="Resumable (finished shards are kept); run under torchrun to split the "
                                     "shards across processes.")
     ds.add_argument("--data", required=True, help="'shapes', a folder with <split>.zip or <split>/, an "
@@ -260,28 +257,28 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="convert only the first N images")
     ds.add_argument("--dtype", choices=("float32", "float16"), default="float16")
     ds.add_argument("--skip-bad", action="store_true")
-    ds.add_argument("--quiet", action="store_true")
     _add_fit_options(ds)
-    ds.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ds.set_defaults(func=_fit_dataset)
 
-    tr = sub.add_parser("train", help="train GViT or a baseline (config file + key=value overrides)",
-                        description="Keys and defaults: gvit.train.TrainConfig. Runs under torchrun as well.")
+    tr = sub.add_parser("train", parents=job, help="train GViT or a baseline (config file + key=value overrides)",
+                        description="Keys and defaults: the core (gvit.train.TrainConfig) and the chosen model kind's "
+                                    "section (gvit.train.KINDS[model].settings); a key of another kind is refused. "
+                                    "Runs under torchrun as well.")
     tr.add_argument("--config", help="YAML file of key: value")
+    tr.add_argument("--as-model", metavar="KIND", help="train this model kind with the config's keys that it "
+                                                         "shares (a baseline from a GViT recipe); the rest are dropped")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    tr.add_argument("--quiet", action="store_true")
-    tr.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     tr.set_defaults(func=_train)
 
-    ft = sub.add_parser("finetune", help="transfer a GViT checkpoint: frozen encoder, classifier with layer-wise "
+    ft = sub.add_parser("finetune", parents=job,
+                        help="transfer a GViT checkpoint: frozen encoder, classifier with layer-wise "
                                           "lr decay (config keys as for train, e.g. layer_decay=0.65)")
     ft.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
     ft.add_argument("--config", help="YAML file of key: value")
+    ft.set_defaults(as_model=None)
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     ft.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    ft.add_argument("--quiet", action="store_true")
-    ft.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ft.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its evaluation split")
@@ -289,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
     ev.set_defaults(func=_eval)
 
-    ex = sub.add_parser("explain", help="per image: reconstruction, Gaussian ellipses, det(Sigma) map, CDAM map and "
-                                        "top-5 of a GViT checkpoint, as PNG panels and index.html")
+    ex = sub.add_parser("explain", parents=job,
+                        help="per image: reconstruction, Gaussian ellipses, det(Sigma) map, CDAM map and "
+                             "top-5 of a GViT checkpoint, as PNG panels and index.html")
     ex.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     ex.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
     ex.add_argument("--out", required=True)
@@ -299,57 +297,55 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--grid", type=int, default=16, help="CDAM grid cells per side (default 16, as the paper)")
     ex.add_argument("--batch-size", type=int, default=32)
     ex.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
-    ex.add_argument("--quiet", action="store_true")
-    ex.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     ex.set_defaults(func=_explain)
 
-    sw = sub.add_parser("sweep", help="train every combination of a grid of config values; resumable; writes a "
-                                      "results table and one plot per key (the paper's Fig. 3 and Table 1)")
+    sw = sub.add_parser("sweep", parents=[overwrite],
+                        help="train every combination of a grid of config values; resumable; writes a "
+                             "results table and one plot per key (the paper's Fig. 3 and Table 1)")
     sw.add_argument("--config", help="base YAML config")
     sw.add_argument("--grid", action="append", required=True, metavar="key=v1,v2,...",
                     help="a config key and its values (repeat for more keys)")
     sw.add_argument("--out", required=True, help="sweep folder (one subfolder per variant)")
     sw.add_argument("--nproc", type=int, default=1, help="processes per variant (torchrun when > 1)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="settings shared by every variant")
-    sw.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     sw.set_defaults(func=_sweep)
 
-    lk = sub.add_parser("leakage", help="the paper's leakage tests: cross-training on SGD-fitted vs learned Gaussians, "
-                                        "and classifiers on Gaussians vs on their renders (Markdown and CSV tables)")
-    lk.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint (its encoder makes the learned Gaussians)")
+    lk = sub.add_parser("leakage", parents=job,
+                        help="the paper's leakage tests: cross-training on SGD-fitted vs learned Gaussians, "
+                             "and classifiers on Gaussians vs on their renders (Markdown and CSV tables)")
+    lk.add_argument(
+        "--checkpoint", required=True, help="a model=gvit checkpoint (its encoder makes the learned Gaussians)"
+    )
     lk.add_argument("--sgd-train", required=True, help="gvit fit-dataset folder of the training split (same k)")
     lk.add_argument("--sgd-test", required=True, help="gvit fit-dataset folder of the test split")
     lk.add_argument("--out", required=True)
     lk.add_argument("--data", help="read the images from here instead of the dataset recorded in the SGD folders")
-    lk.add_argument("--quiet", action="store_true")
     lk.add_argument("overrides", nargs="*", metavar="key=value", help="classifier training settings, e.g. steps=400")
-    lk.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     lk.set_defaults(func=_leakage)
 
-    it = sub.add_parser("interpret", help="interpretability in numbers over a test set: det(Sigma)-CDAM rank "
-                                          "correlation, and CDAM mass on the object where masks exist (shapes)")
+    it = sub.add_parser("interpret", parents=job,
+                        help="interpretability in numbers over a test set: det(Sigma)-CDAM rank "
+                             "correlation, and CDAM mass on the object where masks exist (shapes)")
     it.add_argument("--checkpoint", required=True, help="a model=gvit checkpoint")
     it.add_argument("--out", required=True)
     it.add_argument("--limit", type=int, default=512, help="test images, spread over the split (default 512)")
     it.add_argument("--batch-size", type=int, default=128)
-    it.add_argument("--quiet", action="store_true")
     it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
-    it.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     it.set_defaults(func=_interpret)
 
-    vl = sub.add_parser("vl-eval", help="splat-stage checkpoints (model=splat_distill / splat_align) on fitted test "
-                                        "Gaussians beside the RGB teacher: zero-shot, retrieval, held-out pairs, kNN, "
-                                        "linear probe, cosine, against the compression ratio")
+    vl = sub.add_parser("vl-eval", parents=job,
+                        help="splat-stage checkpoints (model=splat_distill / splat_align) on fitted test "
+                             "Gaussians beside the RGB teacher: zero-shot, retrieval, held-out pairs, kNN, "
+                             "linear probe, cosine, against the compression ratio")
     vl.add_argument("--checkpoint", required=True, nargs="+", help="one checkpoint for every folder, or one per folder")
     vl.add_argument("--gaussians", required=True, nargs="+", help="gvit fit-dataset folders of test images")
     vl.add_argument("--out", required=True)
     vl.add_argument("--limit", type=int, default=None, help="test items per folder, spread over it (default: all)")
-    vl.add_argument("--quiet", action="store_true")
-    vl.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     vl.set_defaults(func=_vl_eval)
 
-    tk = sub.add_parser("tokens", help="a trained tokenizer (model=tokenizer): encode its evaluation split to a token "
-                                       "file, decode a token file to images, or report several tokenizers side by side")
+    tk = sub.add_parser("tokens", parents=job,
+                        help="a trained tokenizer (model=tokenizer): encode its evaluation split to a token "
+                             "file, decode a token file to images, or report several tokenizers side by side")
     tk.add_argument("action", choices=("encode", "decode", "report"))
     tk.add_argument("--checkpoint", required=True, help="a model=tokenizer checkpoint (report: the first of them)")
     tk.add_argument("--out", required=True)
@@ -357,17 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--also", nargs="*", metavar="CHECKPOINT", help="report: more tokenizer checkpoints")
     tk.add_argument("--names", nargs="*", help="report: a name per checkpoint (default: the run folders' names)")
     tk.add_argument("--limit", type=int, default=None, help="encode / decode at most this many images")
-    tk.add_argument("--quiet", action="store_true")
     tk.add_argument("overrides", nargs="*", metavar="key=value", help="encode: e.g. data=... eval_split=train")
-    tk.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     tk.set_defaults(func=_tokens)
 
-    rep = sub.add_parser("report", help="evaluate a checkpoint and write report.html with examples and curves")
+    rep = sub.add_parser("report", parents=[overwrite],
+                         help="evaluate a checkpoint and write report.html with examples and curves")
     rep.add_argument("--checkpoint", required=True)
     rep.add_argument("--out", required=True)
     rep.add_argument("--examples", type=int, default=8, help="test images shown")
     rep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... limit_eval=1000")
-    rep.add_argument("--overwrite", action="store_true", help=OVERWRITE)
     rep.set_defaults(func=_report)
     return parser
 

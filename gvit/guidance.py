@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .losses import reconstruction_loss
 from .settings import setting
 
-__all__ = ["Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward"]
+__all__ = ["PerceptualSchedule", "Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward"]
 
 
 @dataclass(frozen=True)
@@ -41,36 +41,51 @@ class Phase:
 
 
 @dataclass
-class Phases:
-    """The phase schedule as fractions of training (Appendix A; all values in [0, 1]).
+class PerceptualSchedule:
+    """When D-SSIM joins a reconstruction loss, and its weight (GViT's encoder and the tokenizer)."""
+
+    perceptual_from: float = setting(0.1, "D-SSIM joins the reconstruction loss from this fraction of training")
+    lambda_perc: float = setting(0.1, "weight of D-SSIM in the reconstruction loss")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.perceptual_from <= 1 or self.lambda_perc < 0:
+            raise ValueError(f"phases: perceptual_from must lie in [0, 1] and lambda_perc be >= 0, got "
+                             f"{self.perceptual_from}, {self.lambda_perc}")
+
+    def perceptual_weight(self, step: int, total: int) -> float:
+        """The D-SSIM weight of 0-based ``step`` out of ``total`` steps."""
+        return self.lambda_perc if step / total >= self.perceptual_from else 0.0
+
+
+@dataclass
+class Phases(PerceptualSchedule):
+    """GViT's phase schedule as fractions of training (Appendix A; all values in [0, 1]).
 
     [0, classifier_from): the encoder alone on the reconstruction loss, with D-SSIM weighted by
     ``lambda_perc`` from ``perceptual_from`` on; [classifier_from, pretrain_until): the classifier alone on
     frozen Gaussians (the pre-training variant of 2.2; none by default); then encoder and classifier
     jointly with ``lambda_cls``; from ``guidance_from`` on, every ``guidance_every``-th step is a guidance
-    step with ``gamma``. The fields are settings (:mod:`gvit.settings`); ``TrainConfig`` extends them.
+    step with ``gamma``. The fields are settings (:mod:`gvit.settings`); GViT's run settings extend them.
     """
 
-    perceptual_from: float = setting(0.1, "D-SSIM joins the reconstruction loss from this fraction of training")
     classifier_from: float = setting(0.25, "the classifier trains from this fraction of training")
     pretrain_until: float | None = setting(None, "classifier alone on frozen Gaussians until this fraction "
                                                  "(none: no pre-training)")
     guidance_from: float = setting(0.75, "constructive guidance steps from this fraction of training")
-    lambda_perc: float = setting(0.1, "weight of D-SSIM in the reconstruction loss")
     lambda_cls: float = setting(1.0, "weight of the cross-entropy in joint steps")
     gamma: float = setting(0.1, "guidance strength: encoder gradient = grad_rec + gamma * grad_cls")
     guidance_every: int = setting(10, "every n-th step of the guidance phase is a guidance step")
 
     def __post_init__(self) -> None:
-        order = (0.0, self.perceptual_from, 1.0)
+        PerceptualSchedule.__post_init__(self)
         stages = (0.0, self.classifier_from, self.pretrain_end, self.guidance_from, 1.0)
-        if not all(0 <= v <= 1 for v in order + stages):
+        if not all(0 <= v <= 1 for v in stages):
             raise ValueError(f"phases: fractions must lie in [0, 1], got {self}")
         if list(stages) != sorted(stages):
             raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
                              f"{self.classifier_from}, {self.pretrain_end}, {self.guidance_from}")
-        if self.guidance_every < 1 or self.gamma < 0 or self.lambda_perc < 0 or self.lambda_cls < 0:
-            raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_perc, lambda_cls >= 0, got {self}")
+        if self.guidance_every < 1 or self.gamma < 0 or self.lambda_cls < 0:
+            raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_cls >= 0, got {self}")
 
     @property
     def pretrain_end(self) -> float:
@@ -85,7 +100,7 @@ class Phases:
         if total < 1 or not 0 <= step < total:
             raise ValueError(f"phases: step {step} outside a run of {total} steps")
         t = step / total
-        perc = self.lambda_perc if t >= self.perceptual_from else 0.0
+        perc = self.perceptual_weight(step, total)
         if t < self.classifier_from:
             return Phase("encoder", True, False, perc, 0.0, False)
         if t < self.pretrain_end:

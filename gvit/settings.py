@@ -24,8 +24,9 @@ import types
 import typing
 from pathlib import Path
 
-__all__ = ["setting", "coerce", "from_mapping", "parse_overrides", "apply_overrides", "load_settings",
-           "add_arguments", "from_arguments", "validate_fields"]
+__all__ = ["setting", "coerce", "typed_values", "from_mapping", "split_overrides", "parse_overrides",
+           "apply_overrides", "read_settings_file", "load_settings", "add_arguments", "from_arguments",
+           "validate_fields"]
 
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
@@ -108,7 +109,9 @@ def _fields(cls) -> dict[str, tuple[object, tuple | None]]:
     return {f.name: (hints[f.name], f.metadata.get("choices")) for f in dataclasses.fields(cls)}
 
 
-def _typed(cls, values: dict, where: str) -> dict:
+def typed_values(cls, values: dict, where: str = "config") -> dict:
+    """``values`` (key -> string or native value) typed as the fields of ``cls``; an unknown key
+    raises ValueError naming it, the near keys and the allowed ones."""
     known = _fields(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -125,18 +128,23 @@ def from_mapping(cls, values: dict, *, where: str = "config"):
     """An instance of ``cls`` from a mapping of key -> value (strings or native values)."""
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
-    return cls(**_typed(cls, values, where))
+    return cls(**typed_values(cls, values, where))
 
 
-def parse_overrides(cls, items: typing.Iterable[str], *, where: str = "config") -> dict:
-    """``["key=value", ...]`` -> ``{key: typed value}`` for the fields of ``cls``."""
+def split_overrides(items: typing.Iterable[str], *, where: str = "config") -> dict[str, str]:
+    """``["key=value", ...]`` -> ``{key: "value"}`` (untyped)."""
     values = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{where}: expected key=value, got {item!r}")
         values[key.strip()] = text
-    return _typed(cls, values, where)
+    return values
+
+
+def parse_overrides(cls, items: typing.Iterable[str], *, where: str = "config") -> dict:
+    """``["key=value", ...]`` -> ``{key: typed value}`` for the fields of ``cls``."""
+    return typed_values(cls, split_overrides(items, where=where), where)
 
 
 def apply_overrides(obj, items: typing.Iterable[str] | None, *, where: str = "config"):
@@ -145,25 +153,27 @@ def apply_overrides(obj, items: typing.Iterable[str] | None, *, where: str = "co
     return dataclasses.replace(obj, **values) if values else obj
 
 
-def load_settings(cls, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] | None = None):
-    """``cls`` from a YAML (or JSON) file and ``key=value`` overrides on top."""
+def read_settings_file(path: str | os.PathLike) -> dict:
+    """The ``key: value`` mapping of a YAML (or JSON) file, untyped."""
     import yaml
 
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            problem = str(exc).replace("\n", " ")
-            raise ValueError(f"config file {p}: not valid YAML ({problem})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {p}: expected a mapping of key: value")
-        values.update(_typed(cls, loaded or {}, f"config file {p}"))
-    values.update(parse_overrides(cls, overrides or []))
-    return cls(**values)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        problem = str(exc).replace("\n", " ")
+        raise ValueError(f"config file {p}: not valid YAML ({problem})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"config file {p}: expected a mapping of key: value")
+    return loaded or {}
+
+
+def load_settings(cls, path: str | os.PathLike | None = None, overrides: typing.Iterable[str] | None = None):
+    """``cls`` from a YAML (or JSON) file and ``key=value`` overrides on top."""
+    values = typed_values(cls, read_settings_file(path), f"config file {Path(path)}") if path is not None else {}
+    return cls(**(values | parse_overrides(cls, overrides or [])))
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, title: str | None = None, **defaults) -> None:

@@ -14,7 +14,9 @@ def reference_render(means, scales, angles, colors, opacities, height, width, ba
     f64 = [t.double() for t in (means, scales, angles, colors, opacities)]
     means, scales, angles, colors, opacities = f64
     n_img, k, n_ch = colors.shape
-    bg = torch.zeros(n_img, n_ch, dtype=torch.float64) if background is None else background.double().expand(n_img, n_ch)
+    bg = (
+        torch.zeros(n_img, n_ch, dtype=torch.float64) if background is None else background.double().expand(n_img, n_ch)
+    )
     jj = torch.arange(width, dtype=torch.float64)
     ii = torch.arange(height, dtype=torch.float64)
     x = ((2 * jj + 1) / width - 1)[None, :].expand(height, width)

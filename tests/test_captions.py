@@ -65,7 +65,7 @@ def test_a_prompt_may_be_an_ensemble_of_templates():
     with pytest.raises(ValueError, match="every |-separated template.*'a small'"):
         prompt_templates("a {} | a small")
     with pytest.raises(ValueError, match="config: prompt must hold"):
-        load_config(None, ["prompt=a {} | no slot"])
+        load_config(None, ["model=clip", "prompt=a {} | no slot"])
 
 
 def test_a_mirrored_caption_swaps_left_and_right_only():

@@ -17,7 +17,7 @@ from gvit.fit import FitConfig, fit_gaussians
 from gvit.render import rasterize
 from gvit.render._gsplat import available as gsplat_available
 from gvit.tools.fit_dataset import fit_dataset
-from gvit.train import TrainConfig, load_checkpoint, train
+from gvit.train import make_config, load_checkpoint, train
 from reference import random_scene, reference_render
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -69,7 +69,7 @@ def test_auto_backend_on_cuda_is_gsplat_when_installed_else_torch():
 
 
 def test_gvit_trains_on_cuda_with_bf16_autocast(tmp_path):
-    cfg = TrainConfig(data="shapes:128", limit_eval=64, encoder_size="micro", classifier_size="micro", image_size=16,
+    cfg = make_config(data="shapes:128", limit_eval=64, encoder_size="micro", classifier_size="micro", image_size=16,
                       patch=4, num_gaussians=16, batch_size=32, steps=12, log_every=2, checkpoint_every=100,
                       classifier_from=0.25, pretrain_until=0.5, guidance_from=0.75, guidance_every=2, device="cuda",
                       out=str(tmp_path / "run"))

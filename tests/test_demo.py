@@ -72,9 +72,9 @@ def test_gvit_demo_trains_beside_a_patch_vit_and_writes_the_report(tmp_path, cap
 
 
 def test_report_command_for_a_patch_vit(tmp_path, capsys):
-    from gvit.train import TrainConfig, train
+    from gvit.train import make_config, train
 
-    cfg = TrainConfig(model="patch_vit", data="shapes:64", limit_eval=16, steps=3, batch_size=16,
+    cfg = make_config(model="patch_vit", data="shapes:64", limit_eval=16, steps=3, batch_size=16,
                       classifier_size="micro", out=str(tmp_path / "run"))
     train(cfg, progress=False)
     assert main(["report", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "rep"),

@@ -11,7 +11,7 @@ from gvit.render import render
 from gvit.tools.fit_dataset import fit_dataset
 from gvit.train import load_config, train
 from gvit.train.checkpoint import load_checkpoint
-from gvit.train.distill_step import PairedGaussians, mirror_sets
+from gvit.train.splat_distill_step import PairedGaussians, mirror_sets
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
     data = PairedGaussians(root / "test")
     (image, g, caption), label = data[3]
     source = open_dataset("captioned-shapes", "test")
-    assert caption == source.captions[data.indices[3]] and data.held_out.tolist() == source.held_out[data.indices].tolist()
+    assert (
+        caption == source.captions[data.indices[3]] and data.held_out.tolist() == source.held_out[data.indices].tolist()
+    )
     assert data.held_out.any()  # the test images include pairs training never showed
     rendered = render(g, height=32, width=32, mode="sum")[0]
     assert 10 * torch.log10(1 / (rendered.clamp(0, 1) - image).pow(2).mean()) > 12  # close to its own image
@@ -66,7 +68,7 @@ def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
 
 
 def test_without_captions_of_its_own_an_item_is_captioned_by_its_class_prompt(stage1, tmp_path):
-    from gvit.train.distill_step import AlignStep
+    from gvit.train.splat_align_step import AlignStep
 
     root, _ = stage1
     plain = PairedGaussians(root / "plain")
@@ -75,7 +77,10 @@ def test_without_captions_of_its_own_an_item_is_captioned_by_its_class_prompt(st
                              f"offline_train={root / 'plain'}", "stem_depth=1", "stem_tokens=8", "stem_width=32",
                              f"out={tmp_path / 'a'}"])
     step = AlignStep(cfg, 6, torch.device("cpu"))
-    assert step.captions(["", "a small red star"], [2, 0], plain.classes) == [f"a {plain.classes[2]}", "a small red star"]
+    assert step.captions(["", "a small red star"], [2, 0], plain.classes) == [
+        f"a {plain.classes[2]}",
+        "a small red star",
+    ]
 
 
 def test_a_mirrored_set_renders_the_mirrored_image():
@@ -199,7 +204,9 @@ def test_a_pretrained_clip_folder_teaches_with_its_own_tokenizer_and_pixel_stati
     clip = transformers.CLIPModel.from_pretrained(pretrained_dir).eval()
     resized = torch.nn.functional.interpolate(images, size=(24, 24), mode="bicubic", align_corners=False,
                                               antialias=True).clamp(0, 1)
-    pixels = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    pixels = (resized - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.3]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
         torch.testing.assert_close(teacher.image_embeddings(images), expected)

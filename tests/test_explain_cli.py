@@ -5,13 +5,13 @@ import pytest
 from PIL import Image
 
 from gvit.cli import main
-from gvit.train import TrainConfig, train
+from gvit.train import make_config, train
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(data="shapes:64", limit_eval=8, steps=3, batch_size=16, encoder_size="micro",
+    cfg = make_config(data="shapes:64", limit_eval=8, steps=3, batch_size=16, encoder_size="micro",
                       classifier_size="micro", num_gaussians=16, sample_image=True, g0_layout="stratified",
                       out=str(out))
     train(cfg, progress=False)

@@ -101,7 +101,9 @@ def test_measured_guidance_gives_the_same_gradient_and_the_norms_of_its_parts():
     out = batch_losses(model, images, labels, g0)
     g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True, allow_unused=True)
     g_cls = torch.autograd.grad(out.classification, params, allow_unused=True)
-    flat = lambda gs: torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+    def flat(gs):
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+
     rec, cls = flat(g_rec), 0.3 * flat(g_cls)
     plain = guidance_backward(model, images, labels, g0, gamma=0.3)
     total = [p.grad.clone() for p in params]
@@ -118,21 +120,21 @@ def test_measured_guidance_gives_the_same_gradient_and_the_norms_of_its_parts():
 def test_training_logs_every_guidance_step_with_its_measurements(tmp_path):
     import json
 
-    from gvit.train import TrainConfig, train
+    from gvit.train import make_config, train
 
-    cfg = TrainConfig(data="shapes:64", limit_eval=16, encoder_size="micro", classifier_size="micro", image_size=16,
+    cfg = make_config(data="shapes:64", limit_eval=16, encoder_size="micro", classifier_size="micro", image_size=16,
                       num_gaussians=16, batch_size=16, steps=12, log_every=100, guidance_from=0.5, guidance_every=2,
                       measure_guidance=True, out=str(tmp_path / "run"))
     train(cfg, progress=False)
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     guided = [m for m in lines if m["phase"] == "guidance"]
     assert [m["step"] for m in guided] == [8, 10, 12]
-    plain = TrainConfig(**{**cfg.to_dict(), "measure_guidance": False, "out": str(tmp_path / "plain")})
+    plain = make_config(**{**cfg.to_dict(), "measure_guidance": False, "out": str(tmp_path / "plain")})
     train(plain, progress=False)
     plain_lines = [json.loads(line) for line in open(tmp_path / "plain" / "metrics.jsonl")]
     assert [m["step"] for m in plain_lines if m["phase"] == "guidance"] == [8, 10, 12]  # logged, not measured
     assert not any(key.startswith("guide_") for m in plain_lines for key in m)
-    own = TrainConfig(**{**plain.to_dict(), "guidance_lr": 0.5, "out": str(tmp_path / "own")})
+    own = make_config(**{**plain.to_dict(), "guidance_lr": 0.5, "out": str(tmp_path / "own")})
     train(own, progress=False)
     own_lines = [json.loads(line) for line in open(tmp_path / "own" / "metrics.jsonl")]
     peak = own.base_lr * own.batch_size / 256

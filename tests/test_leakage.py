@@ -8,7 +8,7 @@ from gvit.data.shards import load_shards
 from gvit.tools.fit_dataset import fit_dataset
 from gvit.fit import FitConfig
 from gvit.tools.leakage import encode_like, run_leakage
-from gvit.train import TrainConfig, train
+from gvit.train import as_kind, make_config, train
 
 K = 8
 TINY = dict(data="shapes:64", encoder_size="micro", classifier_size="micro", image_size=16, patch=4, num_gaussians=K,
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     for split in ("train", "test"):
         fit_dataset("shapes:64", root / f"sgd_{split}", fit, split=split, shard_size=24, limit=48 if split == "train"
                     else 32, progress=False)
-    train(TrainConfig(**TINY, out=str(root / "gvit")), progress=False)
+    train(make_config(**TINY, out=str(root / "gvit")), progress=False)
     return root
 
 
@@ -72,7 +72,7 @@ def test_leakage_refuses_mismatched_inputs(setup, tmp_path):
     with pytest.raises(ValueError, match="no manifest"):
         run_leakage(setup / "gvit" / "checkpoint.pt", tmp_path / "none", tmp_path / "k4", tmp_path / "o",
                     progress=False)
-    train(TrainConfig(**(TINY | {"model": "patch_vit"}), out=str(tmp_path / "pv")), progress=False)
+    train(as_kind(make_config(**TINY), "patch_vit", out=str(tmp_path / "pv")), progress=False)
     with pytest.raises(ValueError, match="model=gvit"):
         run_leakage(tmp_path / "pv" / "checkpoint.pt", setup / "sgd_train", setup / "sgd_test", tmp_path / "o",
                     progress=False)

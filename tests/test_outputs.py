@@ -69,7 +69,9 @@ def test_explain_and_report_refuse_to_write_over_their_inputs(tmp_path, capsys, 
     assert main(["report", "--checkpoint", str(checkpoint), "--out", str(checkpoint.parent)]) == 2
     _error(capsys, checkpoint.parent, "holds the input")
     assert _digest(photos) == before and _digest(checkpoint.parent) == run
-    assert main(["explain", str(photos), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "ex"), "--quiet"]) == 0
+    assert (
+        main(["explain", str(photos), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "ex"), "--quiet"]) == 0
+    )
 
 
 def test_an_out_that_is_a_file_or_holds_foreign_files_is_refused(tmp_path, capsys):

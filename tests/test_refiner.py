@@ -92,13 +92,13 @@ def test_gvit_with_the_refiner_gives_renders_better_than_its_start_after_trainin
 
 def test_training_with_the_refiner_and_splat_tokens_resumes_and_explains(tmp_path):
     from gvit.explain import explain_images
-    from gvit.train import TrainConfig, load_config, load_trained, train
+    from gvit.train import make_config, load_config, load_trained, train
 
     settings = dict(data="shapes:64", limit_eval=16, encoder="refine", encoder_size="micro", refine_rounds=2,
                     refine_depth=1, classifier_size="micro", image_size=16, num_gaussians=16, g0_layout="grid",
                     token_features="splat", batch_size=16, steps=6, log_every=2, guidance_from=0.5, guidance_every=2)
-    a = train(TrainConfig(**settings, out=str(tmp_path / "a")), progress=False)
-    b_cfg = TrainConfig(**settings, out=str(tmp_path / "b"))
+    a = train(make_config(**settings, out=str(tmp_path / "a")), progress=False)
+    b_cfg = make_config(**settings, out=str(tmp_path / "b"))
     train(b_cfg, stop_after=3, progress=False)
     b = train(b_cfg, resume=True, progress=False)
     assert a["top1"] == b["top1"] and a["psnr"] == b["psnr"] and a["psnr"] > 10
@@ -112,7 +112,7 @@ def test_training_with_the_refiner_and_splat_tokens_resumes_and_explains(tmp_pat
 
 def test_refiner_with_learned_queries_starts_on_g0s_grid_learns_its_centres_and_trains(tmp_path):
     from gvit.gaussians import grid_centres
-    from gvit.train import TrainConfig, load_trained, train
+    from gvit.train import make_config, load_trained, train
 
     torch.manual_seed(0)
     enc = RefinementEncoder(16, 12, "micro", rounds=1, depth=1, features=8, learned_queries=True)
@@ -132,7 +132,7 @@ def test_refiner_with_learned_queries_starts_on_g0s_grid_learns_its_centres_and_
     settings = dict(data="shapes:32", limit_eval=8, encoder="refine", encoder_size="micro", refine_rounds=1,
                     refine_depth=1, classifier_size="micro", image_size=16, num_gaussians=16, g0_layout="grid",
                     learned_queries=True, batch_size=8, steps=2, log_every=1)
-    result = train(TrainConfig(**settings, out=str(tmp_path / "lq")), progress=False)
+    result = train(make_config(**settings, out=str(tmp_path / "lq")), progress=False)
     assert result["psnr"] > 5
     model = load_trained(tmp_path / "lq" / "checkpoint.pt").model
     assert model.sample_g0(2) is None and model.encoder.learned_queries

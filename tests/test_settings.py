@@ -6,7 +6,7 @@ import pytest
 from gvit.files import record_settings
 from gvit.fit import FitConfig
 from gvit.settings import add_arguments, coerce, from_arguments, from_mapping, load_settings, setting
-from gvit.train import TrainConfig, load_config
+from gvit.train import GViTConfig, load_config
 
 
 @dataclass
@@ -51,7 +51,7 @@ def test_yaml_values_read_as_strings_are_coerced_and_bad_ones_name_key_and_file(
     with pytest.raises(ValueError, match="did you mean model"):
         load_config(None, ["modle=gvit"])
     with pytest.raises(ValueError, match="steps expects int"):
-        TrainConfig(steps="abc")  # built in Python: the same checks
+        GViTConfig(steps="abc")  # built in Python: the same checks
 
 
 def test_one_declaration_serves_mapping_overrides_and_flags():
@@ -62,7 +62,9 @@ def test_one_declaration_serves_mapping_overrides_and_flags():
     parser = argparse.ArgumentParser()
     add_arguments(parser, Toy, steps=99)
     assert from_arguments(Toy, parser.parse_args([])) == Toy(steps=99)
-    assert from_arguments(Toy, parser.parse_args(["--rate", "1e-2", "--flip", "false"])) == Toy(steps=99, rate=0.01, flip=False)
+    assert from_arguments(Toy, parser.parse_args(["--rate", "1e-2", "--flip", "false"])) == Toy(
+        steps=99, rate=0.01, flip=False
+    )
     assert "how fast" in parser.format_help() and "(a, b)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "4.5"])

@@ -12,7 +12,8 @@ from gvit.models.splat_stem import (SplatStem, hilbert_index, splat_set_features
 
 def _sets(b=2, k=12, seed=0, valid=None) -> Gaussians:
     g = torch.Generator().manual_seed(seed)
-    return Gaussians(means=torch.rand(b, k, 2, generator=g) * 2 - 1, scales=0.02 + 0.2 * torch.rand(b, k, 2, generator=g),
+    return Gaussians(means=torch.rand(b, k, 2, generator=g) * 2 - 1,
+                     scales=0.02 + 0.2 * torch.rand(b, k, 2, generator=g),
                      angles=torch.rand(b, k, generator=g) * 2 * math.pi, colors=torch.rand(b, k, 3, generator=g),
                      opacities=torch.rand(b, k, generator=g), valid=valid)
 
@@ -84,7 +85,9 @@ def test_sum_mode_perceiver_stem_is_order_free_and_alpha_mode_is_not():
     torch.manual_seed(0)
     g = _sets(2, 10)
     perm = torch.randperm(10)
-    shuffled = Gaussians(g.means[:, perm], g.scales[:, perm], g.angles[:, perm], g.colors[:, perm], g.opacities[:, perm])
+    shuffled = Gaussians(
+        g.means[:, perm], g.scales[:, perm], g.angles[:, perm], g.colors[:, perm], g.opacities[:, perm]
+    )
     stem = SplatStem(8, mode="sum", num_tokens=3, width=16, depth=2, heads=2).eval()
     torch.testing.assert_close(stem(shuffled), stem(g), atol=1e-5, rtol=1e-5)
     stem = SplatStem(8, mode="alpha", num_tokens=3, width=16, depth=2, heads=2).eval()

@@ -38,7 +38,9 @@ def test_gvit_owns_g0_and_gives_gaussians_renders_and_logits():
 def test_models_declare_no_decay_and_layer_ids():
     model = PatchViT(16, 4, 3, "micro")  # depth 2
     assert model.no_weight_decay() == {"pos_embed", "cls_token"} and model.num_layers == 4
-    assert model.layer_id("patch_embed.proj.weight") == 0 and model.layer_id("transformer.blocks.1.attn.qkv.weight") == 2
+    assert (
+        model.layer_id("patch_embed.proj.weight") == 0 and model.layer_id("transformer.blocks.1.attn.qkv.weight") == 2
+    )
     assert model.layer_id("head.weight") == 3 and model.last_attention is model.transformer.blocks[-1].attn
     encoder = GaussianEncoder(16, 4, 12, "micro", learned_queries=True)
     assert "queries" in encoder.no_weight_decay()

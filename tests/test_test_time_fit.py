@@ -13,7 +13,7 @@ from gvit.gaussians import sample_initial
 from gvit.guidance import batch_losses, guidance_backward
 from gvit.losses import psnr
 from gvit.models import GaussianClassifier, GViT, RefinementEncoder
-from gvit.train import TrainConfig, learning_rate, model_step
+from gvit.train import make_config, learning_rate, model_step
 from gvit.train.loop import evaluate
 
 
@@ -91,13 +91,13 @@ def test_guidance_takes_rec_at_the_encoder_output_and_cls_at_the_fitted_gaussian
 @pytest.mark.parametrize("bad", [dict(fit_steps=-1), dict(fit_lr=0.0)])
 def test_bad_fit_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        TrainConfig(**bad)
+        make_config(**bad)
     with pytest.raises(ValueError, match="fit_steps"):
         GViT(RefinementEncoder(16, 12, "micro"), GaussianClassifier(12, 6, "micro"), **bad)
 
 
 def test_evaluation_reports_both_psnrs():
-    cfg = TrainConfig(data="shapes:64", limit_eval=16, encoder="refine", encoder_size="micro", refine_rounds=1,
+    cfg = make_config(data="shapes:64", limit_eval=16, encoder="refine", encoder_size="micro", refine_rounds=1,
                       classifier_size="micro", num_gaussians=12, image_size=16, fit_steps=3, batch_size=8)
     run = model_step(cfg, 6, "cpu")
     images, labels, _ = make_shapes(16, 16, seed=3)
@@ -107,7 +107,7 @@ def test_evaluation_reports_both_psnrs():
 
 
 def test_learning_rate_warm_up_restarts_where_a_model_starts_training():
-    cfg = TrainConfig(steps=1000, warmup=0.05, base_lr=1e-3, batch_size=256)
+    cfg = make_config(steps=1000, warmup=0.05, base_lr=1e-3, batch_size=256)
 
     def cosine(step):  # the schedule after the warm-up
         return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 50) / 950))
@@ -118,18 +118,19 @@ def test_learning_rate_warm_up_restarts_where_a_model_starts_training():
     assert learning_rate(cfg, 400, start=400) == pytest.approx(cosine(400) / 50)
     assert learning_rate(cfg, 424, start=400) == pytest.approx(cosine(424) * 25 / 50)
     assert learning_rate(cfg, 449, start=400) == pytest.approx(cosine(449))
-    assert learning_rate(replace(cfg, warmup=0.0), 400, start=400) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.4)))
+    assert learning_rate(replace(cfg, warmup=0.0), 400, start=400) == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 0.4))
+    )
 
 
 def test_the_gvit_classifier_warms_up_from_its_first_step():
-    cfg = TrainConfig(data="shapes:64", encoder="refine", encoder_size="micro", refine_rounds=1, classifier_size="micro",
-                      num_gaussians=12, image_size=16, batch_size=8, steps=100, warmup=0.1, classifier_from=0.5,
-                      pretrain_until=0.8, guidance_from=0.9, classifier_lr_scale=0.5)
+    cfg = make_config(data="shapes:64", encoder="refine", encoder_size="micro", refine_rounds=1,
+                      classifier_size="micro", num_gaussians=12, image_size=16, batch_size=8, steps=100,
+                      warmup=0.1, classifier_from=0.5, pretrain_until=0.8, guidance_from=0.9, classifier_lr_scale=0.5)
     run = model_step(cfg, 6, "cpu")
     images, labels, _ = make_shapes(8, 16, seed=0)
-    phases = run.phases()
     for step in (10, 50, 55):
-        run.step(step, images, labels, torch.Generator().manual_seed(step), 0, 1, phases.at(step, cfg.steps))
+        run.step(step, images, labels, torch.Generator().manual_seed(step), 0, 1)
         enc_lr = run.parts["encoder"][1].param_groups[0]["lr"]
         cls_lr = run.parts["classifier"][1].param_groups[0]["lr"]
         assert enc_lr == pytest.approx(learning_rate(cfg, step))

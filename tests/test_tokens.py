@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gvit.cli import main
-from gvit.train import TrainConfig, load_trained, train
+from gvit.train import make_config, load_trained, train
 from gvit.tools.tokens import decode_tokens, encode_tokens, load_tokens, save_tokens
 
 
@@ -14,7 +14,7 @@ def _cfg(tmp_path, kind="gaussian", **kw):
     values = dict(model="tokenizer", tokenizer=kind, data="shapes:96", limit_eval=24, image_size=16, steps=6,
                   batch_size=8, num_tokens=16, codebook_size=16, tokenizer_channels=16, pixel_loss="l1",
                   lambda_perc=0.0, log_every=1, checkpoint_every=3, crop_scale_min=1.0, out=str(tmp_path / kind))
-    return TrainConfig(**(values | kw))
+    return make_config(**(values | kw))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_bad_token_files_and_mismatched_tokenizers_are_named(trained, tmp_path):
 
 
 def test_tokens_jobs_refuse_a_classifier_checkpoint(tmp_path):
-    cfg = TrainConfig(model="patch_vit", data="shapes:32", limit_eval=8, image_size=16, steps=1, batch_size=8,
+    cfg = make_config(model="patch_vit", data="shapes:32", limit_eval=8, image_size=16, steps=1, batch_size=8,
                       classifier_size="micro", out=str(tmp_path / "pv"))
     train(cfg, progress=False)
     with pytest.raises(ValueError, match="not a tokenizer checkpoint"):

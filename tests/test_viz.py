@@ -6,7 +6,8 @@ from gvit.viz import draw_ellipses, ellipse_polygons
 
 
 def _one(mx, my, sx, sy, angle=0.0, n=1):
-    return Gaussians(means=torch.tensor([[[mx, my]]] * n).view(1, n, 2), scales=torch.tensor([[[sx, sy]]] * n).view(1, n, 2),
+    return Gaussians(means=torch.tensor([[[mx, my]]] * n).view(1, n, 2),
+                     scales=torch.tensor([[[sx, sy]]] * n).view(1, n, 2),
                      angles=torch.full((1, n), angle), colors=torch.rand(1, n, 3), opacities=torch.full((1, n), 0.9))
 
 

@@ -2,7 +2,7 @@
 (fit Gaussians to a few shapes images).
 
 The demo's settings (:data:`DEMO_SETTINGS`) are the CPU recipe scaled to a few minutes on two
-cores; any :class:`gvit.train.TrainConfig` key can be overridden. The GViT run lives in ``<out>/run``
+cores; any key of :class:`gvit.train.GViTConfig` can be overridden. The GViT run lives in ``<out>/run``
 (checkpoint, metrics.jsonl); with ``baseline`` a patch ViT is trained with the same data, steps,
 batch, learning rate, size and seed in ``<out>/patch_vit``; the report, which puts the two side by
 side, in ``<out>`` (:func:`gvit.tools.report.training_report`). An interrupted demo continues where
@@ -21,14 +21,14 @@ from ..distributed import device_for
 from ..files import output_folder, write_text
 from ..fit import FitConfig, fit_gaussians
 from ..gaussians import save_gaussians
-from ..settings import apply_overrides, from_mapping
-from ..train import TrainConfig, train_or_reuse
+from ..train import GViTConfig, as_kind, make_config, train_or_reuse, with_overrides
 from ..viz import draw_ellipses, save_png, to_uint8
 from .artifacts import markdown_table
 from .report import training_report
 
-__all__ = ["DEMO_SETTINGS", "run_demo", "run_fit_demo"]
+__all__ = ["DEMO_STEPS", "DEMO_SETTINGS", "run_demo", "run_fit_demo"]
 
+DEMO_STEPS = 2290
 DEMO_SETTINGS = {
     "data": "shapes:8192",
     "limit_eval": 512,
@@ -46,27 +46,27 @@ DEMO_SETTINGS = {
     "g0_layout": "grid",
     "pixel_loss": "mse",
     "lambda_perc": 0.0,
-    "steps": 2290,
+    "steps": DEMO_STEPS,
     "batch_size": 64,
     "base_lr": 1.6e-2,  # 4e-3 at batch 64 (the encoder's) ...
     "classifier_lr_scale": 0.5,  # ... and half that for the classifier
     "crop_scale_min": 1.0,  # no crops (they cut shapes off); flips stay
-    # the encoder alone for 300 steps; then the classifier alone for 1,950 cheap steps on the frozen
-    # encoder's (fitted) Gaussians of the training set (encoded once: cache_gaussians); then both
-    # jointly for 20 steps and 20 more with a guidance step every second step
-    "classifier_from": 0.131004,
-    "pretrain_until": 0.982532,
+    # the phases, in steps: the encoder alone for steps [0, 300); then the classifier alone for 1,950
+    # cheap steps on the frozen encoder's (fitted) Gaussians of the training set (encoded once:
+    # cache_gaussians); then both jointly for 20 steps and 20 more with a guidance step every second step
+    "classifier_from": 300 / DEMO_STEPS,
+    "pretrain_until": 2250 / DEMO_STEPS,
     "cache_gaussians": True,
-    "guidance_from": 0.991266,
+    "guidance_from": 2270 / DEMO_STEPS,
     "guidance_every": 2,
     "log_every": 20,
     "checkpoint_every": 100,
 }
 
 
-def demo_config(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> TrainConfig:
+def demo_config(out: str | Path = "runs/demo", overrides: list[str] | None = None) -> GViTConfig:
     """:data:`DEMO_SETTINGS` with ``key=value`` overrides, training into ``<out>/run``."""
-    cfg = apply_overrides(from_mapping(TrainConfig, DEMO_SETTINGS, where="demo settings"), overrides)
+    cfg = with_overrides(make_config(**DEMO_SETTINGS), overrides)
     return replace(cfg, out=str(Path(out) / "run"))
 
 
@@ -84,7 +84,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
             return result
         compare = {}
         if baseline:
-            patch = train_or_reuse(replace(cfg, model="patch_vit", out=str(out / "patch_vit")), resume=resume,
+            patch = train_or_reuse(as_kind(cfg, "patch_vit", out=str(out / "patch_vit")), resume=resume,
                                    overwrite=overwrite, progress=progress, log=log)
             if not patch.get("finished"):
                 return patch

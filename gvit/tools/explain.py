@@ -47,7 +47,9 @@ def _panel(path, image: Tensor, maps: dict, i: int, classes: list[str], grid: in
     fig.colorbar(shown, ax=axes[4], fraction=0.046)
     for ax in axes:
         ax.axis("off")
-    top = ", ".join(f"{classes[int(c)]} {100 * float(p):.1f}%" for c, p in zip(maps["top_classes"][i], maps["top_probs"][i]))
+    top = ", ".join(
+        f"{classes[int(c)]} {100 * float(p):.1f}%" for c, p in zip(maps["top_classes"][i], maps["top_probs"][i])
+    )
     fig.suptitle(f"top-{len(maps['top_classes'][i])}: {top}", fontsize=11)
     save_figure(path, fig)
 
@@ -122,7 +124,7 @@ def _explain(trained, checkpoint, jobs, out: Path, target, grid: int, batch_size
         f'{html.escape(r["image"])}: ' + html.escape(", ".join(f"{c} {100 * p:.1f}%" for c, p in r["top5"]))
         + "</figcaption></figure>" for r in records)
     body = (f"<p>{html.escape(str(checkpoint))}: {len(records)} image(s). Panels: input, reconstruction, 2-sigma "
-            f"ellipses of every Gaussian, log det(Sigma) per pixel (dark: small Gaussians), CDAM of the explained class "
-            f"on a {grid}x{grid} grid (red: evidence for, blue: against).</p>\n{cards}")
+            f"ellipses of every Gaussian, log det(Sigma) per pixel (dark: small Gaussians), CDAM of the "
+            f"explained class on a {grid}x{grid} grid (red: evidence for, blue: against).</p>\n{cards}")
     html_page(out / "index.html", "gvit explain", body)
     return summary

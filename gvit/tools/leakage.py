@@ -31,7 +31,7 @@ from ..data.shards import load_shards, read_manifest, read_shard, shard_done, sh
 from ..data.transforms import resize_square
 from ..files import output_folder, record_settings, write_json, write_text
 from ..progress import progress_bar
-from ..train import apply_overrides, evaluate_checkpoint, load_gvit, step_generator, train_or_reuse
+from ..train import as_kind, evaluate_checkpoint, load_gvit, step_generator, train_or_reuse, with_overrides
 from .artifacts import markdown_table, write_csv
 
 __all__ = ["encode_like", "run_leakage"]
@@ -113,15 +113,14 @@ def _run_leakage(checkpoint, sgd_train, sgd_test, out: Path, overrides, data, pr
     for split, folder in folders["sgd"].items():
         g, _, _, _ = load_shards(folder)
         if g.num_gaussians != gvit_cfg.num_gaussians:
-            raise ValueError(f"{folder}: the SGD Gaussians have k = {g.num_gaussians} slots but the checkpoint's encoder "
-                             f"predicts k = {gvit_cfg.num_gaussians}; fit them with --num-gaussians "
+            raise ValueError(f"{folder}: the SGD Gaussians have k = {g.num_gaussians} slots but the checkpoint's "
+                             f"encoder predicts k = {gvit_cfg.num_gaussians}; fit them with --num-gaussians "
                              f"{gvit_cfg.num_gaussians} (the classifier needs the same k for both)")
     t0 = time.perf_counter()
     for split in ("train", "test"):
         encode_like(checkpoint, folders["sgd"][split], folders["learned"][split], data=data, progress=progress)
-    base = replace(gvit_cfg, model="offline", offline_train=str(sgd_train), limit_train=None, limit_eval=None,
-                   finetune_from=None, guidance=False)
-    base = apply_overrides(base, overrides or [])
+    base = as_kind(gvit_cfg, "offline", offline_train=str(sgd_train), limit_train=None, limit_eval=None)
+    base = with_overrides(base, overrides)
     results = {}
     for name, (source, kind) in _RUNS.items():
         run_dir = out / name
@@ -164,10 +163,13 @@ def _write_tables(out: Path, f: dict) -> None:
                              [[f"trained on {_LABEL[t]}", pct(r[t]["gaussians"]), pct(r[t]["renders"]),
                                f"{100 * (r[t]['renders'] - r[t]['gaussians']):+.1f}"] for t in ("sgd", "learned")])
     write_text(out / "leakage.md",
-               f"# Leakage tests\n\nClassifiers ({f['classifier_size']}, {f['steps']} steps of batch {f['batch_size']}) "
-               f"on frozen Gaussians of the same images; top-1 (%) on {f['eval_images']} test images.\n\n"
+               f"# Leakage tests\n\nClassifiers ({f['classifier_size']}, {f['steps']} steps of batch "
+               f"{f['batch_size']}) on frozen Gaussians of the same images; top-1 (%) on {f['eval_images']} "
+               f"test images.\n\n"
                f"## Experiment 1: cross-training\n\n{cross}\n## Experiment 2: rasterisation control\n\n{control}")
-    rows = [["cross_training", t, "gaussians", e, f"{m[t][e]:.4f}"] for t in ("sgd", "learned") for e in ("sgd", "learned")]
+    rows = [
+        ["cross_training", t, "gaussians", e, f"{m[t][e]:.4f}"] for t in ("sgd", "learned") for e in ("sgd", "learned")
+    ]
     rows += [["rasterisation", t, kind, t, f"{r[t][kind]:.4f}"] for t in ("sgd", "learned")
              for kind in ("gaussians", "renders")]
     write_csv(out / "leakage.csv", ["experiment", "trained_on", "input", "evaluated_on", "top1"], rows)

@@ -81,7 +81,7 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
         ax.plot([m["step"] for m in rows], [m[key] for m in rows], lw=1.2)
         seen = set()
         for m in metrics:  # mark where each phase is first logged
-            if m.get("phase") not in seen:
+            if "phase" in m and m["phase"] not in seen:
                 seen.add(m.get("phase"))
                 ax.axvline(m["step"], color="0.8", lw=0.8)
                 ax.text(m["step"], 1, f" {m.get('phase')}", fontsize=7, rotation=90, va="top", ha="left",
@@ -106,10 +106,8 @@ def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, nu
 def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, device, compare) -> dict:
     trained = load_trained(checkpoint, overrides, device)
     cfg, classes = trained.cfg, trained.classes
-    if cfg.model == "tokenizer":
-        raise ValueError(f"{checkpoint}: a tokenizer checkpoint; its report is gvit tokens report")
-    if cfg.model == "clip":
-        raise ValueError(f"{checkpoint}: a CLIP checkpoint (model=clip); its measures are in its result.json")
+    if trained.kind.report_elsewhere:
+        raise ValueError(f"{checkpoint}: {trained.kind.report_elsewhere}")
     try:
         test_ds, collate = trained.test_data()
     except ValueError as exc:

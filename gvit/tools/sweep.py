@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ..files import check_settings, output_folder, write_json, write_text
-from ..train import load_config
+from ..train import kind_of, load_config
 from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
 __all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep"]
@@ -76,6 +76,27 @@ def _launch(argv: list[str], nproc: int) -> None:
         raise ChildProcessError(f"sweep: `{' '.join(cmd)}` failed with exit status {done.returncode}")
 
 
+def _variant_arguments(base: list[str], values: dict[str, str], grid: dict[str, list[str]]) -> list[str]:
+    """The ``gvit train`` arguments of one variant: the shared overrides and its grid values. A grid
+    over ``model`` compares kinds: each variant trains its kind (``--as-model``) and leaves out the
+    keys that only the grid's other kinds have."""
+    pairs = base + [f"{k}={v}" for k, v in values.items()]
+    if "model" not in grid:
+        return pairs
+    own = set(kind_of(values["model"]).settings.keys()) - {"model"}
+    others = {key for model in grid["model"] for key in kind_of(model).settings.keys()}
+    keys = [p.partition("=")[0] for p in pairs]
+    return [f"--as-model={values['model']}"] + [p for p, k in zip(pairs, keys) if k in own or k not in others]
+
+
+def _as_model(arguments: list[str]) -> str | None:
+    return next((a.partition("=")[2] for a in arguments if a.startswith("--as-model=")), None)
+
+
+def _settings(arguments: list[str]) -> list[str]:
+    return [a for a in arguments if not a.startswith("--")]
+
+
 def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out: str | os.PathLike, *,
               overrides: list[str] | None = None, nproc: int = 1, overwrite: bool = False, launch=None,
               log=print) -> list[dict]:
@@ -96,9 +117,9 @@ def run_sweep(config: str | os.PathLike | None, grid: dict[str, list[str]], out:
     plan = []
     for values in grid_variants(grid):
         name = variant_name(values)
-        pairs = [f"{k}={v}" for k, v in values.items()]
+        pairs = _variant_arguments(base, values, grid)
         try:
-            cfg = load_config(config, base + pairs + [f"out={out / name}"])
+            cfg = load_config(config, _settings(pairs) + [f"out={out / name}"], as_model=_as_model(pairs))
         except ValueError as exc:
             raise ValueError(f"sweep variant {name}: {exc}") from None
         resolved = {k: v for k, v in cfg.to_dict().items() if k != "out"}
@@ -125,7 +146,7 @@ def _train_variants(config, grid, out: Path, base: list[str], plan, nproc: int, 
         write_json(folder / "variant.json", {"values": values, "config": resolved})
         resume = (folder / "checkpoint.pt").is_file()
         log(f"[{i + 1}/{len(plan)}] {name}: {'resuming' if resume else 'training'}")
-        argv = ["train", *(["--config", str(config)] if config is not None else []), *base, *pairs,
+        argv = ["train", *(["--config", str(config)] if config is not None else []), *pairs,
                 f"out={folder}", "--quiet", "--resume" if resume else "--overwrite"]  # no checkpoint: nothing to keep
         launch(argv, nproc)
         if not (folder / "result.json").is_file():
@@ -151,7 +172,9 @@ def _rows(out: Path, plan) -> list[dict]:
 
 def write_tables(out: Path, rows: list[dict], keys: list[str]) -> None:
     """``results.csv``, ``results.md`` and ``results.json`` of the finished variants."""
-    write_csv(out / "results.csv", ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"], rows)
+    write_csv(
+        out / "results.csv", ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"], rows
+    )
     table = [[*(r[k] for k in keys), f"{100 * r['top1']:.1f}", "-" if r["psnr"] is None else f"{r['psnr']:.1f}",
               r["eval_images"], f"{r['train_seconds']:.0f}"] for r in rows]
     write_text(out / "results.md", markdown_table([*keys, "top-1 (%)", "PSNR (dB)", "eval images", "train s"], table))

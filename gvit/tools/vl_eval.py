@@ -23,7 +23,7 @@ from ..files import output_folder, write_json, write_text
 from ..progress import progress_bar
 from ..train import load_trained
 from ..train.data import limit as limit_dataset
-from ..train.distill_step import DistillStep, PairedGaussians
+from ..train.splat_distill_step import DistillStep, PairedGaussians
 from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
 __all__ = ["vl_eval", "VL_COLUMNS"]
@@ -91,7 +91,7 @@ def _vl_eval(pairs, out: Path, limit, progress: bool, log) -> dict:
 
 def _load_stage(checkpoint: str) -> DistillStep:
     trained = load_trained(checkpoint)
-    if not isinstance(trained.step, DistillStep):
+    if not trained.kind.splat_student:
         raise ValueError(f"{checkpoint}: vl-eval needs a splat stage checkpoint (model=splat_distill or "
                          f"model=splat_align), got model={trained.cfg.model!r}")
     step, cfg = trained.step, trained.cfg
@@ -106,8 +106,8 @@ def evaluate_folder(step: DistillStep, checkpoint: str, folder: str, limit: int 
     manifest = data.manifest
     fit = manifest["settings"]["fit"]
     if fit["mode"] != step.student.stem.mode:
-        raise ValueError(f"{folder}: fitted in {fit['mode']} mode, but {checkpoint}'s stem reads {step.student.stem.mode} "
-                         "sets")
+        raise ValueError(f"{folder}: fitted in {fit['mode']} mode, but {checkpoint}'s stem reads "
+                         f"{step.student.stem.mode} sets")
     compression = float(manifest["compression_vs_8bit"])
     metrics = step.evaluate(limit_dataset(data, limit), type(step).collate(step.cfg))
     row = {"checkpoint": checkpoint, "gaussians": folder, "k": int(fit["num_gaussians"]),
@@ -129,8 +129,8 @@ def vl_table(rows: list[dict]) -> str:
         return f"{row[key]:.2f}" if key in row else "-"
 
     header = ["Gaussians", "k", "mean count", "pruned", "PSNR (dB)", "bytes", "compression", "cosine",
-              "zero-shot % (teacher)", "ratio", "held-out pairs % (teacher)", "i2t R@1/5/10 %", "teacher i2t R@1/5/10 %",
-              "kNN % (teacher)", "linear % (teacher)"]
+              "zero-shot % (teacher)", "ratio", "held-out pairs % (teacher)", "i2t R@1/5/10 %",
+              "teacher i2t R@1/5/10 %", "kNN % (teacher)", "linear % (teacher)"]
     lines = []
     for r in rows:
         lines.append([Path(r["gaussians"]).name, r["k"], f"{r['mean_count']:.1f}", "yes" if r["pruned"] else "no",

@@ -1,6 +1,7 @@
 """The step object every model kind derives from (:class:`ModelStep`): its models and optimisers,
-datasets, phase schedule, one optimisation step, and evaluation. The kinds are in
-:mod:`gvit.train.steps` (classifiers and GViT) and :mod:`gvit.train.tokenizer_step`.
+datasets, one optimisation step, evaluation, and what the kind can do (capabilities the tools ask
+for instead of its name). Each kind lives in a file of its own (``gvit_step.py``,
+``patch_vit_step.py``, ...) and is registered in :mod:`gvit.train.kinds`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.transforms import crop_boxes, resized_crop
-from ..guidance import Phase, Phases
 from .config import TrainConfig
 from .data import image_collate, image_datasets
 from .optim import apply_gradients, learning_rate, set_learning_rate
@@ -25,9 +25,22 @@ def as_number(t: Tensor) -> float:
 
 
 class ModelStep:
-    """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``."""
+    """A model kind: ``parts`` maps checkpoint names to ``(module, optimizer, optimizer name)``.
 
-    reads_images = True  # its inputs are images (False: saved Gaussians)
+    Capabilities (class attributes the tools ask for): ``settings``, the kind's settings class;
+    ``reads_images`` (False: saved Gaussians); ``makes_gaussians`` (a GViT: its encoder turns images
+    into Gaussians, so explain, interpret and leakage apply); ``tokenizes`` (``gvit tokens``);
+    ``text_tower`` (a CLIP that can be GaussianVision's teacher); ``splat_student`` (a GaussianVision
+    stage, ``gvit vl-eval``); ``report_elsewhere``: None where ``gvit report`` applies, else where
+    the kind's measures are reported."""
+
+    settings: type[TrainConfig] = TrainConfig
+    reads_images = True
+    makes_gaussians = False
+    tokenizes = False
+    text_tower = False
+    splat_student = False
+    report_elsewhere: str | None = None
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -42,10 +55,6 @@ class ModelStep:
     @staticmethod
     def collate(cfg: TrainConfig):
         return image_collate(cfg.image_size)
-
-    # -- schedule: a single classifier trains from the first step, with no guidance
-    def phases(self) -> Phases:
-        return self.cfg.phase_settings(classifier_from=0.0, pretrain_until=None, guidance_from=1.0)
 
     # -- state
     @property
@@ -88,20 +97,29 @@ class ModelStep:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int,
-             phase: Phase) -> dict | None:
+    def step(self, step: int, inputs, labels: Tensor, gen: torch.Generator, rank: int, world: int) -> dict | None:
         """One optimisation step; returns its metrics, or None when it was skipped (NaN/inf)."""
-        lr = learning_rate(self.cfg, step)
         for name, (_, opt, _) in self.parts.items():
-            if name == "classifier":  # warmed up from the step it starts training
-                start = self.phases().classifier_start(self.cfg.steps)
-                set_learning_rate([opt], learning_rate(self.cfg, step, start) * self.cfg.classifier_lr_scale)
-            else:
-                set_learning_rate([opt], lr)
+            set_learning_rate([opt], self.part_learning_rate(name, step))
         # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
         flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
-        metrics = self._step(inputs, labels.to(self.device), flips, gen, rank, world, phase)
-        return None if metrics is None else {"phase": phase.name, "lr": lr} | metrics
+        metrics = self._step(step, inputs, labels.to(self.device), flips, gen, rank, world)
+        return None if metrics is None else {"lr": learning_rate(self.cfg, step)} | metrics
+
+    def part_learning_rate(self, name: str, step: int) -> float:
+        """The learning rate of part ``name`` at ``step``: the schedule's; a classifier's times
+        ``classifier_lr_scale``, warmed up from the step it starts training (:meth:`classifier_start`)."""
+        if name != "classifier":
+            return learning_rate(self.cfg, step)
+        return learning_rate(self.cfg, step, self.classifier_start()) * self.cfg.classifier_lr_scale
+
+    def classifier_start(self) -> int:
+        """The first step at which the classifier trains."""
+        return 0
+
+    def logs_step(self, step: int) -> bool:
+        """Whether ``step`` gets a metric line whatever ``log_every`` says (GViT's guidance steps)."""
+        return False
 
     def _augment(self, images: Tensor, flips: Tensor, gen: torch.Generator, rank: int, world: int) -> Tensor:
         size = self.cfg.image_size
@@ -116,7 +134,8 @@ class ModelStep:
         ok = apply_gradients([self.parts["classifier"][:2]], loss, grad_clip=self.cfg.grad_clip)
         return {"loss_cls": as_number(loss)} if ok else None
 
-    def _step(self, inputs, labels, flips, gen, rank, world, phase) -> dict | None:
+    def _step(self, step: int, inputs, labels: Tensor, flips: Tensor, gen: torch.Generator, rank: int,
+              world: int) -> dict | None:
         raise NotImplementedError
 
     def attach_training_set(self, dataset, collate) -> None:
@@ -160,3 +179,9 @@ class ModelStep:
         return {"logits": self.evaluate_batch(images, gen)[0]}
 
 
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        """One line of an evaluation result: ``top-1 X% on N images`` (and PSNR where measured)."""
+        extra = f", PSNR {result['psnr']:.2f} dB" if "psnr" in result else ""
+        return f"top-1 {100 * result['top1']:.2f}% on {result['eval_images']} images{extra}"

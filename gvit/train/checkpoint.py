@@ -31,6 +31,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, refused globals
         raise ValueError(f"{path}: not a readable gvit checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "config" not in state or not ({"classifier", "tokenizer", "clip", "student"} & state.keys()):
+    weights = {"classifier", "tokenizer", "clip", "student"}
+    if not isinstance(state, dict) or "config" not in state or not weights & state.keys():
         raise ValueError(f"{path}: not a gvit checkpoint (missing model weights / config)")
     return state

@@ -12,6 +12,7 @@ uniform over them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +20,37 @@ from torch import Tensor
 
 from ..data import TextTokenizer
 from ..data.captions import class_prompts, mirror_caption
+from ..models import SIZES
 from ..models.gaussian_clip import clip_pixels, rgb_clip
+from ..settings import setting
 from .base import ModelStep, as_number
-from .config import TrainConfig
+from .config import PatchSettings, PromptSettings, TrainConfig, model_setting, require
 from .data import caption_collate, caption_datasets, dataset_captions
 from .embedding_eval import retrieval_recall, same_caption, zero_shot_accuracy
 from .optim import adamw, apply_gradients
 
-__all__ = ["ClipStep", "contrastive_loss"]
+__all__ = ["ClipConfig", "ClipStep", "contrastive_loss"]
 
 MAX_LOGIT_SCALE = math.log(100.0)
+
+
+@dataclass
+class ClipConfig(PromptSettings, PatchSettings, TrainConfig):
+    """The core, the prompt, the image tower's patch, and the towers' sizes."""
+
+    kind = "clip"
+    model: str = model_setting("clip")
+    clip_size: str = setting("micro", "size of both towers", SIZES)
+    embed_dim: int = setting(64, "width of the joint image-text embedding")
+    text_length: int = setting(16, "tokens per caption ([BOS] ... [EOS], padded or cut)")
+    text_vocab: int = setting(1000, "size of the byte-level BPE vocabulary learned from the training captions")
+
+    def check(self) -> None:
+        super().check()
+        require(self, positive=("embed_dim",))
+        if self.text_length < 3 or self.text_vocab < 300:
+            raise ValueError(f"config: text_length must be >= 3 and text_vocab >= 300 (the 256 bytes and specials), "
+                             f"got {self.text_length} and {self.text_vocab}")
 
 
 def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, positives: Tensor) -> Tensor:
@@ -41,6 +63,10 @@ def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, positives
 
 class ClipStep(ModelStep):
     """``model=clip``: one optimiser over the whole CLIP (both towers, projections, logit scale)."""
+
+    settings = ClipConfig
+    text_tower = True
+    report_elsewhere = "a CLIP checkpoint (model=clip); its measures are in its result.json"
 
     @staticmethod
     def datasets(cfg: TrainConfig) -> tuple:
@@ -90,7 +116,7 @@ class ClipStep(ModelStep):
         return self.model.text_projection(out.pooler_output)
 
     # -- one step
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+    def _step(self, step, inputs, labels, flips, gen, rank, world):
         images, captions = inputs
         images = self._augment(images, flips, gen, rank, world)
         captions = [mirror_caption(c) if f else c for c, f in zip(captions, flips.tolist())]
@@ -101,6 +127,11 @@ class ClipStep(ModelStep):
         return {"loss_clip": as_number(loss), "logit_scale": as_number(self.model.logit_scale.exp())} if ok else None
 
     # -- evaluation
+    @staticmethod
+    def describe(result: dict) -> str:
+        return (ModelStep.describe(result) + f", image->text R@1 {100 * result['i2t_r1']:.1f}%, "
+                f"text->image R@1 {100 * result['t2i_r1']:.1f}%")
+
     @torch.no_grad()
     def evaluate(self, dataset, collate) -> dict:
         """Zero-shot ``top1`` with ``cfg.prompt`` over the classes (and ``top1_held_out`` on the

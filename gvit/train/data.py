@@ -115,7 +115,11 @@ def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
     """Captions, targets and held-out marks (or None) of a :class:`CaptionItems` or a subset of one."""
     if isinstance(ds, Subset):
         captions, targets, held_out = dataset_captions(ds.dataset)
-        return [captions[i] for i in ds.indices], targets[ds.indices], None if held_out is None else held_out[ds.indices]
+        return (
+            [captions[i] for i in ds.indices],
+            targets[ds.indices],
+            None if held_out is None else held_out[ds.indices],
+        )
     return list(ds.captions), torch.as_tensor(ds.targets), ds.held_out
 
 

@@ -1,7 +1,7 @@
 """The training loop, evaluation, and loading a trained run (paper 2.2, Algorithm 1, Appendix A).
 
-``train(cfg)`` runs ``cfg.steps`` optimisation steps of the model kind ``cfg.model``
-(:mod:`gvit.train.steps`); each step's phase comes from the kind's :class:`gvit.guidance.Phases`.
+``train(cfg)`` runs ``cfg.steps`` optimisation steps of the run's model kind (:mod:`gvit.train.kinds`);
+the loop never asks which kind it runs (GViT's phases live in its step).
 Data parallel under torchrun: every rank takes its slice of each global batch and gradients are
 averaged with one all-reduce per model before each optimiser step (a flat all-reduce rather than
 the DistributedDataParallel wrapper, because a guidance step takes two separate gradients with
@@ -24,11 +24,11 @@ import torch
 from ..distributed import device_for, init_process_group, rank_world
 from ..files import atomic_path, check_settings, output_folder, settings_diff, write_json
 from ..progress import progress_bar
-from ..settings import apply_overrides
+from .base import ModelStep
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig
 from .data import StepBatches, limit, step_generator
-from .steps import GViTStep, ModelStep, model_kind, model_step
+from .kinds import config_from_dict, kind_of, model_step, with_overrides
 
 __all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
 
@@ -63,7 +63,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     out = Path(cfg.out)
     if cfg.batch_size % world:
         raise ValueError(f"config: batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    step_kind = model_kind(cfg)
+    step_kind = kind_of(cfg)
     train_ds, test_ds = step_kind.datasets(cfg)
     split_note = getattr(test_ds, "split_note", None)  # a folder without a split: its held-out part
     if split_note and rank == 0:
@@ -76,12 +76,12 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     run.attach_training_set(train_ds, collate)
     if run.starts_from() and not resume:  # another run's weights (finetune_from, stage1)
         run.load_pretrained(load_checkpoint(run.starts_from(), map_location=device), log)
-    phases = run.phases()
     start, bad_steps = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
-        check_settings({k: v for k, v in state["config"].items() if k != "out"},
+        recorded = config_from_dict(state["config"], where=str(ckpt_path)).to_dict()
+        check_settings({k: v for k, v in recorded.items() if k != "out"},
                        {k: v for k, v in cfg.to_dict().items() if k != "out"}, ckpt_path,
                        hint="resume with the settings of that run, or train into another out=")
         run.load_state_dict(state)
@@ -98,8 +98,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     step = start
     try:
         for step, (inputs, labels) in enumerate(loader, start=start):
-            phase = phases.at(step, cfg.steps)
-            metrics = run.step(step, inputs, labels, step_generator(cfg.seed, step), rank, world, phase)
+            metrics = run.step(step, inputs, labels, step_generator(cfg.seed, step), rank, world)
             if metrics is None:
                 bad_steps += 1
                 if bad_steps > cfg.max_bad_steps:
@@ -107,7 +106,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
                         f"training stopped at step {step}: {bad_steps} steps had NaN/inf losses or gradients "
                         f"(skipped); lower gamma, base_lr or set grad_clip")
                 continue
-            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or phase.guidance):
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or run.logs_step(step)):
                 metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), bad_steps=bad_steps)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -161,7 +160,7 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def evaluate(run: ModelStep, dataset, collate) -> dict:
-    """The run's measures on ``dataset`` (:meth:`gvit.train.steps.ModelStep.evaluate`: top-1 for
+    """The run's measures on ``dataset`` (:meth:`gvit.train.base.ModelStep.evaluate`: top-1 for
     classifiers, PSNR for GViT, reconstruction and codebook measures for the tokenizer)."""
     return run.evaluate(dataset, collate)
 
@@ -174,16 +173,21 @@ class TrainedRun:
         self.cfg, self.step, self.classes = cfg, step, classes
 
     @property
+    def kind(self) -> type[ModelStep]:
+        """The run's kind (what it can do: :class:`gvit.train.base.ModelStep`'s capabilities)."""
+        return type(self.step)
+
+    @property
     def model(self):
         model = getattr(self.step, "model", None)  # GViT and the tokenizer own one model
         return self.step.classifier if model is None else model
 
     def test_data(self):
         """``(test dataset, collate)`` of the run's evaluation split (limited as configured)."""
-        _, test = model_kind(self.cfg).datasets(self.cfg)
+        _, test = self.kind.datasets(self.cfg)
         if test is None:
             raise ValueError(f"no evaluation split {self.cfg.eval_split!r} in {self.cfg.data}")
-        return limit(test, self.cfg.limit_eval), model_kind(self.cfg).collate(self.cfg)
+        return limit(test, self.cfg.limit_eval), self.kind.collate(self.cfg)
 
     def evaluate(self) -> dict:
         return evaluate(self.step, *self.test_data())
@@ -193,7 +197,7 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, de
     """A run from its checkpoint, models in eval mode on ``device`` (the config's when None);
     ``key=value`` overrides (e.g. ``data=...``) apply on top of the saved config."""
     state = load_checkpoint(path)
-    cfg = apply_overrides(config_from_dict(state["config"], where=str(path)), overrides or [])
+    cfg = with_overrides(config_from_dict(state["config"], where=str(path)), overrides)
     device = _device(cfg) if device is None else torch.device(device)
     run = model_step(cfg, len(state["classes"]), device)
     try:
@@ -212,7 +216,7 @@ def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, de
 def load_gvit(path: str | os.PathLike, overrides: list[str] | None = None, device=None, *, job: str = "this job"):
     """:func:`load_trained` for jobs that need a GViT (ValueError naming the checkpoint otherwise)."""
     trained = load_trained(path, overrides, device)
-    if not isinstance(trained.step, GViTStep):
+    if not trained.kind.makes_gaussians:
         raise ValueError(f"{path}: {job} needs a GViT checkpoint (model=gvit), got model={trained.cfg.model!r}")
     return trained
 

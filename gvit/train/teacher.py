@@ -21,8 +21,7 @@ from torch import Tensor
 
 from ..models.gaussian_clip import load_clip
 from .checkpoint import load_checkpoint
-from .clip_step import ClipStep
-from .config import config_from_dict
+from .clip_step import ClipConfig, ClipStep
 
 __all__ = ["load_teacher", "PretrainedCLIP", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD"]
 
@@ -43,7 +42,9 @@ class PretrainedCLIP:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{name_or_path}: no text tokenizer next to the CLIP ({str(exc).splitlines()[0]})") from None
+            raise ValueError(
+                f"{name_or_path}: no text tokenizer next to the CLIP ({str(exc).splitlines()[0]})"
+            ) from None
         pre = Path(name_or_path) / "preprocessor_config.json"
         stats = json.loads(pre.read_text()) if pre.is_file() else {}
         self.mean = torch.tensor(stats.get("image_mean", OPENAI_CLIP_MEAN), device=device).view(1, 3, 1, 1)
@@ -76,9 +77,10 @@ def load_teacher(path: str, prompt: str, device: torch.device, num_classes: int 
     frozen. ``prompt`` is used for a pretrained CLIP; a gvit checkpoint keeps its own."""
     if Path(path).is_file():
         state = load_checkpoint(path, map_location="cpu")
-        cfg = config_from_dict(state["config"], where=str(path))
-        if cfg.model != "clip":
-            raise ValueError(f"{path}: the teacher must be a model=clip checkpoint or a CLIP folder, not model={cfg.model}")
+        try:
+            cfg = ClipConfig.from_record(state["config"], where=str(path))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the teacher must be a model=clip checkpoint or a CLIP folder") from None
         teacher = ClipStep(cfg, num_classes, device)
         teacher.load_state_dict(state, optimizers=False)
         teacher.train(False)

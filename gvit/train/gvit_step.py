@@ -1,113 +1,131 @@
-"""One small step object per model kind, and the one place that maps ``cfg.model`` to it.
-
-A :class:`ModelStep` builds its models and optimisers, names its datasets and collate function,
-decides its phase schedule, takes one optimisation step and gives logits (and, for GViT, PSNR)
-for evaluation. The loop (:mod:`gvit.train.loop`) never asks which kind it runs.
-
-* :class:`PatchViTStep` (``model=patch_vit``): the patch ViT on pixels.
-* :class:`OfflineStep` (``model=offline``): the Gaussian classifier on Gaussians saved by
-  ``gvit fit-dataset``, or with ``offline_input=renders`` a patch ViT on their renders (the
-  rasterisation control of the leakage tests).
-* :class:`GViTStep` (``model=gvit``): :class:`gvit.models.GViT` with its phases (encoder,
-  classifier pre-training, joint, constructive guidance; paper 2.2, Algorithm 1).
-* :class:`TokenizerStep` (``model=tokenizer``): :class:`gvit.models.Tokenizer` (GaussianToken or
-  plain VQ) on reconstruction; labels unused; evaluated by reconstruction and codebook measures.
+"""``model=gvit``: :class:`gvit.models.GViT` with its phases (encoder, classifier pre-training, joint,
+constructive guidance; paper 2.2, Algorithm 1, Appendix A): its settings (:class:`GViTConfig`) and
+its training step (:class:`GViTStep`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..data.shards import ShardDataset
-from ..gaussians import decode
+from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases, batch_losses, guidance_backward
-from ..models import GaussianClassifier, GaussianEncoder, GViT, PatchViT, RefinementEncoder
-from ..render import render
+from ..losses import RECONSTRUCTION_LOSSES
+from ..models import SIZES, GaussianClassifier, GaussianEncoder, GViT, RefinementEncoder
+from ..settings import setting
 from .base import ModelStep, as_number
-from .config import TrainConfig
-from .data import flip_gaussians, shard_datasets
+from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, model_setting, require
+from .data import flip_gaussians
 from .optim import adamw, apply_gradients, set_learning_rate
-from .clip_step import ClipStep
-from .distill_step import AlignStep, DistillStep
-from .tokenizer_step import TokenizerStep, build_tokenizer
 
-__all__ = ["ModelStep", "PatchViTStep", "OfflineStep", "GViTStep", "TokenizerStep", "ClipStep", "DistillStep", "AlignStep",
-           "MODEL_KINDS", "model_kind",
-           "model_step", "build_gvit", "build_tokenizer"]
+__all__ = ["GViTConfig", "GViTStep", "build_gvit", "gaussian_classifier"]
+
+ENCODERS = ("denoise", "refine")
 
 
-class PatchViTStep(ModelStep):
-    def __init__(self, cfg, num_classes, device):
-        super().__init__(cfg, num_classes, device)
-        torch.manual_seed(cfg.seed)
-        model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool).to(device)
-        self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
+@dataclass
+class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig):
+    """The core, the classifier and Gaussian-token sections, the phase schedule
+    (:class:`gvit.guidance.Phases`) and GViT's encoder, guidance, test-time fitting and transfer keys."""
 
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        images = self._augment(inputs, flips, gen, rank, world)
-        return self._classifier_step(lambda: self.classifier(images), labels)
+    kind = "gvit"
+    model: str = model_setting("gvit")
+    encoder: str = setting("denoise", "Gaussian encoder: the paper's denoising ViT over patches and g0 tokens, or "
+                                      "the refinement encoder (CNN features and residuals read at each Gaussian, "
+                                      "refine_rounds rounds)", ENCODERS)
+    encoder_size: str = setting("tiny", "size of the Gaussian encoder (refine: width and heads of each round)", SIZES)
+    encoder_patch: int | None = setting(None, "patch size of the denoising encoder (none: patch)")
+    refine_rounds: int = setting(3, "encoder=refine: refinement rounds")
+    refine_depth: int = setting(2, "encoder=refine: transformer blocks per round")
+    refine_residual: bool = setting(True, "encoder=refine: each round also reads the current render's residual")
+    refine_features: int = setting(64, "encoder=refine: channels of the CNN feature map the Gaussians read")
+    g0_layout: str = setting("uniform", "how g0's means are drawn (uniform as the paper, or a jittered grid)",
+                             G0_LAYOUTS)
+    learned_queries: bool = setting(False, "the encoder starts from learned queries instead of g0 (refine: learned "
+                                           "centres)")
+    sample_image: bool = setting(False, "Gaussian tokens also see the image through g0's footprint")
+    image_colors: bool = setting(False, "g0's colours are read from the image at its centres")
+    cache_gaussians: bool = setting(False, "the classifier-only phase (pretrain_until) reads the frozen encoder's "
+                                           "Gaussians of the whole training set, encoded once, in random batches "
+                                           "(flips applied to the Gaussians; needs crop_scale_min=1)")
+    fit_steps: int = setting(0, "test-time fitting steps (Adam on the MSE, fast rasterizer) that refine the "
+                                "encoder's Gaussians before the classifier reads them; 0: none")
+    fit_lr: float = setting(2.0, "step sizes of the test-time fitting steps, as multiples of gvit fit's")
+    pixel_loss: str = setting("bce", "pixel term of the reconstruction loss", RECONSTRUCTION_LOSSES)
+    guidance: bool = setting(True, "constructive guidance steps in the last phase")
+    guidance_lr: float | None = setting(None, "encoder learning rate on guidance steps as a fraction of the peak lr "
+                                              "(base_lr * batch / 256); none: the schedule's")
+    measure_guidance: bool = setting(False, "log what each guidance step did (gradient norms, Gaussian shift, loss "
+                                            "changes); one more encoder backward and forward per guidance step")
+    # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
+    # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
+    finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
 
-    def evaluate_batch(self, inputs, gen):
-        return self.classifier(inputs.to(self.device)), {}
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
 
+    def check(self) -> None:
+        super().check()
+        try:
+            Phases.__post_init__(self)
+        except ValueError as exc:
+            raise ValueError(f"config: {exc}") from None
+        require(self, positive=("refine_rounds", "refine_depth", "refine_features", "fit_lr"),
+                non_negative=("fit_steps",), optional_positive=("guidance_lr",))
+        if self.encoder_patch is not None and (self.encoder_patch < 1 or self.image_size % self.encoder_patch):
+            raise ValueError(f"config: encoder_patch must be >= 1 and divide image_size {self.image_size}, "
+                             f"got {self.encoder_patch}")
+        if self.cache_gaussians and self.crop_scale_min < 1:
+            raise ValueError(f"config: cache_gaussians holds the Gaussians of whole images; it needs crop_scale_min=1, "
+                             f"got {self.crop_scale_min}")
+        if self.encoder == "refine" and (self.sample_image or self.image_colors):
+            raise ValueError("config: encoder=refine reads the image itself; sample_image and image_colors belong "
+                             "to encoder=denoise")
+        for key in ("sample_image", "image_colors"):
+            if getattr(self, key) and self.learned_queries:
+                raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")
 
-class OfflineStep(ModelStep):
-    reads_images = False
-
-    def __init__(self, cfg, num_classes, device):
-        super().__init__(cfg, num_classes, device)
-        torch.manual_seed(cfg.seed)
-        if cfg.offline_input == "renders":
-            model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool)
+    def schedule(self) -> Phases:
+        """The phase schedule of these settings: a fine-tuning run trains the classifier alone on the
+        frozen encoder's Gaussians; ``guidance=false`` ends the joint phase at the last step."""
+        if self.finetune_from:
+            changes = dict(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
         else:
-            model = gaussian_classifier(cfg, num_classes)
-        model = model.to(device)
-        self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
-
-    @staticmethod
-    def datasets(cfg):
-        return shard_datasets(cfg)
-
-    @staticmethod
-    def collate(cfg):
-        return ShardDataset.collate
-
-    def logits(self, raw: Tensor, valid: Tensor) -> Tensor:
-        """The classifier on saved Gaussians, or the patch ViT on their renders at ``image_size``."""
-        raw, valid = raw.to(self.device), valid.to(self.device)
-        if self.cfg.offline_input == "gaussians":
-            return self.classifier(raw, valid)
-        with torch.no_grad():
-            g = replace(decode(raw.float(), self.cfg.scale_factor), valid=valid)
-            images = render(g, height=self.cfg.image_size, width=self.cfg.image_size).clamp(0, 1)
-        return self.classifier(images)
-
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        raw, valid = inputs
-        raw = flip_gaussians(raw, flips)
-        return self._classifier_step(lambda: self.logits(raw, valid), labels)
-
-    def evaluate_batch(self, inputs, gen):
-        return self.logits(*inputs), {}
+            changes = {} if self.guidance else {"guidance_from": 1.0}
+        names = [f for f in Phases.__dataclass_fields__]
+        return Phases(**({name: getattr(self, name) for name in names} | changes))
 
 
 class GViTStep(ModelStep):
-    def __init__(self, cfg, num_classes, device):
+    """Encoder and classifier, each with its optimiser; each step does what its phase says."""
+
+    settings = GViTConfig
+    makes_gaussians = True
+
+    def __init__(self, cfg: GViTConfig, num_classes, device):
         super().__init__(cfg, num_classes, device)
+        self.schedule = cfg.schedule()
         self.model = build_gvit(cfg, num_classes).to(device)
-        self.parts["classifier"] = (self.model.classifier, adamw(cfg, self.model.classifier, cfg.layer_decay), "cls_opt")
+        self.parts["classifier"] = (
+            self.model.classifier,
+            adamw(cfg, self.model.classifier, cfg.layer_decay),
+            "cls_opt",
+        )
         self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
         self.training_set, self.training_collate = None, None  # attach_training_set
         self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
 
-    def phases(self) -> Phases:
-        cfg = self.cfg
-        if cfg.finetune_from:  # the classifier alone, on the frozen encoder's Gaussians
-            return cfg.phase_settings(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
-        return cfg.phase_settings(**({} if cfg.guidance else {"guidance_from": 1.0}))
+    def step(self, step, inputs, labels, gen, rank, world):
+        metrics = super().step(step, inputs, labels, gen, rank, world)
+        return None if metrics is None else {"phase": self.schedule.at(step, self.cfg.steps).name} | metrics
+
+    def classifier_start(self) -> int:
+        return self.schedule.classifier_start(self.cfg.steps)
+
+    def logs_step(self, step: int) -> bool:
+        return self.schedule.at(step, self.cfg.steps).guidance
 
     def starts_from(self) -> str | None:
         return self.cfg.finetune_from
@@ -127,8 +145,8 @@ class GViTStep(ModelStep):
     def attach_training_set(self, dataset, collate) -> None:
         self.training_set, self.training_collate, self.cache = dataset, collate, None
 
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        cfg, model = self.cfg, self.model
+    def _step(self, step, inputs, labels, flips, gen, rank, world):
+        cfg, model, phase = self.cfg, self.model, self.schedule.at(step, self.cfg.steps)
         if not phase.train_encoder and cfg.cache_gaussians:
             return self._cached_classifier_step(flips, gen, rank, world)
         self.cache = None  # the encoder trains again: cached Gaussians are stale
@@ -180,10 +198,10 @@ class GViTStep(ModelStep):
 
     def _guidance_step(self, images, labels, g0, kw) -> dict | None:
         """One guidance step, at ``guidance_lr`` times the peak lr when set. With ``measure_guidance``
-        its metrics also carry the gradient norms of :func:`gvit.guidance.guidance_backward`, and on the same batch and g0 how far the step moved
-        the Gaussians (``guide_shift_px``: mean centre shift in pixels; ``guide_color``: mean absolute
-        colour change) and what it did to both losses (``guide_dloss_cls``, ``guide_dloss_rec``:
-        after - before)."""
+        its metrics also carry the gradient norms of :func:`gvit.guidance.guidance_backward`, and on
+        the same batch and g0 how far the step moved the Gaussians (``guide_shift_px``: mean centre
+        shift in pixels; ``guide_color``: mean absolute colour change) and what it did to both losses
+        (``guide_dloss_cls``, ``guide_dloss_rec``: after - before)."""
         cfg, model = self.cfg, self.model
         encoder = self.parts["encoder"][:2]
         encoder[1].zero_grad(set_to_none=True)
@@ -215,7 +233,7 @@ class GViTStep(ModelStep):
         return self.model.predict(images, generator=gen)
 
 
-def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
+def build_gvit(cfg: GViTConfig, num_classes: int) -> GViT:
     """The :class:`GViT` a config describes (weights seeded by ``cfg.seed``)."""
     torch.manual_seed(cfg.seed)
     classifier = gaussian_classifier(cfg, num_classes)
@@ -230,22 +248,9 @@ def build_gvit(cfg: TrainConfig, num_classes: int) -> GViT:
     return GViT(encoder, classifier, g0_layout=cfg.g0_layout, fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
 
 
-def gaussian_classifier(cfg: TrainConfig, num_classes: int) -> GaussianClassifier:
+def gaussian_classifier(cfg, num_classes: int) -> GaussianClassifier:
     return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
                               features=cfg.token_features, scale_factor=cfg.scale_factor,
                               neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers)
 
 
-MODEL_KINDS: dict[str, type[ModelStep]] = {"gvit": GViTStep, "patch_vit": PatchViTStep, "offline": OfflineStep,
-                                           "tokenizer": TokenizerStep, "clip": ClipStep,
-                                           "splat_distill": DistillStep, "splat_align": AlignStep}
-
-
-def model_kind(cfg: TrainConfig) -> type[ModelStep]:
-    """The kind of ``cfg.model`` (the one place that maps a model name to what it is)."""
-    return MODEL_KINDS[cfg.model]
-
-
-def model_step(cfg: TrainConfig, num_classes: int, device) -> ModelStep:
-    """A fresh step object (models and optimisers) of ``cfg.model``."""
-    return model_kind(cfg)(cfg, num_classes, torch.device(device))

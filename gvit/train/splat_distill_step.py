@@ -1,6 +1,7 @@
-"""``model=splat_distill`` and ``model=splat_align``: GaussianVision's stages 1 and 2.
+"""``model=splat_distill``: GaussianVision's stage 1 (stage 2, ``model=splat_align``, builds on it in
+:mod:`gvit.train.splat_align_step`).
 
-Stage 1. A frozen RGB CLIP (the teacher, a ``model=clip``
+A frozen RGB CLIP (the teacher, a ``model=clip``
 checkpoint named by ``teacher``) embeds each image; the student - a new splat stem in front of a
 frozen copy of the same CLIP (:class:`gvit.models.GaussianCLIP`, stage ``distill``) - embeds the
 image's fitted Gaussians (``gvit fit-dataset`` folders ``offline_train`` / ``offline_eval``, whose
@@ -13,34 +14,58 @@ student and teacher with the teacher run's prompt and their ratio, and for both 
 weighted kNN and a linear probe fitted on ``probe_images`` training items. The student's measures
 have plain names (``top1``, ``knn``, ...), the teacher's the same names after ``teacher_``.
 
-Stage 2 (:class:`AlignStep`) starts from a stage-1 checkpoint (loaded by the loop before the first
-step, :meth:`AlignStep.load_pretrained`), or without one (the ablation).
+Stage 2 starts from a stage-1 checkpoint (loaded by the loop before the first step), or without one
+(the ablation).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import open_dataset
-from ..data.captions import class_prompt, class_prompts, mirror_caption
+from ..data.captions import class_prompt, class_prompts
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
 from ..gaussians import Gaussians, concat, valid_mask
 from ..models.gaussian_clip import GaussianCLIP
-from ..models.splat_stem import SplatStem, splat_set_features, splat_statistics
+from ..models.splat_stem import STEM_POOLINGS, SplatStem, splat_set_features, splat_statistics
+from ..settings import setting
 from .base import ModelStep, as_number
-from .clip_step import contrastive_loss
-from .config import TrainConfig, config_from_dict
+from .config import GaussianFolders, PromptSettings, TrainConfig, model_setting, require
 from .data import dataset_captions, limit
-from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, same_caption, zero_shot_accuracy
+from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_accuracy
 from .optim import adamw, apply_gradients
 from .teacher import load_teacher
 
-__all__ = ["DistillStep", "AlignStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode"]
+__all__ = ["SplatDistillConfig", "DistillStep", "PairedGaussians", "paired_collate", "mirror_sets", "splat_mode",
+           "in_chunks"]
+
+
+@dataclass
+class SplatDistillConfig(GaussianFolders, PromptSettings, TrainConfig):
+    """The core, the Gaussian folders (the fitted images), the prompt, the teacher, the probes and the
+    splat stem."""
+
+    kind = "splat_distill"
+    model: str = model_setting("splat_distill")
+    teacher: str | None = setting(None, "the RGB CLIP whose image embeddings the stem learns to match: a model=clip "
+                                        "checkpoint, or a transformers CLIP folder (with its tokenizer; prompt is "
+                                        "then this run's)")
+    probe_images: int = setting(5000, "training items whose frozen embeddings the evaluation's kNN and linear probe "
+                                      "are fitted on (0: none)")
+    stem_tokens: int = setting(64, "tokens the splat stem gives the vision tower (M)")
+    stem_width: int = setting(128, "width inside the splat stem")
+    stem_depth: int = setting(4, "Perceiver resampler layers")
+    stem_pooling: str = setting("perceiver", "how the stem pools N splats into M tokens", STEM_POOLINGS)
+
+    def check(self) -> None:
+        super().check()
+        require(self, positive=("stem_tokens", "stem_width", "stem_depth"), non_negative=("probe_images",))
 
 
 def splat_mode(folder) -> str:
@@ -102,10 +127,11 @@ def mirror_sets(g: Gaussians, flip: Tensor) -> Gaussians:
 class DistillStep(ModelStep):
     """``model=splat_distill``: trains the student's stem only."""
 
+    settings = SplatDistillConfig
+    splat_student = True
+
     @staticmethod
     def datasets(cfg: TrainConfig) -> tuple:
-        if not cfg.offline_train:
-            raise ValueError("config: model=splat_distill needs offline_train (a gvit fit-dataset folder)")
         train = PairedGaussians(cfg.offline_train)
         return train, PairedGaussians(cfg.offline_eval) if cfg.offline_eval else None
 
@@ -165,7 +191,7 @@ class DistillStep(ModelStep):
         with torch.no_grad():
             return self.teacher.image_embeddings(images).float()
 
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
+    def _step(self, step, inputs, labels, flips, gen, rank, world):
         images, g, _ = inputs
         images = torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
         g = mirror_sets(g, flips).to(self.device)
@@ -175,6 +201,11 @@ class DistillStep(ModelStep):
         loss = (student - target).pow(2).sum(-1).mean()
         ok = apply_gradients([self.parts["student"][:2]], loss, grad_clip=self.cfg.grad_clip)
         return {"loss_distill": as_number(loss)} if ok else None
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        return (ModelStep.describe(result) + f" ({100 * result['top1_ratio']:.0f}% of the RGB teacher's "
+                f"{100 * result['teacher_top1']:.2f}%), teacher-student cosine {result['cosine']:.3f}")
 
     @torch.no_grad()
     def evaluate(self, dataset, collate) -> dict:
@@ -231,50 +262,3 @@ class DistillStep(ModelStep):
             return out.cpu() if cpu else out
 
         return in_chunks(embed, captions)
-
-
-class AlignStep(DistillStep):
-    """``model=splat_align``: GaussianVision's stage 2. The student (from the stage-1 checkpoint
-    ``stage1``, or a new stem without it) learns by symmetric InfoNCE between its image embeddings of
-    the Gaussians and the text embeddings of each image's caption - the teacher run's prompt with the
-    image's class; images of one class are each other's positives. Trains the stem, the first two
-    vision blocks, the vision tower's final norm and the visual projection; with ``align_text`` also
-    the last text block, the text norm and the text projection."""
-
-    def __init__(self, cfg, num_classes, device):
-        super().__init__(cfg, num_classes, device)
-        self.classes: list[str] = []
-
-    def starts_from(self) -> str | None:
-        return self.cfg.stage1
-
-    def load_pretrained(self, state: dict, log=print) -> None:
-        """The stage-1 student (stem, with its statistics, and the tower it was distilled into)."""
-        stage1 = self.cfg.stage1
-        if config_from_dict(state["config"], where=str(stage1)).model != "splat_distill" or "student" not in state:
-            raise ValueError(f"{stage1}: stage1 must be a model=splat_distill checkpoint")
-        try:
-            self.student.load_state_dict(state["student"])
-        except RuntimeError as exc:
-            raise ValueError(f"{stage1}: its student does not fit this config ({str(exc).splitlines()[0]})") from None
-
-    def stage(self) -> str:
-        return "align_text" if self.cfg.align_text else "align"
-
-    def keeps_statistics(self) -> bool:
-        return bool(self.cfg.stage1)  # stage 1's stem brings its own
-
-    def attach_training_set(self, dataset, collate) -> None:
-        super().attach_training_set(dataset, collate)
-        self.classes = list(dataset.classes)
-
-    def _step(self, inputs, labels, flips, gen, rank, world, phase):
-        _, g, own = inputs
-        g = mirror_sets(g, flips).to(self.device)
-        captions = [mirror_caption(c) if f else c
-                     for c, f in zip(self.captions(own, labels.tolist(), self.classes), flips.tolist())]
-        with self.autocast():
-            loss = contrastive_loss(self.student.image_embeddings(g).float(), self.student_text(captions, cpu=False),
-                                    self.student.logit_scale.detach(), same_caption(captions).to(self.device))
-        ok = apply_gradients([self.parts["student"][:2]], loss, grad_clip=self.cfg.grad_clip)
-        return {"loss_align": as_number(loss)} if ok else None
