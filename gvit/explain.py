@@ -26,12 +26,14 @@ from .render import render
 __all__ = ["cdam", "cell_map", "det_sigma_map", "explain_images", "rank_correlation", "mask_mass", "cell_index"]
 
 
-def cdam(classifier, g: Tensor, target: Tensor | int | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def cdam(classifier, g: Tensor, target: Tensor | int | None = None,
+         valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CDAM scores ``[B, k]`` of raw Gaussians ``g [B, k, 9]`` for class ``target`` (an int, a
     ``[B]`` tensor, or None for each set's predicted class); returns ``(scores, target)``.
 
     ``classifier`` is a :class:`gvit.models.GaussianClassifier` (anything with ``last_attention``
-    and ``num_prefix_tokens``); the class token (when there is one) gets no score. The classifier's weights receive no gradient.
+    and ``num_prefix_tokens``); the class token (when there is one) gets no score. The classifier's
+    weights receive no gradient.
     """
     captured = {}
 

@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json", "read_safetensors", "settings_diff", "check_settings", "record_settings",
-           "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
+__all__ = ["atomic_path", "write_text", "write_json", "read_safetensors", "settings_diff", "check_settings",
+           "record_settings", "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
 
 
 @contextlib.contextmanager
@@ -73,7 +73,8 @@ def settings_diff(saved: dict, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
-def check_settings(saved: dict, current: dict, where: str | os.PathLike, *, hint: str = "use another --out or remove it") -> None:
+def check_settings(saved: dict, current: dict, where: str | os.PathLike, *,
+                   hint: str = "use another --out or remove it") -> None:
     """Refuse to continue work recorded with other settings: ValueError naming ``where`` and the keys."""
     diff = settings_diff(saved, current)
     if diff:

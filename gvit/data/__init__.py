@@ -13,5 +13,5 @@ from .shapes import SHAPE_CLASSES, make_shapes
 from .text import TextTokenizer
 
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
-           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices", "Subset",
-           "CaptionedShapes", "ClassCaptions", "CaptionFile", "TextTokenizer"]
+           "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices",
+           "Subset", "CaptionedShapes", "ClassCaptions", "CaptionFile", "TextTokenizer"]

@@ -60,7 +60,9 @@ class TextTokenizer:
         try:
             tokenizer = _tokenizers().Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own Exception type on bad files
-            raise ValueError(f"{path}: not a text tokenizer file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+            raise ValueError(
+                f"{path}: not a text tokenizer file ({str(exc).splitlines()[0] if str(exc) else exc})"
+            ) from None
         return cls(tokenizer)
 
     @classmethod

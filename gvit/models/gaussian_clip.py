@@ -69,7 +69,9 @@ class GaussianCLIP(nn.Module):
         super().__init__()
         width = clip.config.vision_config.hidden_size
         if stem.proj.out_features != width:
-            raise ValueError(f"the stem projects to {stem.proj.out_features} values; the CLIP vision tower is {width} wide")
+            raise ValueError(
+                f"the stem projects to {stem.proj.out_features} values; the CLIP vision tower is {width} wide"
+            )
         self.clip, self.stem = clip, stem
 
     @classmethod

@@ -31,8 +31,9 @@ __all__ = ["GViT"]
 
 
 class GViT(nn.Module):
-    """``encoder`` (:class:`GaussianEncoder` or :class:`RefinementEncoder`) + ``classifier`` (:class:`GaussianClassifier`) with the
-    same k; ``g0_layout`` is how g0's means are drawn (see :func:`gvit.gaussians.sample_initial`).
+    """``encoder`` (:class:`GaussianEncoder` or :class:`RefinementEncoder`) + ``classifier``
+    (:class:`GaussianClassifier`) with the same k; ``g0_layout`` is how g0's means are drawn (see
+    :func:`gvit.gaussians.sample_initial`).
     g0 is drawn on the CPU from the given generator (so a seed gives the same g0 on any device).
     ``fit_steps`` test-time fitting steps (0: none) refine the encoder's Gaussians at step sizes
     ``fit_lr`` times :class:`gvit.fit.FitConfig`'s defaults, decaying to half of them."""
@@ -96,7 +97,8 @@ class GViT(nn.Module):
         fitted = fit_gaussians(images.detach().float().clamp(0, 1), self.fit_config(), init_raw=g.detach().float()).raw
         return g + (fitted.to(g.dtype) - g).detach()
 
-    def gaussians(self, images: Tensor, g0: Tensor | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+    def gaussians(self, images: Tensor, g0: Tensor | None = None, *,
+                  generator: torch.Generator | None = None) -> Tensor:
         """The raw Gaussians ``[B, k, 9]`` the classifier reads: :meth:`encode`, then :meth:`refine`."""
         return self.refine(images, self.encode(images, g0, generator=generator))
 

@@ -109,7 +109,12 @@ class VectorQuantizer(nn.Module):
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         self.num_codes, self.dim, self.decay, self.eps = num_codes, dim, decay, eps
-        self.kmeans_iters, self.dead_below, self.commitment, self.gradient = kmeans_iters, dead_below, commitment, gradient
+        self.kmeans_iters, self.dead_below, self.commitment, self.gradient = (
+            kmeans_iters,
+            dead_below,
+            commitment,
+            gradient,
+        )
         self.register_buffer("codebook", torch.randn(num_codes, dim))
         self.register_buffer("ema_count", torch.zeros(num_codes))
         self.register_buffer("ema_sum", torch.zeros(num_codes, dim))
@@ -128,7 +133,9 @@ class VectorQuantizer(nn.Module):
         if indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"indices must be integers, got {indices.dtype}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must lie in [0, {self.num_codes}), got [{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"indices must lie in [0, {self.num_codes}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
         return self.codebook[indices.long()]
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Quantized:

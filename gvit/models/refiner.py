@@ -52,13 +52,18 @@ class RefinementEncoder(TransformerModel):
         self.num_gaussians, self.scale_factor, self.residual = num_gaussians, scale_factor, residual
         self.learned_queries = learned_queries
         width, taps = size.width, len(STENCIL)
-        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.GELU(), nn.Conv2d(32, features, 3, padding=1),
-                                  nn.GELU(), nn.Conv2d(features, features, 3, padding=1))
+        self.stem = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(32, features, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(features, features, 3, padding=1))
         self.slot_embed = nn.Parameter(torch.zeros(1, num_gaussians, width))
         self.gaussian_embed = nn.ModuleList(nn.Linear(RAW_DIM, width) for _ in range(rounds))
         self.feature_embed = nn.ModuleList(nn.Linear(taps * features, width) for _ in range(rounds))
-        self.residual_embed = nn.ModuleList(nn.Linear(taps * channels, width) for _ in range(rounds)) if residual else None
-        self.rounds = nn.ModuleList(Transformer(ViTSize(width, depth, size.heads, size.mlp_ratio)) for _ in range(rounds))
+        self.residual_embed = (
+            nn.ModuleList(nn.Linear(taps * channels, width) for _ in range(rounds)) if residual else None
+        )
+        self.rounds = nn.ModuleList(
+            Transformer(ViTSize(width, depth, size.heads, size.mlp_ratio)) for _ in range(rounds)
+        )
         self.heads = nn.ModuleList(Mlp(width, width, RAW_DIM) for _ in range(rounds))
         init_weights(self)
         nn.init.normal_(self.slot_embed, std=0.02)
@@ -107,7 +112,9 @@ class RefinementEncoder(TransformerModel):
         if g0 is None or g0.shape != (b, k, RAW_DIM):
             raise ValueError(f"g0: expected [B={b}, k={k}, {RAW_DIM}], got {None if g0 is None else tuple(g0.shape)}")
         if images.shape[1:] != (3, *self.image_size):
-            raise ValueError(f"images: expected [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {tuple(images.shape)}")
+            raise ValueError(
+                f"images: expected [B, 3, {self.image_size[0]}, {self.image_size[1]}], got {tuple(images.shape)}"
+            )
         fmap = self.stem(images)
         g = self.start(images, g0)
         h, w = images.shape[-2:]

@@ -76,9 +76,13 @@ def rasterize(
         background = colors.new_zeros(n_img, n_ch)
     else:
         if background.shape not in ((n_ch,), (n_img, n_ch)):
-            raise ValueError(f"background: expected shape ({n_ch},) or ({n_img}, {n_ch}), got {tuple(background.shape)}")
+            raise ValueError(
+                f"background: expected shape ({n_ch},) or ({n_img}, {n_ch}), got {tuple(background.shape)}"
+            )
         if background.dtype != colors.dtype or background.device != colors.device:
-            raise ValueError(f"background: expected {colors.dtype} on {colors.device}, got {background.dtype} on {background.device}")
+            raise ValueError(
+                f"background: expected {colors.dtype} on {colors.device}, got {background.dtype} on {background.device}"
+            )
         if not torch.isfinite(background).all():
             raise ValueError("background: contains NaN or inf")
         background = background.expand(n_img, n_ch)
@@ -156,7 +160,9 @@ def _check(means, scales, angles, colors, opacities, height, width, mode, backen
         raise ValueError(f"colors: expected shape [{n_img}, {k}, C] with C >= 1, got {list(colors.shape)}")
     for name, t in named.items():
         if t.dtype != means.dtype or t.device != means.device:
-            raise ValueError(f"{name}: expected {means.dtype} on {means.device} like means, got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"{name}: expected {means.dtype} on {means.device} like means, got {t.dtype} on {t.device}"
+            )
         if not torch.isfinite(t).all():
             raise ValueError(f"{name}: contains NaN or inf")
     if (scales <= 0).any():
