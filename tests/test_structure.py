@@ -92,3 +92,52 @@ def test_no_module_imports_another_modules_private_names():
 def test_modules_stay_small_except_the_numba_kernels():
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in _modules()}
     assert {name: n for name, n in sizes.items() if n > 400 and not name.endswith("_kernels.py")} == {}
+
+
+def _documented_modules() -> list[str]:
+    """The module paths listed, in order, in docs/architecture.md's layout block."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    block = text.split("## The modules, top to bottom", 1)[1].split("```")[1]
+    paths, package = [], None
+    for line in block.splitlines():
+        name = line.strip().split(" ")[0] if line.strip() else ""
+        indent = len(line) - len(line.lstrip())
+        if indent == 2 and name.endswith("/"):
+            package = name.rstrip("/")
+        elif indent == 2 and name.endswith(".py"):
+            package = None
+            paths.append(name)
+        elif indent == 4 and name.endswith(".py") and package:
+            paths.append(f"{package}/{name}")
+    return paths
+
+
+def test_docs_architecture_names_every_module():
+    documented = _documented_modules()
+    actual = sorted(str(p.relative_to(PACKAGE)) for p in _modules())
+    assert sorted(documented) == actual
+
+
+def _unit(relative: str) -> str:
+    return relative.split("/")[0].removesuffix(".py")
+
+
+def test_imports_go_only_to_units_above_in_docs_architecture():
+    order = []
+    for path in _documented_modules():
+        if _unit(path) not in order:
+            order.append(_unit(path))
+    offenders = []
+    for path in _modules():
+        relative = path.relative_to(PACKAGE)
+        here = _unit(str(relative))
+        if here == "__init__":  # the package root re-exports from below
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level > 0):
+                continue
+            base = list(relative.parts[:-1])[:len(relative.parts) - node.level]
+            target = (base + (node.module or "").split("."))[0] or node.names[0].name
+            if target != here and order.index(target) > order.index(here):
+                offenders.append(f"{relative} imports {target}")
+    assert offenders == []
