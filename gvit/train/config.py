@@ -19,7 +19,7 @@ from ..models import SIZES
 from ..settings import from_mapping, setting, validate_fields
 
 __all__ = ["TrainConfig", "KEYS_BEFORE_THE_SPLIT", "ClassifierSettings", "GaussianTokenSettings", "GaussianFolders",
-           "PatchSettings", "PromptSettings", "model_setting", "require"]
+           "PatchSettings", "PromptSettings", "model_setting", "require", "check_schedule"]
 
 
 # The keys of the one flat settings class every run recorded before settings were split by kind
@@ -40,6 +40,15 @@ tokenizer tokenizer_blocks tokenizer_channels train_split warmup weight_decay"""
 def model_setting(kind: str):
     """The ``model`` field of a kind's settings class (its default is the kind's name)."""
     return setting(kind, "model kind (gvit.train.kinds.KINDS)")
+
+
+def check_schedule(cfg, schedule: type) -> None:
+    """A schedule section's own checks (``PerceptualSchedule``, ``Phases``: their ``__post_init__``)
+    on a run's settings, the error prefixed ``config:``."""
+    try:
+        schedule.__post_init__(cfg)
+    except ValueError as exc:
+        raise ValueError(f"config: {exc}") from None
 
 
 def require(cfg, *, positive=(), non_negative=(), optional_positive=()) -> None:

@@ -16,7 +16,7 @@ from ..losses import RECONSTRUCTION_LOSSES
 from ..models import SIZES, GaussianClassifier, GaussianEncoder, GViT, RefinementEncoder
 from ..settings import setting
 from .base import ModelStep, as_number
-from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, model_setting, require
+from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, check_schedule, model_setting, require
 from .data import flip_gaussians
 from .optim import adamw, apply_gradients, set_learning_rate
 
@@ -63,15 +63,11 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
 
-    def __post_init__(self) -> None:
-        TrainConfig.__post_init__(self)
+    __post_init__ = TrainConfig.__post_init__  # not the schedule's own (it runs in check)
 
     def check(self) -> None:
         super().check()
-        try:
-            Phases.__post_init__(self)
-        except ValueError as exc:
-            raise ValueError(f"config: {exc}") from None
+        check_schedule(self, Phases)
         require(self, positive=("refine_rounds", "refine_depth", "refine_features", "fit_lr"),
                 non_negative=("fit_steps",), optional_positive=("guidance_lr",))
         if self.encoder_patch is not None and (self.encoder_patch < 1 or self.image_size % self.encoder_patch):

@@ -13,7 +13,7 @@ from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
 from ..models import TOKENIZER_KINDS, Tokenizer, code_statistics, make_tokenizer
 from ..settings import setting
 from .base import ModelStep, as_number
-from .config import TrainConfig, model_setting, require
+from .config import TrainConfig, check_schedule, model_setting, require
 from .optim import adamw, apply_gradients
 
 __all__ = ["TokenizerConfig", "TokenizerStep", "build_tokenizer"]
@@ -40,15 +40,11 @@ class TokenizerConfig(PerceptualSchedule, TrainConfig):
                                  ("rotation", "straight_through"))
     pixel_loss: str = setting("bce", "pixel term of the reconstruction loss", RECONSTRUCTION_LOSSES)
 
-    def __post_init__(self) -> None:
-        TrainConfig.__post_init__(self)
+    __post_init__ = TrainConfig.__post_init__  # not the schedule's own (it runs in check)
 
     def check(self) -> None:
         super().check()
-        try:
-            PerceptualSchedule.__post_init__(self)
-        except ValueError as exc:
-            raise ValueError(f"config: {exc}") from None
+        check_schedule(self, PerceptualSchedule)
         require(self, positive=("num_tokens", "codebook_size", "code_dim", "tokenizer_channels", "tokenizer_blocks"))
 
 
