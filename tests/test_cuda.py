@@ -72,7 +72,7 @@ def test_gvit_trains_on_cuda_with_bf16_autocast(tmp_path):
     cfg = make_config(data="shapes:128", limit_eval=64, encoder_size="micro", classifier_size="micro", image_size=16,
                       patch=4, num_gaussians=16, batch_size=32, steps=12, log_every=2, checkpoint_every=100,
                       classifier_from=0.25, pretrain_until=0.5, guidance_from=0.75, guidance_every=2, device="cuda",
-                      out=str(tmp_path / "run"))
+                      precision="bf16", out=str(tmp_path / "run"))
     result = train(cfg, progress=False)
     assert result["finished"] and 0 <= result["top1"] <= 1 and math.isfinite(result["psnr"])
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")

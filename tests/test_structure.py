@@ -9,7 +9,7 @@ import torch
 
 from gvit.gaussians import Gaussians, concat, pad
 from gvit.models import GaussianClassifier, GaussianEncoder, GViT, PatchViT
-from gvit.train import param_groups
+from gvit.train import MODELS, param_groups
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gvit"
 
@@ -141,3 +141,28 @@ def test_imports_go_only_to_units_above_in_docs_architecture():
             if target != here and order.index(target) > order.index(here):
                 offenders.append(f"{relative} imports {target}")
     assert offenders == []
+
+
+def _kind_name_comparisons(tree: ast.AST) -> list[int]:
+    """Lines comparing something to a model kind's name (``x == "gvit"``, ``x in ("clip", ...)``)."""
+    names, lines = set(MODELS), []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            values = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            if any(isinstance(v, ast.Constant) and v.value in names for v in values):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_registry_compares_a_model_kind_to_a_string():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "kinds.py":
+            continue
+        offenders += [
+            f"{path.relative_to(PACKAGE)}:{line}" for line in _kind_name_comparisons(ast.parse(path.read_text()))
+        ]
+    assert offenders == []
+    assert _kind_name_comparisons(ast.parse('if cfg.model == "tokenizer": pass\nok = m in ("a", "clip")')) == [1, 2]
