@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "write_json", "read_safetensors", "settings_diff", "check_settings",
-           "record_settings", "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
+__all__ = ["atomic_path", "write_text", "readable_text", "write_json", "read_safetensors", "settings_diff",
+           "check_settings", "record_settings", "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
 
 
 @contextlib.contextmanager
@@ -37,9 +37,17 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, as UTF-8. A file name that is not valid text (bytes
+    Python holds as surrogate escapes) is written back as its own bytes, so a reader that opens the
+    file with ``errors="surrogateescape"`` gets the same name."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+        Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
+
+
+def readable_text(text: str) -> str:
+    """``text`` as valid Unicode for places that accept nothing else (file metadata, terminals):
+    the undecodable bytes of a file name become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
@@ -52,20 +60,34 @@ def read_safetensors(path: str | os.PathLike, *, file_format: str, what: str) ->
     (reading runs no code); FileNotFoundError or a ValueError naming the file otherwise. ``what``
     names the kind of file in messages ("Gaussian file", "token file")."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load, load_file, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
+        if str(path) == readable_text(str(path)):
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            tensors = load_file(str(path))
+        else:  # safetensors opens only paths that are valid text: read the bytes here
+            data = path.read_bytes()
+            tensors, meta = load(data), _safetensors_metadata(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise ValueError(f"{readable_text(str(path))}: not a readable safetensors file ({exc})") from None
     if meta.get("format") != file_format:
         raise ValueError(f"{path}: not a gvit {what} (format={meta.get('format')!r})")
     return tensors, meta
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file's bytes (an 8-byte little-endian header length,
+    then the JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return dict(header.get("__metadata__") or {})
 
 
 def settings_diff(saved: dict, current: dict) -> list[str]:

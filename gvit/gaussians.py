@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from .files import atomic_path, read_safetensors
+from .files import atomic_path, read_safetensors, readable_text
 
 RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
 RAW_DIM = len(RAW_LAYOUT)
@@ -325,7 +325,7 @@ def save_gaussians(
     for key, value in (metadata or {}).items():
         if not isinstance(value, str):
             value = json.dumps(value)
-        meta[str(key)] = value
+        meta[readable_text(str(key))] = readable_text(value)  # safetensors stores valid UTF-8 only
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
 

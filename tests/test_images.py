@@ -134,3 +134,51 @@ def test_reads_the_shared_cifar10_and_fashion_mnist_zips():
     fm = ImageFolder(SHARED / "fashion_mnist" / "test.zip")
     img, _ = fm[0]
     assert img.shape == (3, 28, 28) and torch.equal(img[0], img[2])
+
+
+# EXIF orientation -> how a viewer shows the stored pixels (the EXIF 2.3 table), written independently
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, -1)[::-1],
+           8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path, orientation, suffix):
+    from gvit.data.images import image_size
+
+    stored = np.zeros((16, 32, 3), np.uint8)  # 8x8 blocks, so JPEG keeps the edges
+    stored[:8, :16] = (255, 0, 0)  # a block in one corner and a band on one edge tell every orientation apart
+    stored[:, 24:] = (0, 0, 120)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo{suffix}"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}))
+    expected = torch.from_numpy(np.ascontiguousarray(UPRIGHT[orientation](stored))).permute(2, 0, 1).float() / 255
+    image = read_image(path)
+    assert image.shape == expected.shape and image_size(path) == tuple(expected.shape[1:])
+    assert (image - expected).abs().mean() < (0.02 if suffix == ".jpg" else 1e-6)
+
+
+def test_a_file_name_that_is_not_valid_text_costs_no_image_its_result(tmp_path, capsys):
+    import os
+
+    from gvit.cli import main
+    from gvit.gaussians import load_gaussians
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = [b"ok.png", b"bad\xff\xfename.png"]
+    try:
+        for name in names:
+            Image.fromarray(np.full((12, 12, 3), 90, np.uint8)).save(os.path.join(os.fsencode(photos), name))
+    except OSError:
+        pytest.skip("this file system refuses names that are not valid UTF-8")
+    out = tmp_path / "fitted"
+    args = ["fit", str(photos), "--out", str(out), "--num-gaussians", "8", "--iters", "10", "--quiet"]
+    assert main(args) == 0
+    assert "fitted 2 image(s)" in capsys.readouterr().out
+    bad = os.fsdecode(b"bad\xff\xfename")
+    g, _, meta = load_gaussians(out / f"{bad}.gaussians.safetensors")
+    assert g.num_gaussians == 8 and "\ufffd" in meta["source"]  # stored as valid text
+    assert main(args) == 0 and "2 already done" in capsys.readouterr().out  # the rerun finds both done

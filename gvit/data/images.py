@@ -2,8 +2,10 @@
 
 Every image comes out as ``[3, H, W]`` float32 in [0, 1], whatever its file mode: RGB,
 grayscale (replicated to 3 channels), RGBA / LA / palette with transparency (composited onto
-white), 16-bit and 32-bit integer (scaled by their full range), float, CMYK and YCbCr. A file
-that cannot be decoded raises :class:`ImageReadError` naming it.
+white), 16-bit and 32-bit integer (scaled by their full range), float, CMYK and YCbCr; turned
+upright as its EXIF orientation says (as cameras and phones write it, and as viewers show it), so
+``H x W`` is the size the photo is displayed at. A file that cannot be decoded raises
+:class:`ImageReadError` naming it.
 
 ImageFolder layout: ``<root>/<class>/<file>`` with classes sorted by name (labels 0..n-1), as
 a directory or inside a zip archive (directory entries in the archive are ignored).
@@ -62,7 +64,7 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None, *, mi
     Raises :class:`ImageReadError` naming ``name`` (or the path) for anything that is not a
     decodable image, or one smaller than ``min_size`` pixels on a side.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if name is None:
         name = str(data) if not isinstance(data, bytes) else "<bytes>"
@@ -73,7 +75,7 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None, *, mi
     try:
         with source, Image.open(source) as img:
             img.load()
-            arr = _to_rgb_array(img, name)
+            arr = _to_rgb_array(ImageOps.exif_transpose(img), name)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -83,8 +85,13 @@ def decode_image(data: bytes | str | os.PathLike, name: str | None = None, *, mi
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image file from its header, without decoding the pixels.
+    """``(height, width)`` of an image file as displayed (after its EXIF orientation), from its
+    header, without decoding the pixels.
 
     Raises :class:`ImageReadError` naming the file when it is not a recognisable image.
     """
@@ -93,6 +100,8 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
             width, height = img.size
+            if img.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
     return height, width

@@ -62,7 +62,7 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, str]]:
 def _read_metrics(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as write_text wrote them
         return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
 
 
