@@ -38,7 +38,7 @@ def test_grid_init_on_non_square_images_follows_the_aspect_ratio():
     assert g.means.shape == (1, 30, 2)
 
 
-@pytest.mark.parametrize("method", ["random", "grid", "kmeans", "superpixel"])
+@pytest.mark.parametrize("method", ["random", "grid", "kmeans", "superpixel", "detail"])
 @pytest.mark.parametrize("size,k", [((24, 24), 64), ((5, 7), 64), ((12, 20), 3)])
 def test_every_init_gives_k_finite_gaussians(method, size, k):
     x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -180,11 +180,57 @@ def test_compression_ratio():
     assert compression_ratio(torch.tensor([100]), 10, 10, bytes_per_value=4).item() == pytest.approx(300 / 3600)
 
 
+def test_gradient_magnitude_of_a_ramp_by_hand():
+    from gvit.fit.init import gradient_magnitude
+
+    ramp = torch.linspace(0, 1, 9).expand(1, 3, 5, 9)  # every channel rises 1/8 per column
+    g = gradient_magnitude(ramp)
+    assert torch.allclose(g[0, :, 1:-1], torch.full((5, 7), math.sqrt(3) / 8))  # central differences
+    assert torch.allclose(g[0, :, 0], torch.full((5,), math.sqrt(3) / 16))  # edge replicated: half a step
+
+
+def test_detail_init_gathers_gaussians_where_the_image_changes():
+    import gvit.fit.init as init
+
+    x = torch.full((1, 3, 32, 64), 0.5)
+    ii, jj = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    x[0, :, :, 32:] = ((ii + jj) % 2).float()  # right half: a one-pixel checkerboard; left half flat
+    g = init._detail_init(x, 400, torch.Generator().manual_seed(0))
+    right = g.means[0, :, 0] > 0
+    share = init.DETAIL_SHARE + (1 - init.DETAIL_SHARE) / 2  # expected share of centres on the right
+    assert abs(float(right.float().mean()) - share) < 0.06
+    assert g.scales[0, right, 0].mean() < g.scales[0, ~right, 0].mean()  # denser there: smaller
+    assert torch.all(g.scales[0, 1:, 0] >= g.scales[0, :-1, 0])  # small in front of large
+    cols = ((g.means[0, :, 0] + 1) * 32 - 0.5).round().long()  # each colour is its centre's pixel
+    rows = ((g.means[0, :, 1] + 1) * 16 - 0.5).round().long()
+    assert torch.allclose(g.colors[0], x[0, :, rows, cols].T)
+    pixels = init._detail_init(torch.rand(1, 3, 4, 4), 20, torch.Generator().manual_seed(0))
+    assert (pixels.opacities[0, 16:] < 0.01).all() and pixels.means.shape == (1, 20, 2)  # more Gaussians than pixels
+
+
+def test_coarse_to_fine_renders_the_first_iterations_at_half_resolution(monkeypatch):
+    import gvit.fit.core as core
+
+    sizes = []
+    real = core.render
+
+    def spy(g, **kw):
+        sizes.append((kw["height"], kw["width"]))
+        return real(g, **kw)
+
+    monkeypatch.setattr(core, "render", spy)
+    x = _images(2, 15)
+    res = fit_gaussians(x, FitConfig(num_gaussians=16, iters=10, coarse_until=0.4), progress=False)
+    assert sizes[:4] == [(8, 8)] * 4 and set(sizes[4:]) == {(15, 15)}  # the final render too
+    assert res.rendered.shape == (2, 3, 15, 15) and torch.isfinite(res.psnr).all()
+
+
 # --------------------------------------------------------------------------- bad input
 
 
 @pytest.mark.parametrize("field,value", [("init", "spiral"), ("iters", -1), ("num_gaussians", 0), ("loss", "huber"),
-                                         ("prune_tau", -0.1), ("lr_position", float("nan")), ("mode", "max")])
+                                         ("prune_tau", -0.1), ("lr_position", float("nan")), ("mode", "max"),
+                                         ("coarse_until", 1.5)])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         FitConfig(**{field: value})

@@ -153,7 +153,8 @@ def test_photos_are_read_upright_as_their_exif_orientation_says(tmp_path, orient
     exif = Image.Exif()
     exif[0x0112] = orientation
     path = tmp_path / f"photo{suffix}"
-    Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}))
+    lossless = {"quality": 100, "subsampling": 0} if suffix == ".jpg" else {}
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **lossless)
     expected = torch.from_numpy(np.ascontiguousarray(UPRIGHT[orientation](stored))).permute(2, 0, 1).float() / 255
     image = read_image(path)
     assert image.shape == expected.shape and image_size(path) == tuple(expected.shape[1:])

@@ -69,6 +69,8 @@ class FitConfig:
     mode: str = setting("alpha", "rasterizer compositing", MODES)
     backend: str = setting("auto", "rasterizer backend", BACKENDS)
     seed: int = setting(0, "seed of the random choices of the initialisation")
+    coarse_until: float = setting(0.0, "coarse-to-fine: until this fraction of the iterations, render and compare "
+                                       "at half the resolution (a quarter of the pixel work)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +95,7 @@ class FitConfig:
         need(0 <= self.warmup < 1, "warmup", "in [0, 1)")
         need(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
         need(0 <= self.prune_at <= 1, "prune_at", "in [0, 1]")
+        need(0 <= self.coarse_until <= 1, "coarse_until", "in [0, 1]")
         need(self.prune_tau is None or self.prune_tau >= 0, "prune_tau", "None or >= 0")
         need(self.target_psnr is None or self.target_psnr > 0, "target_psnr", "None or > 0")
         need(self.check_every >= 1, "check_every", ">= 1")
@@ -250,6 +253,9 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
     prune_step = int(round(cfg.prune_at * cfg.iters)) if cfg.prune_tau is not None else -1
     history: list[tuple[int, float, float]] = []
     render_kw = dict(height=h, width=w, mode=cfg.mode, backend=cfg.backend)
+    coarse_steps = int(round(cfg.coarse_until * cfg.iters)) if min(h, w) >= 2 else 0
+    coarse_size = (-(-h // 2), -(-w // 2))
+    coarse_target = torch.nn.functional.interpolate(target, size=coarse_size, mode="area") if coarse_steps else None
 
     bar = progress_bar(cfg.iters, desc=f"fit {b} x {k} Gaussians ({h}x{w})", unit="step", enabled=progress, leave=False)
     for step in range(cfg.iters):
@@ -269,8 +275,9 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
         x = raw[active].requires_grad_(True)
         g = decode(x, cfg.scale_factor)
         g.valid = valid[active]
-        out = render(g, **render_kw)
-        tgt = target[active]
+        coarse = step < coarse_steps  # normalised coordinates: the same Gaussians at half the resolution
+        out = render(g, **(render_kw | dict(zip(("height", "width"), coarse_size)) if coarse else render_kw))
+        tgt = (coarse_target if coarse else target)[active]
         loss = reconstruction_loss(out, tgt, cfg.loss, dssim_weight=cfg.dssim_weight)
         if cfg.l1_opacity > 0:
             loss = loss + cfg.l1_opacity * g.masked_opacities().mean()
@@ -288,7 +295,7 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
             if (step + 1) % cfg.check_every == 0 or step + 1 == cfg.iters:
                 current = _per_image_psnr(out, tgt)  # PSNR of this step's render (before the update)
                 history.append((step + 1, time.perf_counter() - start, float(current.mean())))
-                if cfg.target_psnr is not None:
+                if cfg.target_psnr is not None and not coarse:  # a half-resolution PSNR does not count
                     done = current >= cfg.target_psnr
                     if done.any():
                         steps_taken[active[done].cpu()] = step + 1

@@ -1,6 +1,7 @@
 """Initial Gaussians for fitting: ``random`` (the encoder's g0), a regular ``grid`` with cell colours,
-``kmeans`` clusters and ``superpixel`` (Felzenszwalb) segments turned into Gaussians by their moments
-(GaussianVision's structured initialisation, GViT 2.2)."""
+``detail`` (centres sampled where the image changes, Image-GS's start), ``kmeans`` clusters and
+``superpixel`` (Felzenszwalb) segments turned into Gaussians by their moments (GaussianVision's
+structured initialisation, GViT 2.2)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from torch import Tensor
 from ..gaussians import Gaussians, encode, sample_initial, take_sets
 from ..render import pixel_centers
 
-__all__ = ["INITS", "initialize", "gaussians_from_segments", "check_images", "split_to_count"]
+__all__ = ["INITS", "initialize", "gaussians_from_segments", "gradient_magnitude", "check_images", "split_to_count"]
 
-INITS = ("random", "grid", "kmeans", "superpixel")
+INITS = ("random", "grid", "kmeans", "superpixel", "detail")
+DETAIL_SHARE = 0.3  # detail init: share of the sampling density that follows the image gradient (Image-GS)
+DETAIL_WIDTH = 0.6  # detail init: scales as a multiple of the mean distance to the three nearest centres
 
 
 # --------------------------------------------------------------------------- initialisation
@@ -64,6 +67,53 @@ def _grid_init(images: Tensor, k: int, generator: torch.Generator) -> Gaussians:
     scales = torch.tensor([sx, sy], dtype=images.dtype).expand(b, k, 2) * 0.6
     return Gaussians(means=means.clone(), scales=scales.clone(), angles=images.new_zeros(b, k),
                      colors=colors.clone(), opacities=images.new_full((b, k), 0.9))
+
+
+def gradient_magnitude(images: Tensor) -> Tensor:
+    """``[B, H, W]``: the length of each pixel's colour gradient (central differences, summed
+    over the channels, edges replicated)."""
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    gx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
+    gy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+    return (gx * gx + gy * gy).sum(1).sqrt()
+
+
+def _detail_init(images: Tensor, k: int, generator: torch.Generator) -> Gaussians:
+    """Centres drawn without replacement from the pixels, with probability
+    ``DETAIL_SHARE`` x (gradient magnitude, normalised) + the rest uniform, so Gaussians gather
+    where the image changes; each Gaussian's two scales are 0.6 x the mean distance to its three
+    nearest centres (small where the centres are dense), its colour the pixel's. Ordered small to
+    large, so fine detail sits in front of broad regions."""
+    b, _, h, w = images.shape
+    n = h * w
+    k_eff = min(k, n)
+    grad = gradient_magnitude(images).flatten(1)
+    uniform = torch.full_like(grad, 1.0 / n)
+    detail = grad / grad.sum(1, keepdim=True).clamp_min(1e-12)
+    detail = torch.where(grad.sum(1, keepdim=True) > 0, detail, uniform)  # a flat image: uniform
+    prob = DETAIL_SHARE * detail + (1 - DETAIL_SHARE) * uniform
+    index = torch.multinomial(prob, k_eff, replacement=False, generator=generator)  # [B, k_eff]
+    centres = pixel_centers(h, w, dtype=images.dtype)[index]  # [B, k_eff, 2]
+    colors = images.flatten(2).transpose(1, 2).gather(1, index[..., None].expand(-1, -1, 3))
+    px = torch.stack([index % w, index // w], -1).to(images.dtype)  # pixel units: square pixels
+    spacing = torch.full((b, k_eff), float(max(h, w)), dtype=images.dtype)  # in pixels
+    near = min(3, k_eff - 1)
+    for i in range(b if near else 0):
+        for s in range(0, k_eff, 1024):  # nearest centres, 1,024 rows of the distance matrix at a time
+            d = torch.cdist(px[i, s:s + 1024], px[i])
+            spacing[i, s:s + 1024] = d.topk(near + 1, largest=False).values[:, 1:].mean(1)
+    per_pixel = torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype)  # pixels -> normalised units per axis
+    scales = (DETAIL_WIDTH * spacing).clamp_min(0.5)[..., None] * per_pixel
+    pixel = per_pixel
+    if k_eff < k:  # more Gaussians than pixels: the rest invisible
+        pad = k - k_eff
+        centres = torch.cat([centres, centres.new_zeros(b, pad, 2)], 1)
+        colors = torch.cat([colors, colors.new_zeros(b, pad, 3)], 1)
+        scales = torch.cat([scales, pixel.expand(b, pad, 2)], 1)
+    opacities = torch.cat([images.new_full((b, k_eff), 0.9), images.new_full((b, k - k_eff), 1e-3)], 1)
+    g = Gaussians(means=centres.clamp(-0.999, 0.999), scales=scales.contiguous(), angles=images.new_zeros(b, k),
+                  colors=colors.clamp(0, 1), opacities=opacities)
+    return take_sets(g, g.scales[..., 0].argsort(dim=1))
 
 
 def gaussians_from_segments(images: Tensor, segments: Tensor, k: int) -> Gaussians:
@@ -200,10 +250,10 @@ def initialize(images: Tensor, num_gaussians: int, method: str = "grid", *, scal
 
     ``random`` is the encoder's g0 (:func:`gvit.gaussians.sample_initial`); ``grid`` puts the
     centres on a regular grid of near-square cells with the cell's mean colour and a width of 0.6
-    grid spacings; ``kmeans`` clusters pixels by colour and position; ``superpixel`` uses
-    Felzenszwalb segments. The last two become Gaussians by their moments
-    (:func:`gaussians_from_segments`). Scales are clamped below ``scale_factor`` so the raw values
-    stay finite.
+    grid spacings; ``detail`` draws the centres where the image changes (:func:`_detail_init`);
+    ``kmeans`` clusters pixels by colour and position; ``superpixel`` uses Felzenszwalb segments.
+    The last two become Gaussians by their moments (:func:`gaussians_from_segments`). Scales are
+    clamped below ``scale_factor`` so the raw values stay finite.
     """
     check_images(images)
     if method not in INITS:
@@ -216,6 +266,8 @@ def initialize(images: Tensor, num_gaussians: int, method: str = "grid", *, scal
         return sample_initial(b, k, scale_factor=scale_factor, generator=generator).to(images.device)
     if method == "grid":
         g = _grid_init(x, k, generator)
+    elif method == "detail":
+        g = _detail_init(x, k, generator)
     elif method == "kmeans":
         g = gaussians_from_segments(x, _kmeans_segments(x, min(k, x.shape[2] * x.shape[3]), generator), k)
     else:
