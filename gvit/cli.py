@@ -92,7 +92,8 @@ def _fit(args: argparse.Namespace) -> int:
 def _fit_dataset(args: argparse.Namespace) -> int:
     from .tools.fit_dataset import fit_dataset
 
-    result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, shard_size=args.shard_size,
+    result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, val_every=args.val_every,
+                         shard_size=args.shard_size,
                          batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
                          overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     if "num_images" in result:
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "shards across processes.")
     ds.add_argument("--data", required=True, help="'shapes', a folder with <split>.zip or <split>/, an "
                                                    "ImageFolder (folder or .zip), or CIFAR python batches")
-    ds.add_argument("--split", choices=("train", "test"), default="train")
+    ds.add_argument("--split", choices=("train", "val", "test"), default="train")
+    ds.add_argument("--val-every", type=int, default=0, help="train / val: every n-th training image of each class "
+                                                              "is val (as the training runs' val_every)")
     ds.add_argument("--out", required=True)
     ds.add_argument("--shard-size", type=int, default=1024)
     ds.add_argument("--batch-size", type=int, default=256)

@@ -21,6 +21,20 @@ class InMemoryImages(torch.utils.data.Dataset):
     def labels(self) -> Tensor:
         return self.targets
 
+    def select(self, indices: list[int]) -> "InMemoryImages":
+        """The items at ``indices`` as a dataset of the same class: every per-item field (images,
+        targets, and where a dataset has them masks, captions, held-out marks) taken along."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        n = len(self)
+        for name, value in self.__dict__.items():
+            if isinstance(value, Tensor) and value.ndim and len(value) == n:
+                setattr(out, name, value[index])
+            elif isinstance(value, list) and len(value) == n and name != "classes":
+                setattr(out, name, [value[i] for i in indices])
+        return out
+
     def __getitem__(self, i: int):
         image = self.images[i]
         image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
@@ -37,6 +51,14 @@ def spread_indices(total: int, n: int) -> list[int]:
         raise ValueError(f"need total >= 0 and n >= 0, got {total}, {n}")
     n = min(n, total)
     return [i * total // n for i in range(n)]
+
+
+def dataset_labels(dataset) -> Tensor:
+    """``[N]`` int64 labels of a dataset without decoding its images (``labels`` of gvit's datasets,
+    through subsets)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return torch.as_tensor(dataset.labels, dtype=torch.long)
 
 
 class Subset(torch.utils.data.Subset):

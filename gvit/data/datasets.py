@@ -2,6 +2,12 @@
 
 Every dataset yields ``(image [3, H, W] float32 in [0, 1], label int)`` and has ``classes``
 (names, index = label) and ``labels`` (``[N]`` int64, without decoding any image).
+
+Splits are ``train``, ``val`` and ``test``. ``val`` is carved from the training images
+(:func:`carve_validation`: every ``val_every``-th image of each class, deterministic) and those
+images then leave ``train``, so a run never trains on what it is validated on; a folder with a
+``val`` split of its own (``val.zip`` or ``val/``) uses it instead. ``val_every=0`` (the default of
+:func:`open_dataset`) carves nothing: ``train`` is every training image and there is no ``val``.
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .base import InMemoryImages, Subset
+from .base import InMemoryImages, Subset, dataset_labels
 from .captions import CaptionedShapes
 from .cifar import CifarBatches, is_cifar
 from .images import ImageFolder
 from .shapes import SHAPE_CLASSES, make_shapes
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 SHAPES_SIZES = {"train": 4096, "test": 1024}
 
 
@@ -29,17 +35,19 @@ class ShapesDataset(InMemoryImages):
     """
 
     def __init__(self, split: str = "train", *, n: int | None = None, size: int = 32, seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"shapes split must be one of {SPLITS}, got {split!r}")
+        if split not in SHAPES_SIZES:
+            raise ValueError(f"shapes split must be one of {tuple(SHAPES_SIZES)}, got {split!r}")
         n = SHAPES_SIZES[split] if n is None else n
         if n < 1:
             raise ValueError(f"shapes: n must be >= 1, got {n}")
-        self.images, self.targets, self.masks = make_shapes(n, size, seed=seed * 2 + SPLITS.index(split))
+        self.images, self.targets, self.masks = make_shapes(n, size, seed=seed * 2 + (split == "test"))
         self.classes = list(SHAPE_CLASSES)
 
 
-def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> torch.utils.data.Dataset:
-    """Open a dataset by path (``kwargs`` go to the dataset class).
+def open_dataset(path: str | os.PathLike, split: str = "train", *, val_every: int = 0,
+                 **kwargs) -> torch.utils.data.Dataset:
+    """Open a dataset by path (``kwargs`` go to the dataset class); ``split`` ``train``, ``val``
+    (with ``val_every`` > 0, or a folder's own ``val``) or ``test``.
 
     ``path`` is one of:
 
@@ -54,9 +62,29 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
       (:func:`held_out_split`; the dataset's ``split_note`` says so), so an evaluation never runs on
       training images.
     """
-    text = str(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not isinstance(val_every, int) or val_every < 0:
+        raise ValueError(f"val_every must be an int >= 0, got {val_every!r}")
+    own_val = _own_split(path, "val")
+    if split == "test" or (split == "val" and own_val):
+        return _open_split(path, split, kwargs)
+    if split == "val" and not val_every:
+        raise ValueError(f"dataset {path}: no validation split (it has no val/ of its own; set val_every > 0 "
+                         f"to carve one from the training images)")
+    train = _open_split(path, "train", kwargs)
+    return train if own_val or not val_every else carve_validation(train, split, val_every)
+
+
+def _own_split(path, split: str) -> bool:
+    """Whether ``path`` is a folder holding ``<split>.zip`` or ``<split>/``."""
+    root = Path(path)
+    return root.is_dir() and not is_cifar(root) and any(c.exists() for c in (root / f"{split}.zip", root / split))
+
+
+def _open_split(path, split: str, kwargs: dict) -> torch.utils.data.Dataset:
+    """One split as the dataset stores it (``val`` only where the folder has its own)."""
+    text = str(path)
     name, _, n = text.partition(":")
     if name in ("shapes", "captioned-shapes"):
         if n and not n.isdigit():
@@ -68,7 +96,7 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
         raise FileNotFoundError(f"dataset: {root} does not exist (expected a folder, a .zip, a CIFAR "
                                 "python folder or .tar.gz, or 'shapes')")
     if is_cifar(root):
-        return CifarBatches(root, split, **kwargs)
+        return CifarBatches(root, split, **kwargs)  # train or test (val is carved)
     if root.is_dir():
         for candidate in (root / f"{split}.zip", root / split):
             if candidate.exists():
@@ -77,6 +105,28 @@ def open_dataset(path: str | os.PathLike, split: str = "train", **kwargs) -> tor
 
 
 HELD_OUT_EVERY = 10
+
+
+def carve_validation(train, split: str, val_every: int):
+    """``val``: every ``val_every``-th image of each class of ``train`` (in its order); ``train``:
+    the others. Deterministic, disjoint, and the same for every run with the same ``val_every``."""
+    seen: dict[int, int] = {}
+    chosen = []
+    for i, label in enumerate(dataset_labels(train).tolist()):
+        is_val = seen.get(label, 0) % val_every == val_every - 1
+        seen[label] = seen.get(label, 0) + 1
+        if is_val == (split == "val"):
+            chosen.append(i)
+    if not chosen:
+        raise ValueError(f"dataset: no {split} images after holding out every {val_every}th training image of each "
+                         f"class (too few images)")
+    if isinstance(train, InMemoryImages):
+        return train.select(chosen)
+    subset = Subset(train, chosen)
+    for name in ("root", "split_note"):
+        if hasattr(train, name):
+            setattr(subset, name, getattr(train, name))
+    return subset
 
 
 def held_out_split(folder, split: str):

@@ -22,9 +22,9 @@ __all__ = ["fit_dataset"]
 
 
 def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig, *, split: str = "train",
-                shard_size: int = 1024, batch_size: int = 256, limit: int | None = None, dtype: str = "float16",
-                skip_bad: bool = False, overwrite: bool = False, device: str = "auto", progress: bool = True,
-                log=print) -> dict:
+                val_every: int = 0, shard_size: int = 1024, batch_size: int = 256, limit: int | None = None,
+                dtype: str = "float16", skip_bad: bool = False, overwrite: bool = False, device: str = "auto",
+                progress: bool = True, log=print) -> dict:
     """Convert a dataset (anything :func:`gvit.data.open_dataset` opens) into Gaussian shards.
 
     Shard s holds images ``[s * shard_size, (s + 1) * shard_size)`` of the split, or with ``limit``
@@ -43,7 +43,7 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     for name, value in (("--shard-size", shard_size), ("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    dataset = open_dataset(data, split)
+    dataset = open_dataset(data, split, val_every=val_every)
     order = range(len(dataset)) if limit is None else spread_indices(len(dataset), limit)
     n = len(order)
     if n < 1:
@@ -51,7 +51,7 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     out = Path(out)
     rank, world, local_world = launched_world()
     settings = {"data": str(data), "split": split, "num_images": n, "shard_size": shard_size, "dtype": dtype,
-                "fit": config.to_dict()}
+                "fit": config.to_dict()} | ({"val_every": val_every} if val_every else {})  # as readers reopen it
     with contextlib.ExitStack() as stack:
         if rank == 0:  # one claim per launch; the other ranks write their shards under it
             stack.enter_context(output_folder(out, "fit-dataset", settings=settings, continues=True,

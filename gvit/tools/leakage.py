@@ -57,7 +57,7 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
     settings = {"source": "encoder", "checkpoint": str(checkpoint), "like": str(like), "data": str(source),
                 "split": split, "num_gaussians": cfg.num_gaussians, "image_size": cfg.image_size}
     record_settings(out / "settings.json", settings)
-    dataset = open_dataset(source, split)
+    dataset = open_dataset(source, split, val_every=manifest["settings"].get("val_every", 0))
     shards = manifest["shards"]
     bar = progress_bar(len(shards), desc=f"encode {split}", unit="shard", enabled=progress)
     for s, name in enumerate(shards):

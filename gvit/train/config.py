@@ -78,7 +78,9 @@ class TrainConfig:
     # data
     data: str = setting("shapes", "dataset: shapes[:N], a folder with <split>.zip or <split>/, an ImageFolder, CIFAR")
     train_split: str = setting("train", "split to train on")
-    eval_split: str = setting("test", "split to evaluate on")
+    eval_split: str = setting("test", "split to evaluate on (train, val or test)")
+    val_every: int = setting(0, "carve the val split from the training images: every n-th image of each class, "
+                                "left out of training (0: none; a folder with its own val/ uses it)")
     image_size: int = setting(32, "model input size (images are resized to it, square)")
     limit_train: int | None = setting(None, "train on this many images spread over the split")
     limit_eval: int | None = setting(None, "evaluate on this many images spread over the split")
@@ -120,7 +122,7 @@ class TrainConfig:
         """Range checks of the core; each section's ``check`` adds its own and calls this one."""
         require(self, positive=("image_size", "steps", "batch_size", "log_every", "checkpoint_every",
                                 "max_bad_steps", "base_lr"),
-                non_negative=("num_workers",), optional_positive=("epochs", "grad_clip"))
+                non_negative=("num_workers", "val_every"), optional_positive=("epochs", "grad_clip"))
         for key in ("limit_train", "limit_eval"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")

@@ -71,10 +71,12 @@ def limit(ds, n: int | None):
 
 def image_datasets(cfg) -> tuple:
     """``(train, test or None)`` images of ``cfg.data`` (the test split may not exist)."""
-    train = open_dataset(cfg.data, cfg.train_split)
+    train = open_dataset(cfg.data, cfg.train_split, val_every=cfg.val_every)
     try:
-        test = open_dataset(cfg.data, cfg.eval_split)
+        test = open_dataset(cfg.data, cfg.eval_split, val_every=cfg.val_every)
     except (FileNotFoundError, ValueError):
+        if cfg.eval_split == "val":  # asked for by name: say why there is none
+            raise
         test = None
     return train, test
 

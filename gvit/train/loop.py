@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -129,7 +130,11 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     if split_note:
         result["split_note"] = split_note
     if test_ds is not None and rank == 0:
-        result.update(evaluate(run, test_ds, collate))
+        result.update(evaluate(run, test_ds, collate), eval_split=cfg.eval_split)
+    if cfg.val_every and cfg.eval_split != "val" and rank == 0:  # the carved validation images too
+        _, val_ds = step_kind.datasets(replace(cfg, eval_split="val"))
+        val = evaluate(run, limit(val_ds, cfg.limit_eval), collate)
+        result.update({f"val_{key}": value for key, value in val.items()})
     if rank == 0:
         write_json(out / "result.json", result)
     return result

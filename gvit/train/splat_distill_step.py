@@ -83,7 +83,7 @@ class PairedGaussians(torch.utils.data.Dataset):
     def __init__(self, folder):
         g, labels, indices, manifest = load_shards(folder)
         settings = manifest["settings"]
-        self.images = open_dataset(settings["data"], settings["split"])
+        self.images = open_dataset(settings["data"], settings["split"], val_every=settings.get("val_every", 0))
         g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
         self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
