@@ -107,16 +107,21 @@ def _open_split(path, split: str, kwargs: dict) -> torch.utils.data.Dataset:
 HELD_OUT_EVERY = 10
 
 
+def every_nth_of_each_class(labels: list[int], every: int) -> list[bool]:
+    """Per item, whether it is the ``every``-th, 2 ``every``-th, ... item of its class (in order)."""
+    seen: dict[int, int] = {}
+    marks = []
+    for label in labels:
+        marks.append(seen.get(label, 0) % every == every - 1)
+        seen[label] = seen.get(label, 0) + 1
+    return marks
+
+
 def carve_validation(train, split: str, val_every: int):
     """``val``: every ``val_every``-th image of each class of ``train`` (in its order); ``train``:
     the others. Deterministic, disjoint, and the same for every run with the same ``val_every``."""
-    seen: dict[int, int] = {}
-    chosen = []
-    for i, label in enumerate(dataset_labels(train).tolist()):
-        is_val = seen.get(label, 0) % val_every == val_every - 1
-        seen[label] = seen.get(label, 0) + 1
-        if is_val == (split == "val"):
-            chosen.append(i)
+    marks = every_nth_of_each_class(dataset_labels(train).tolist(), val_every)
+    chosen = [i for i, is_val in enumerate(marks) if is_val == (split == "val")]
     if not chosen:
         raise ValueError(f"dataset: no {split} images after holding out every {val_every}th training image of each "
                          f"class (too few images)")
@@ -132,13 +137,8 @@ def carve_validation(train, split: str, val_every: int):
 def held_out_split(folder, split: str):
     """The deterministic split of one ImageFolder tree: within each class (files in sorted order)
     every :data:`HELD_OUT_EVERY`-th image is ``test``, the others ``train``."""
-    seen: dict[int, int] = {}
-    chosen = []
-    for i, (_, label) in enumerate(folder.samples):
-        held_out = seen.get(label, 0) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
-        seen[label] = seen.get(label, 0) + 1
-        if held_out == (split == "test"):
-            chosen.append(i)
+    marks = every_nth_of_each_class([label for _, label in folder.samples], HELD_OUT_EVERY)
+    chosen = [i for i, held_out in enumerate(marks) if held_out == (split == "test")]
     if not chosen:
         raise ValueError(f"dataset {folder.root}: no {split} images after holding out every {HELD_OUT_EVERY}th "
                          f"image of each class (too few images; give it train/ and test/ folders)")
