@@ -23,7 +23,8 @@ from torch import Tensor
 from .gaussians import Gaussians, det_covariance
 from .render import render
 
-__all__ = ["cdam", "cell_map", "det_sigma_map", "explain_images", "rank_correlation", "mask_mass", "cell_index"]
+__all__ = ["cdam", "cell_map", "det_sigma_map", "explain_images", "rank_correlation", "object_share", "mask_mass",
+           "cell_index"]
 
 
 def cdam(classifier, g: Tensor, target: Tensor | int | None = None,
@@ -145,6 +146,12 @@ def rank_correlation(a: Tensor, b: Tensor, valid: Tensor | None = None) -> Tenso
         if x.unique().numel() > 1 and y.unique().numel() > 1 and denom > 0:
             out[i] = (rx * ry).sum() / denom
     return out
+
+
+def object_share(gaussians, masks: Tensor) -> Tensor:
+    """``[B]``: the share of the Gaussians' opacity whose centres lie on the object (``masks``
+    ``[B, H, W]`` bool; the pixel under each centre decides), over the valid Gaussians."""
+    return mask_mass(gaussians.opacities, gaussians.means, masks, gaussians.valid)["inside"]
 
 
 def mask_mass(scores: Tensor, means: Tensor, masks: Tensor, valid: Tensor | None = None) -> dict:

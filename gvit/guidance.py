@@ -95,6 +95,11 @@ class Phases(PerceptualSchedule):
         """The first step (0-based, of ``total``) at which the classifier trains."""
         return _first_step(self.classifier_from, total)
 
+    def guidance_start(self, total: int) -> int | None:
+        """The first step of the guidance phase, or None when the run has none."""
+        start = _first_step(self.guidance_from, total)
+        return start if start < total else None
+
     def at(self, step: int, total: int) -> Phase:
         """The phase of 0-based ``step`` out of ``total`` steps."""
         if total < 1 or not 0 <= step < total:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gvit.data import make_shapes
-from gvit.gaussians import sample_initial
+from gvit.gaussians import Gaussians, sample_initial
 from gvit.guidance import Phases, batch_losses, guidance_backward
 from gvit.models import GaussianClassifier, GaussianEncoder, GViT
 
@@ -143,3 +143,52 @@ def test_training_logs_every_guidance_step_with_its_measurements(tmp_path):
     for m in guided:
         assert m["guide_rec_norm"] > 0 and m["guide_cls_norm"] > 0 and -1 <= m["guide_cos"] <= 1
         assert m["guide_shift_px"] > 0 and m["guide_color"] >= 0 and "guide_dloss_cls" in m
+
+
+def test_an_lr_floor_keeps_the_late_phases_learning():
+    import math
+
+    from gvit.train import learning_rate, make_config
+
+    plain, floored = make_config(steps=100, warmup=0.1), make_config(steps=100, warmup=0.1, lr_floor=0.25)
+    peak = plain.base_lr * plain.batch_size / 256
+    for step in (0, 10, 50, 99):
+        cosine = 0.5 * (1 + math.cos(math.pi * max(0, step - 10) / 90))
+        ramp = min(1.0, (step + 1) / 10)
+        assert learning_rate(plain, step) == pytest.approx(peak * ramp * cosine)
+        assert learning_rate(floored, step) == pytest.approx(peak * ramp * (0.25 + 0.75 * cosine))
+    late = [learning_rate(floored, s) / peak for s in range(80, 100)]
+    assert min(late) >= 0.25 and sum(late) / len(late) > 0.25
+    with pytest.raises(ValueError, match="lr_floor"):
+        make_config(lr_floor=1.5)
+
+
+def test_object_share_by_hand():
+    from gvit.explain import object_share
+
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # the object: the top-left quarter
+    means = torch.tensor([[[-0.75, -0.75], [0.75, 0.75], [-0.25, -0.25], [0.75, -0.75]]])  # on, off, on, off
+    g = Gaussians(means, torch.full((1, 4, 2), 0.1), torch.zeros(1, 4), torch.rand(1, 4, 3),
+                  torch.tensor([[0.6, 0.2, 0.3, 0.1]]), torch.tensor([[True, True, True, False]]))
+    assert object_share(g, masks).tolist() == pytest.approx([(0.6 + 0.3) / (0.6 + 0.2 + 0.3)])  # the invalid one out
+
+
+def test_a_guidance_phase_reports_what_it_did_and_keeps_it_in_the_checkpoint(tmp_path):
+    from gvit.tools.report import training_report
+    from gvit.train import load_checkpoint, load_trained, make_config, train
+
+    cfg = make_config(data="shapes:64", limit_eval=16, encoder_size="micro", classifier_size="micro", image_size=16,
+                      num_gaussians=16, batch_size=16, steps=12, guidance_from=0.5, guidance_every=1, lr_floor=0.5,
+                      out=str(tmp_path / "run"))
+    result = train(cfg, progress=False)
+    assert result["guidance_shift_px"] > 0 and 0 <= result["object_share_no_guidance"] <= 1
+    assert 0 <= result["object_share"] <= 1
+    assert "encoder_before_guidance" in load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    again = load_trained(tmp_path / "run" / "checkpoint.pt").evaluate()
+    assert again["guidance_shift_px"] == pytest.approx(result["guidance_shift_px"])
+    summary = training_report(tmp_path / "run" / "checkpoint.pt", tmp_path / "report", num_examples=2)
+    assert summary["guidance"]["shift_px"] == pytest.approx(result["guidance_shift_px"])
+    assert "guidance phase" in (tmp_path / "report" / "report.html").read_text()
+    none = train(make_config(**{**cfg.to_dict(), "guidance": False, "out": str(tmp_path / "none")}), progress=False)
+    assert "guidance_shift_px" not in none

@@ -4,7 +4,7 @@ download); :mod:`gvit.data.images` reads image files and ImageFolder trees (dire
 :func:`open_dataset` opens any of them by path; :mod:`gvit.data.captions` gives images with text
 (captioned shapes, class prompts, caption files) and :mod:`gvit.data.text` an offline BPE tokenizer."""
 
-from .base import Subset, spread_indices
+from .base import Subset, dataset_labels, dataset_masks, spread_indices
 from .captions import CaptionedShapes, CaptionFile, ClassCaptions
 from .cifar import CifarBatches, load_pickle
 from .datasets import ShapesDataset, open_dataset
@@ -14,4 +14,5 @@ from .text import TextTokenizer
 
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
            "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices",
+           "dataset_labels", "dataset_masks",
            "Subset", "CaptionedShapes", "ClassCaptions", "CaptionFile", "TextTokenizer"]

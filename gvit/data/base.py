@@ -61,6 +61,15 @@ def dataset_labels(dataset) -> Tensor:
     return torch.as_tensor(dataset.labels, dtype=torch.long)
 
 
+def dataset_masks(dataset) -> Tensor | None:
+    """``[N, H, W]`` object masks of a dataset that has them (the built-in shapes), through subsets;
+    None otherwise."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        masks = dataset_masks(dataset.dataset)
+        return None if masks is None else masks[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return getattr(dataset, "masks", None)
+
+
 class Subset(torch.utils.data.Subset):
     """A subset that keeps the dataset's ``classes``."""
 

@@ -134,6 +134,9 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
             summary["train_seconds"] = metrics[-1]["seconds"]
             summary["steps"] = metrics[-1]["step"]
     summary["files"] = files
+    if "guidance_shift_px" in summary:  # what the guidance phase did to the encoder's Gaussians on these images
+        summary["guidance"] = {"shift_px": summary["guidance_shift_px"]} | {
+            key: summary[key] for key in ("object_share", "object_share_no_guidance") if key in summary}
     if compare:
         summary["compare"] = {name: {k: r[k] for k in ("top1", "psnr", "train_seconds", "step") if k in r}
                               for name, r in compare.items()}
@@ -149,6 +152,11 @@ def _html(path: Path, summary: dict, cfg) -> None:
         rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
     if "train_seconds" in summary:
         rows.append(("training", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s"))
+    if "guidance" in summary:
+        g = summary["guidance"]
+        share = (f"; encoder opacity on the object {100 * g['object_share']:.1f}% (before the guidance phase "
+                 f"{100 * g['object_share_no_guidance']:.1f}%)" if "object_share" in g else "")
+        rows.append(("guidance phase", f"moved the encoder's Gaussians {g['shift_px']:.3f} px on average{share}"))
     compared = ""
     if summary.get("compare"):
         table = [("run", "top-1", "PSNR", "training")]

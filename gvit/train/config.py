@@ -95,6 +95,8 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     warmup: float = setting(0.05, "linear warm-up, as a fraction of training")
+    lr_floor: float = setting(0.0, "the cosine decays to this fraction of the peak learning rate (0: to 0), so late "
+                                   "phases (GViT's joint and guidance steps) still learn")
     grad_clip: float | None = setting(None, "clip each model's gradient norm to this")
     max_bad_steps: int = setting(20, "stop after this many steps with NaN/inf losses or gradients")
     # augmentation
@@ -126,6 +128,8 @@ class TrainConfig:
         for key in ("limit_train", "limit_eval"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError(f"config: lr_floor must be in [0, 1], got {self.lr_floor}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
 

@@ -5,11 +5,14 @@ its training step (:class:`GViTStep`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ..data import dataset_masks
+from ..explain import object_share
 from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases, batch_losses, guidance_backward
 from ..losses import RECONSTRUCTION_LOSSES
@@ -112,8 +115,11 @@ class GViTStep(ModelStep):
         self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
         self.training_set, self.training_collate = None, None  # attach_training_set
         self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
+        self.before_guidance: dict | None = None  # the encoder's weights when the guidance phase began
 
     def step(self, step, inputs, labels, gen, rank, world):
+        if step == self.schedule.guidance_start(self.cfg.steps):  # before the phase's first update
+            self.before_guidance = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
         metrics = super().step(step, inputs, labels, gen, rank, world)
         return None if metrics is None else {"phase": self.schedule.at(step, self.cfg.steps).name} | metrics
 
@@ -220,6 +226,53 @@ class GViTStep(ModelStep):
                 "guide_color": as_number((new.colors - old.colors).abs().mean()),
                 "guide_dloss_cls": as_number(after.classification - out.classification),
                 "guide_dloss_rec": as_number(after.reconstruction - out.reconstruction)}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.before_guidance is not None:
+            state["encoder_before_guidance"] = self.before_guidance
+        return state
+
+    def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
+        super().load_state_dict(state, optimizers=optimizers)
+        self.before_guidance = state.get("encoder_before_guidance")
+
+    @torch.no_grad()
+    def evaluate(self, dataset, collate) -> dict:
+        """The measures of every kind; after a guidance phase also what it did to the encoder's
+        Gaussians on these images (:meth:`guidance_effect`)."""
+        result = super().evaluate(dataset, collate)
+        return result | (self.guidance_effect(dataset, collate) if self.before_guidance is not None else {})
+
+    @torch.no_grad()
+    def guidance_effect(self, dataset, collate) -> dict:
+        """The encoder before its guidance phase against the encoder now, on the same images and g0:
+        ``guidance_shift_px`` (mean distance between their Gaussians' centres, in pixels) and, where
+        the images have object masks, ``object_share`` / ``object_share_no_guidance`` (the share of
+        the encoder's Gaussian opacity centred on the object, now and before the phase)."""
+        before = copy.deepcopy(self.model)
+        before.encoder.load_state_dict(self.before_guidance)
+        masks = dataset_masks(dataset)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate)
+        gen, shifts, now_share, before_share, seen = torch.Generator().manual_seed(self.cfg.seed), [], [], [], 0
+        self.train(False)
+        before.eval()
+        for images, _ in loader:
+            images = images.to(self.device)
+            g0 = self.model.sample_g0(len(images), gen)
+            new, old = (self.model.decode(m.encode(images, g0, generator=gen)) for m in (self.model, before))
+            shifts.append((new.means - old.means).norm(dim=-1).mean(1).cpu() * max(images.shape[-2:]) / 2)
+            if masks is not None:
+                batch_masks = masks[seen:seen + len(images)].to(self.device)
+                now_share.append(object_share(new, batch_masks).cpu())
+                before_share.append(object_share(old, batch_masks).cpu())
+            seen += len(images)
+        self.train(True)
+        out = {"guidance_shift_px": float(torch.cat(shifts).mean())}
+        if masks is not None:
+            out |= {"object_share": float(torch.cat(now_share).nanmean()),
+                    "object_share_no_guidance": float(torch.cat(before_share).nanmean())}
+        return out
 
     def evaluate_batch(self, inputs, gen):
         out = self.model.predict(inputs, generator=gen)

@@ -43,14 +43,15 @@ def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimi
 
 
 def learning_rate(cfg, step: int, start: int = 0) -> float:
-    """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine to 0. A model
-    that starts training at step ``start`` > 0 (with fresh optimiser moments) gets the same warm-up
-    from there, on top of the cosine."""
+    """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine down to
+    ``lr_floor`` times that peak (0: to 0). A model that starts training at step ``start`` > 0 (with
+    fresh optimiser moments) gets the same warm-up from there, on top of the cosine."""
     peak = cfg.base_lr * cfg.batch_size / 256
     warm = int(cfg.warmup * cfg.steps)
     t = max(0, step - warm) / max(1, cfg.steps - warm)
     ramp = min(1.0, max(0, step - start + 1) / warm) if warm else 1.0
-    return peak * ramp * 0.5 * (1 + math.cos(math.pi * t))
+    cosine = 0.5 * (1 + math.cos(math.pi * t))
+    return peak * ramp * (cosine if not cfg.lr_floor else cfg.lr_floor + (1 - cfg.lr_floor) * cosine)
 
 
 def set_learning_rate(optimizers, lr: float) -> None:
