@@ -51,6 +51,11 @@ def test_a_key_of_another_kind_is_a_one_line_error_naming_its_kinds(tmp_path):
     recipe.write_text("model: tokenizer\ngamma: 0.2\n")
     with pytest.raises(ValueError, match=r"r\.yaml: gamma belongs to model=gvit, not to model=tokenizer"):
         load_config(recipe)
+    gvit_recipe = tmp_path / "g.yaml"
+    gvit_recipe.write_text("num_gaussians: 32\nclassifier_size: micro\n")
+    with pytest.raises(ValueError, match="num_gaussians belongs to model=gvit / offline.*--as-model patch_vit"):
+        load_config(gvit_recipe, ["model=patch_vit"])  # the old spelling of a baseline: named with the new one
+    assert load_config(gvit_recipe, as_model="patch_vit").classifier_size == "micro"
     with pytest.raises(ValueError, match="unknown key 'gama'.*did you mean gamma"):
         load_config(None, ["gama=0.1"])  # a key no kind has: named with the near ones
     # a baseline from a GViT recipe keeps the keys it shares

@@ -80,7 +80,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     loaded = read_settings_file(path) if path is not None else {}
     given = split_overrides(overrides or [])
     model = str(given.get("model", loaded.get("model", DEFAULT_MODEL))).strip()
-    settings = _check_keys(model, loaded, where)
+    recipe = str(loaded.get("model", DEFAULT_MODEL)).strip()
+    try:
+        settings = _check_keys(model, loaded, where)
+    except ValueError as exc:
+        if recipe == model:
+            raise
+        raise ValueError(f"{exc} (a model={recipe} recipe: train model={model} with the keys it shares by "
+                         f"--as-model {model}, or load_config(..., as_model={model!r}))") from None
     _check_keys(model, given, "config")
     values = typed_values(settings, loaded, where) | parse_overrides(settings, overrides or [])
     return settings(**values)
