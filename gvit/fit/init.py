@@ -81,8 +81,8 @@ def gradient_magnitude(images: Tensor) -> Tensor:
 def _detail_init(images: Tensor, k: int, generator: torch.Generator) -> Gaussians:
     """Centres drawn without replacement from the pixels, with probability
     ``DETAIL_SHARE`` x (gradient magnitude, normalised) + the rest uniform, so Gaussians gather
-    where the image changes; each Gaussian's two scales are 0.6 x the mean distance to its three
-    nearest centres (small where the centres are dense), its colour the pixel's. Ordered small to
+    where the image changes; each Gaussian's two scales are ``DETAIL_WIDTH`` x the mean distance to
+    its three nearest centres (small where the centres are dense), its colour the pixel's. Ordered small to
     large, so fine detail sits in front of broad regions."""
     b, _, h, w = images.shape
     n = h * w
@@ -104,12 +104,11 @@ def _detail_init(images: Tensor, k: int, generator: torch.Generator) -> Gaussian
             spacing[i, s:s + 1024] = d.topk(near + 1, largest=False).values[:, 1:].mean(1)
     per_pixel = torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype)  # pixels -> normalised units per axis
     scales = (DETAIL_WIDTH * spacing).clamp_min(0.5)[..., None] * per_pixel
-    pixel = per_pixel
     if k_eff < k:  # more Gaussians than pixels: the rest invisible
         pad = k - k_eff
         centres = torch.cat([centres, centres.new_zeros(b, pad, 2)], 1)
         colors = torch.cat([colors, colors.new_zeros(b, pad, 3)], 1)
-        scales = torch.cat([scales, pixel.expand(b, pad, 2)], 1)
+        scales = torch.cat([scales, per_pixel.expand(b, pad, 2)], 1)
     opacities = torch.cat([images.new_full((b, k_eff), 0.9), images.new_full((b, k - k_eff), 1e-3)], 1)
     g = Gaussians(means=centres.clamp(-0.999, 0.999), scales=scales.contiguous(), angles=images.new_zeros(b, k),
                   colors=colors.clamp(0, 1), opacities=opacities)

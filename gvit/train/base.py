@@ -178,8 +178,6 @@ class ModelStep:
             raise ValueError(f"model={self.cfg.model} reads saved Gaussians, not images")
         return {"logits": self.evaluate_batch(images, gen)[0]}
 
-
-
     @staticmethod
     def describe(result: dict) -> str:
         """One line of an evaluation result: ``top-1 X% on N images`` (and PSNR where measured)."""

@@ -6,7 +6,7 @@ its training step (:class:`GViTStep`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -93,8 +93,7 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
             changes = dict(perceptual_from=1.0, classifier_from=0.0, pretrain_until=1.0, guidance_from=1.0)
         else:
             changes = {} if self.guidance else {"guidance_from": 1.0}
-        names = [f for f in Phases.__dataclass_fields__]
-        return Phases(**({name: getattr(self, name) for name in names} | changes))
+        return Phases(**({f.name: getattr(self, f.name) for f in fields(Phases)} | changes))
 
 
 class GViTStep(ModelStep):
@@ -107,11 +106,8 @@ class GViTStep(ModelStep):
         super().__init__(cfg, num_classes, device)
         self.schedule = cfg.schedule()
         self.model = build_gvit(cfg, num_classes).to(device)
-        self.parts["classifier"] = (
-            self.model.classifier,
-            adamw(cfg, self.model.classifier, cfg.layer_decay),
-            "cls_opt",
-        )
+        classifier_opt = adamw(cfg, self.model.classifier, cfg.layer_decay)
+        self.parts["classifier"] = (self.model.classifier, classifier_opt, "cls_opt")
         self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
         self.training_set, self.training_collate = None, None  # attach_training_set
         self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
@@ -250,8 +246,8 @@ class GViTStep(ModelStep):
         ``guidance_shift_px`` (mean distance between their Gaussians' centres, in pixels) and, where
         the images have object masks, ``object_share`` / ``object_share_no_guidance`` (the share of
         the encoder's Gaussian opacity centred on the object, now and before the phase)."""
-        before = copy.deepcopy(self.model)
-        before.encoder.load_state_dict(self.before_guidance)
+        before = copy.deepcopy(self.model.encoder)  # the encoder alone: g0 and decoding are the model's
+        before.load_state_dict(self.before_guidance)
         masks = dataset_masks(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate)
         gen, shifts, now_share, before_share, seen = torch.Generator().manual_seed(self.cfg.seed), [], [], [], 0
@@ -259,8 +255,8 @@ class GViTStep(ModelStep):
         before.eval()
         for images, _ in loader:
             images = images.to(self.device)
-            g0 = self.model.sample_g0(len(images), gen)
-            new, old = (self.model.decode(m.encode(images, g0, generator=gen)) for m in (self.model, before))
+            g0 = self.model.sample_g0(len(images), gen)  # None for learned queries
+            new, old = (self.model.decode(encoder(images, g0)) for encoder in (self.model.encoder, before))
             shifts.append((new.means - old.means).norm(dim=-1).mean(1).cpu() * max(images.shape[-2:]) / 2)
             if masks is not None:
                 batch_masks = masks[seen:seen + len(images)].to(self.device)
