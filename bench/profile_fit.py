@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=9000)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--top", type=int, default=12, help="PyTorch-side functions listed")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other FitConfig settings")
     a = p.parse_args()
 
     import importlib
@@ -142,7 +143,8 @@ def main() -> None:
     image = read_image(a.image)[None]
     read_s = time.perf_counter() - t0
     h, w = image.shape[2:]
-    cfg = FitConfig(num_gaussians=a.k, iters=a.iters)
+    cfg = FitConfig(num_gaussians=a.k, iters=a.iters, **{key: type(getattr(FitConfig(), key))(value)
+                                                         for key, value in (kv.split("=", 1) for kv in a.set)})
     fit_gaussians(image, FitConfig(num_gaussians=64, iters=2), progress=False)  # compile and warm the kernels
     profiler = cProfile.Profile()
     with KernelTimer(kernels) as timer:

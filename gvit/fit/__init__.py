@@ -1,8 +1,11 @@
 """Fitting Gaussians to images: :mod:`~gvit.fit.init` (initialisations) and :mod:`~gvit.fit.core`
-(``FitConfig``, batched optimisation, pruning)."""
+(``FitConfig`` and its recipes, batched optimisation, pruning, the adaptive budget)."""
 
-from .core import FitConfig, FitResult, auto_batch_size, check_memory, fit_gaussians, luminance_contribution
-from .init import INITS, gaussians_from_segments, initialize
+from .core import (PHOTO_PIXELS, RECIPES, FitConfig, FitResult, auto_batch_size, check_memory, fit_gaussians,
+                   luminance_contribution)
+from .budget import grow_schedule
+from .init import INITS, gaussians_at_error, gaussians_from_segments, initialize
 
-__all__ = ["INITS", "FitConfig", "FitResult", "fit_gaussians", "initialize", "luminance_contribution",
-           "gaussians_from_segments", "auto_batch_size", "check_memory"]
+__all__ = ["INITS", "RECIPES", "PHOTO_PIXELS", "FitConfig", "FitResult", "fit_gaussians", "initialize",
+           "luminance_contribution", "gaussians_from_segments", "gaussians_at_error", "grow_schedule",
+           "auto_batch_size", "check_memory"]

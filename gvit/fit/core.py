@@ -13,6 +13,12 @@ initialisations):
 * optional pruning at ``prune_at`` (a fraction of the iterations): Gaussians whose luminance
   contribution (:func:`luminance_contribution`) is below ``prune_tau`` times the image's mean
   contribution are switched off (``valid`` = False); the rest keep fitting.
+* optional adaptive budget (``grow_from`` < 1): the fit starts with that share of the k Gaussians
+  and, in ``grow_rounds`` rounds up to ``grow_until``, moves the ones that contribute little
+  (``grow_prune``) and adds the rest at the pixels where the render is most wrong, in front
+  (Image-GS's error-driven placement), so the budget goes where the image needs it;
+* two recipes fill the settings a config leaves unset (:data:`RECIPES`): ``small`` (CIFAR-sized
+  images) and ``photo``; ``recipe="auto"`` picks by the image's pixel count.
 
 Images are ``[B, 3, H, W]`` float in [0, 1]; the background of every render is black (zeros),
 as in the rest of gvit.
@@ -33,12 +39,23 @@ from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
 from ..render import BACKENDS, MODES, render
 from ..progress import progress_bar
 from ..settings import setting, validate_fields
+from .budget import grow_round, grow_schedule, luminance_contribution, prune_weak
 from .init import INITS, check_images, initialize
 
 __all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution",
            "auto_batch_size", "check_memory"]
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
+
+
+# The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
+# figure was measured with; "photo" was chosen on 3 CBSD68 photos (16 trials, docs/fitting.md).
+RECIPES = {
+    "small": dict(iters=500, lr_position=0.1, lr_scale=0.05, lr_angle=0.05, lr_color=0.05, lr_opacity=0.05,
+                  warmup=0.02, final_lr_fraction=0.01, grow_from=1.0),
+    "photo": dict(iters=160, lr_position=1.0, lr_scale=0.1, lr_angle=0.1, lr_color=0.1, lr_opacity=0.1,
+                  warmup=0.0, final_lr_fraction=0.05, grow_from=0.5),
+}
+PHOTO_PIXELS = 256 * 256  # recipe "auto": images with at least this many pixels are fitted as photos
 
 
 @dataclass
@@ -47,17 +64,23 @@ class FitConfig:
     options, config files and keyword overrides all read these declarations."""
 
     num_gaussians: int = setting(256, "Gaussians per image (k)")
-    iters: int = setting(500, "optimisation steps")
+    recipe: str = setting("auto", "the defaults of the settings left unset (None): small (CIFAR-sized images), "
+                                  "photo (fewer steps, larger step sizes, an adaptive budget; tuned on photos), "
+                                  f"auto: photo from {PHOTO_PIXELS:,} pixels (256x256) up", ("auto", *RECIPES))
+    iters: int | None = setting(None, "optimisation steps (recipe: small 500, photo 160)")
     init: str = setting("grid", "initialisation", INITS)
     loss: str = setting("mse", "pixel loss", RECONSTRUCTION_LOSSES)
     dssim_weight: float = setting(0.0, "weight of the D-SSIM term")
-    lr_position: float = setting(0.1, "position step size in pixels (Adam's step on the raw position, converted)")
-    lr_scale: float = setting(0.05, "step size of the raw scales")
-    lr_angle: float = setting(0.05, "step size of the angle")
-    lr_color: float = setting(0.05, "step size of the raw colours")
-    lr_opacity: float = setting(0.05, "step size of the raw opacity")
-    warmup: float = setting(0.02, "linear warm-up, as a fraction of the iterations")
-    final_lr_fraction: float = setting(0.01, "the cosine decay ends at this fraction of each step size")
+    lr_position: float | None = setting(None, "position step size in pixels (Adam's step on the raw position, "
+                                              "converted; recipe: small 0.1, photo 1.0)")
+    lr_scale: float | None = setting(None, "step size of the raw scales (recipe: small 0.05, photo 0.1)")
+    lr_angle: float | None = setting(None, "step size of the angle (recipe: small 0.05, photo 0.1)")
+    lr_color: float | None = setting(None, "step size of the raw colours (recipe: small 0.05, photo 0.1)")
+    lr_opacity: float | None = setting(None, "step size of the raw opacity (recipe: small 0.05, photo 0.1)")
+    warmup: float | None = setting(None, "linear warm-up, as a fraction of the iterations (recipe: small 0.02, "
+                                         "photo 0)")
+    final_lr_fraction: float | None = setting(None, "the cosine decay ends at this fraction of each step size "
+                                                    "(recipe: small 0.01, photo 0.05)")
     target_psnr: float | None = setting(None, "stop an image once its PSNR reaches this (dB)")
     check_every: int = setting(10, "iterations between PSNR checks (target PSNR, history)")
     l1_opacity: float = setting(0.0, "L1 penalty on opacities (drives unneeded Gaussians to 0 before pruning)")
@@ -71,6 +94,13 @@ class FitConfig:
     seed: int = setting(0, "seed of the random choices of the initialisation")
     coarse_until: float = setting(0.0, "coarse-to-fine: until this fraction of the iterations, render and compare "
                                        "at half the resolution (a quarter of the pixel work)")
+    grow_from: float | None = setting(None, "adaptive budget: start with this share of num_gaussians and add the "
+                                            "rest where the error is largest, in rounds (1: a fixed budget; "
+                                            "recipe: small 1, photo 0.5)")
+    grow_rounds: int = setting(2, "adaptive budget: rounds of additions")
+    grow_until: float = setting(0.2, "adaptive budget: the last round, as a fraction of the iterations")
+    grow_prune: float = setting(0.05, "adaptive budget: each round first moves the Gaussians whose luminance "
+                                      "contribution is below this x the image mean to where the error is (0: none)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,18 +114,22 @@ class FitConfig:
 
         # types, finiteness and the declared choices (init, loss, mode, backend) are checked by validate_fields
         need(self.num_gaussians >= 1, "num_gaussians", "an int >= 1")
-        need(self.iters >= 0, "iters", "an int >= 0")
+        need(self.iters is None or self.iters >= 0, "iters", "an int >= 0")
         for name in ("dssim_weight", "l1_opacity"):
             need(getattr(self, name) >= 0, name, "a finite number >= 0")
         # Adam moves a value by about its step size per iteration: beyond these the fit cannot converge
         # (a raw logit moved by 10 per step saturates; the position step is in pixels)
         for name, most in (("lr_position", 100.0), ("lr_scale", 10.0), ("lr_angle", 10.0), ("lr_color", 10.0),
                            ("lr_opacity", 10.0)):
-            need(0 <= getattr(self, name) <= most, name, f"in [0, {most:g}]")
-        need(0 <= self.warmup < 1, "warmup", "in [0, 1)")
-        need(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
+            need(getattr(self, name) is None or 0 <= getattr(self, name) <= most, name, f"in [0, {most:g}]")
+        need(self.warmup is None or 0 <= self.warmup < 1, "warmup", "in [0, 1)")
+        need(self.final_lr_fraction is None or 0 < self.final_lr_fraction <= 1, "final_lr_fraction", "in (0, 1]")
         need(0 <= self.prune_at <= 1, "prune_at", "in [0, 1]")
         need(0 <= self.coarse_until <= 1, "coarse_until", "in [0, 1]")
+        need(self.grow_from is None or 0 < self.grow_from <= 1, "grow_from", "in (0, 1]")
+        need(self.grow_rounds >= 1, "grow_rounds", ">= 1")
+        need(0 <= self.grow_until <= 1, "grow_until", "in [0, 1]")
+        need(self.grow_prune >= 0, "grow_prune", ">= 0")
         need(self.prune_tau is None or self.prune_tau >= 0, "prune_tau", "None or >= 0")
         need(self.target_psnr is None or self.target_psnr > 0, "target_psnr", "None or > 0")
         need(self.check_every >= 1, "check_every", ">= 1")
@@ -103,6 +137,19 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def recipe_for(self, height: int, width: int) -> str:
+        """The recipe a ``height x width`` image gets: ``recipe``, or with ``auto`` photo from
+        :data:`PHOTO_PIXELS` pixels up and small below."""
+        if self.recipe != "auto":
+            return self.recipe
+        return "photo" if height * width >= PHOTO_PIXELS else "small"
+
+    def for_image(self, height: int, width: int) -> "FitConfig":
+        """This config with every unset (None) recipe setting taken from :meth:`recipe_for` the image size."""
+        recipe = RECIPES[self.recipe_for(height, width)]
+        return replace(self, recipe=self.recipe_for(height, width),
+                       **{name: value for name, value in recipe.items() if getattr(self, name) is None})
 
 
 @dataclass
@@ -113,8 +160,9 @@ class FitResult:
     marks the Gaussians that survived pruning, None without pruning), per-image ``psnr`` and
     ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]),
     ``iters`` ``[B]`` steps taken (fewer than the config's when ``target_psnr`` stopped an image
-    early), ``psnr_before_prune`` ``[B]`` (NaN without pruning), wall-clock ``seconds`` and
-    ``history``: (step, seconds, mean PSNR of the images still fitting) every ``check_every`` steps.
+    early), ``psnr_before_prune`` ``[B]`` (NaN without pruning), wall-clock ``seconds``,
+    ``history``: (step, seconds, mean PSNR of the images still fitting) every ``check_every`` steps,
+    and ``config``, the settings the fit ran with (the recipe resolved for the image size).
     """
 
     raw: Tensor
@@ -126,34 +174,13 @@ class FitResult:
     seconds: float
     rendered: Tensor
     history: list[tuple[int, float, float]] = field(default_factory=list)
+    config: FitConfig | None = None
 
     def to(self, device) -> "FitResult":
         """The same result with every tensor on ``device``."""
         tensors = {name: getattr(self, name).to(device) for name in
                    ("raw", "gaussians", "psnr", "ssim", "iters", "psnr_before_prune", "rendered")}
         return replace(self, **tensors)
-
-
-# --------------------------------------------------------------------------- pruning and sizes
-
-
-def luminance_contribution(gaussians: Gaussians, *, height: int, width: int, mode: str = "alpha",
-                           backend: str = "auto") -> Tensor:
-    """How much luminance each Gaussian puts into its render, ``[B, k]`` >= 0 (pixel units).
-
-    E_i = |sum_p w_i(p) (Y(c_i) - Y(R_i(p)))|: the change of the image's total luminance Y
-    (BT.601) if Gaussian i were removed, where w_i is its compositing weight and R_i the colour
-    composited behind it. It equals |o_i * dY_total / do_i|, so one backward pass gives it for
-    all Gaussians at once. In ``mode="sum"`` it is o_i Y(c_i) sum_p G_i(p). Invalid slots get 0.
-    """
-    g = gaussians
-    opac = g.masked_opacities().detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = render(Gaussians(g.means.detach(), g.scales.detach(), g.angles.detach(), g.colors.detach(), opac),
-                     height=height, width=width, mode=mode, backend=backend)
-        luma = out.new_tensor(LUMA).view(1, 3, 1, 1)
-        (grad,) = torch.autograd.grad((out * luma).sum(), opac)
-    return (grad * opac).abs().detach()
 
 
 # --------------------------------------------------------------------------- the fitting loop
@@ -228,23 +255,31 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
     cfg = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     cfg.validate()
     check_images(images)
+    cfg = cfg.for_image(*images.shape[-2:])
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
         return _fit(images.float(), cfg, init_raw, progress)
 
 
 def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> FitResult:
     b, _, h, w = images.shape
-    check_memory(b, cfg.num_gaussians, h, w, images.device)
+    k = cfg.num_gaussians
+    check_memory(b, k, h, w, images.device)
     target = images.detach()
     start = time.perf_counter()
-    raw = (initialize(target, cfg.num_gaussians, cfg.init, scale_factor=cfg.scale_factor, seed=cfg.seed)
-           if init_raw is None else init_raw.detach().to(target))
-    if raw.shape != (b, cfg.num_gaussians, RAW_DIM):
-        raise ValueError(f"init_raw: expected shape {(b, cfg.num_gaussians, RAW_DIM)}, got {tuple(raw.shape)}")
-    k = raw.shape[1]
+    grow_at = grow_schedule(cfg.iters, cfg.grow_from, cfg.grow_rounds, cfg.grow_until)
+    valid = torch.ones(b, k, dtype=torch.bool, device=target.device)
+    if init_raw is None:
+        first = max(1, int(round(cfg.grow_from * k))) if grow_at else k  # the adaptive budget starts smaller
+        raw = initialize(target, first, cfg.init, scale_factor=cfg.scale_factor, seed=cfg.seed)
+        raw = torch.cat([raw, raw.new_zeros(b, k - first, RAW_DIM)], 1)
+        valid[:, first:] = False
+    else:
+        raw = init_raw.detach().to(target)
+    if raw.shape != (b, k, RAW_DIM):
+        raise ValueError(f"init_raw: expected shape {(b, k, RAW_DIM)}, got {tuple(raw.shape)}")
     raw = raw.clone()
-    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device)
     exp_avg, exp_sq = torch.zeros_like(raw), torch.zeros_like(raw)
+    age = None  # Adam steps per Gaussian, once the adaptive budget has added some (their moments start at 0)
     lr = _lr_vector(cfg, h, w, raw.dtype, raw.device)
     beta1, beta2, eps = 0.9, 0.999, 1e-15
     active = torch.arange(b, device=raw.device)  # images still being fitted
@@ -256,6 +291,7 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
     coarse_steps = int(round(cfg.coarse_until * cfg.iters)) if min(h, w) >= 2 else 0
     coarse_size = (-(-h // 2), -(-w // 2))
     coarse_target = torch.nn.functional.interpolate(target, size=coarse_size, mode="area") if coarse_steps else None
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
 
     bar = progress_bar(cfg.iters, desc=f"fit {b} x {k} Gaussians ({h}x{w})", unit="step", enabled=progress, leave=False)
     for step in range(cfg.iters):
@@ -265,13 +301,15 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
             with torch.no_grad():
                 g = decode(raw[active], cfg.scale_factor)
                 g.valid = valid[active]
-                out = render(g, **render_kw)
-                before_prune[active.cpu()] = _per_image_psnr(out, target[active]).double().cpu()
-                contrib = luminance_contribution(g, **render_kw)
-                mean = (contrib * g.valid).sum(1, keepdim=True) / g.valid.sum(1, keepdim=True).clamp_min(1)
-                keep = g.valid & (contrib >= cfg.prune_tau * mean)
-                keep[torch.arange(len(active)), contrib.argmax(1)] = True  # never empty
-                valid[active] = keep
+                before_prune[active.cpu()] = _per_image_psnr(render(g, **render_kw), target[active]).double().cpu()
+                valid[active] = prune_weak(g, valid[active], cfg.prune_tau, render_kw)
+        if step in grow_at:
+            if age is None:
+                age = torch.full((b, k, 1), step, dtype=raw.dtype, device=raw.device)
+            with torch.no_grad():
+                grow_round(raw, valid, (exp_avg, exp_sq, age), active, target, grow_at[step],
+                           scale_factor=cfg.scale_factor, prune_tau=cfg.grow_prune, render_kw=render_kw,
+                           generator=generator)
         x = raw[active].requires_grad_(True)
         g = decode(x, cfg.scale_factor)
         g.valid = valid[active]
@@ -285,12 +323,18 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
         (grad,) = torch.autograd.grad(loss * len(active), x)
         with torch.no_grad():
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            t = step + 1
             m = exp_avg[active].mul_(beta1).add_(grad, alpha=1 - beta1)
             v = exp_sq[active].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             exp_avg[active], exp_sq[active] = m, v
-            step_size = lr * (_schedule(cfg, step) / (1 - beta1 ** t))
-            denom = (v / (1 - beta2 ** t)).sqrt_().add_(eps)
+            if age is None:
+                t = step + 1
+                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+            else:  # each Gaussian's own step count
+                age[active] += 1
+                t = age[active]
+                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+            step_size = lr * (_schedule(cfg, step) / bias1)
+            denom = (v / bias2).sqrt_().add_(eps)
             raw[active] = x.detach() - step_size * m / denom
             if (step + 1) % cfg.check_every == 0 or step + 1 == cfg.iters:
                 current = _per_image_psnr(out, tgt)  # PSNR of this step's render (before the update)
@@ -309,9 +353,9 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
 
     with torch.no_grad():
         g = decode(raw, cfg.scale_factor)
-        g.valid = valid if cfg.prune_tau is not None else None
+        g.valid = None if bool(valid.all()) and cfg.prune_tau is None else valid
         out = render(g, **render_kw).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
     return FitResult(raw=raw.detach(), gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
                      iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
-                     rendered=out, history=history)
+                     rendered=out, history=history, config=cfg)

@@ -274,3 +274,24 @@ def initialize(images: Tensor, num_gaussians: int, method: str = "grid", *, scal
         g = gaussians_from_segments(x, segments, k)
     g.scales = g.scales.clamp(max=0.95 * scale_factor)
     return encode(g, scale_factor=scale_factor, eps=1e-4).to(images.device)
+
+
+def gaussians_at_error(image: Tensor, error: Tensor, n: int, width: float, *, scale_factor: float = 1.0,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """``n`` new raw Gaussians ``[n, 9]`` where a render of ``image`` ``[3, H, W]`` is wrong.
+
+    Centres are pixel centres drawn without replacement with probability proportional to
+    ``error`` ``[H, W]`` (>= 0; uniform where it is all zero), as Image-GS adds Gaussians; each is
+    axis-aligned and round with sigma ``width`` pixels, the colour of its pixel and opacity 0.9.
+    """
+    _, h, w = image.shape
+    n = min(n, h * w)
+    prob = error.detach().flatten().double().clamp_min(0)
+    prob = prob + (1e-12 if prob.sum() > 0 else 1.0)  # never a zero row; a perfect render: uniform
+    index = torch.multinomial(prob.cpu(), n, replacement=False, generator=generator).to(image.device)
+    centres = pixel_centers(h, w, device=image.device, dtype=image.dtype)[index]
+    per_pixel = image.new_tensor([2.0 / w, 2.0 / h])
+    scales = (width * per_pixel).clamp(max=0.95 * scale_factor).expand(n, 2)
+    g = Gaussians(means=centres, scales=scales, angles=image.new_zeros(n),
+                  colors=image.flatten(1)[:, index].T.clamp(0, 1), opacities=image.new_full((n,), 0.9))
+    return encode(g, scale_factor=scale_factor, eps=1e-4)

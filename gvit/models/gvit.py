@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..fit import FitConfig, fit_gaussians
+from ..fit import RECIPES, FitConfig, fit_gaussians
 from ..gaussians import G0_LAYOUTS, Gaussians, decode, sample_initial
 from ..losses import psnr
 from ..render import render
@@ -82,10 +82,10 @@ class GViT(nn.Module):
 
     def fit_config(self) -> FitConfig:
         """The settings of the test-time fitting steps."""
-        defaults = FitConfig()
-        step_sizes = {name: getattr(defaults, name) * self.fit_lr
+        small = RECIPES["small"]  # the step sizes of the small-image recipe, scaled
+        step_sizes = {name: small[name] * self.fit_lr
                       for name in ("lr_position", "lr_scale", "lr_angle", "lr_color", "lr_opacity")}
-        return FitConfig(num_gaussians=self.num_gaussians, iters=max(1, self.fit_steps), loss="mse",
+        return FitConfig(num_gaussians=self.num_gaussians, recipe="small", iters=max(1, self.fit_steps), loss="mse",
                          scale_factor=self.scale_factor, warmup=0.0, final_lr_fraction=0.5,
                          check_every=max(1, self.fit_steps), **step_sizes)
 

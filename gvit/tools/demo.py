@@ -124,7 +124,7 @@ def _fit_demo(outdir: Path, config: FitConfig, images: int, size: int, seed: int
     table = markdown_table(["image", "class", "PSNR (dB)", "SSIM"],
                            [[i, SHAPE_CLASSES[labels[i]], f"{p[i]:.2f}", f"{q[i]:.4f}"] for i in range(images)])
     summary = (f"{images} shape images ({size}x{size}), {config.num_gaussians} Gaussians each "
-               f"({config.init} init), {config.iters} Adam steps in {res.seconds:.1f} s: mean PSNR {p.mean():.2f} dB, "
-               f"SSIM {q.mean():.4f}")
+               f"({config.init} init), {res.config.iters} Adam steps in {res.seconds:.1f} s: "
+               f"mean PSNR {p.mean():.2f} dB, SSIM {q.mean():.4f}")
     write_text(outdir / "report.md", "# gvit fit-demo\n\n" + summary + "\n\n" + table)
     return summary

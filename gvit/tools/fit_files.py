@@ -120,7 +120,7 @@ def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dty
         g = compact(res.gaussians[i:i + 1])
         count = int(g.counts()[0])
         meta = {"height": h, "width": w, "source": str(sources[name]), "psnr": f"{float(res.psnr[i]):.4f}",
-                "scale_factor": config.scale_factor, "fit_config": json.dumps(config.to_dict())}
+                "scale_factor": config.scale_factor, "fit_config": json.dumps(res.config.to_dict())}  # as it ran
         if pictures:
             save_png(out / f"{name}.recon.png", to_uint8(res.rendered[i]))
             save_png(out / f"{name}.overlay.png", draw_ellipses(x[i], g))
