@@ -75,9 +75,11 @@ def main() -> None:
                     seconds, metrics = run_fit(trees[code], photos, k, shlex.split(flags),
                                                Path(tmp) / f"{folder}-{k}-{n}")
                     psnr = {m["name"]: float(m["psnr"]) for m in metrics}
-                    counts = [int(m["count"]) for m in metrics]
+                    by_name = {m["name"]: int(m["count"]) for m in metrics}
+                    counts = list(by_name.values())
                     entry = dict(folder=folder, k=k, row=row, psnr=psnr, seconds=seconds / len(photos),
-                                 count=statistics.mean(counts), count_min=min(counts), count_max=max(counts))
+                                 count=statistics.mean(counts), count_min=min(counts), count_max=max(counts),
+                                 counts=by_name)
                     base = base or entry
                     entry["gain"] = statistics.median(psnr[name] - base["psnr"][name] for name in psnr)
                     entry["time"] = entry["seconds"] / base["seconds"]
@@ -92,6 +94,14 @@ def main() -> None:
         print(f"| {e['folder']} ({len(values)}) | {e['k']:,} | `{e['row']}` | {statistics.median(values):.2f} | "
               f"{statistics.mean(values):.2f} | {e['gain']:+.2f} | {e['seconds']:.1f} | {e['time']:.2f}x | "
               f"{e['count']:,.0f} ({e['count_min']:,}-{e['count_max']:,}) |")
+    print("\nPer photo: PSNR (dB) / Gaussians kept, one column per row above\n")
+    print("| photos | k | photo | " + " | ".join(f"`{r}`" for r in rows) + " |")
+    print("|---|---|---|" + "---|" * len(rows))
+    for start in range(0, len(table), len(rows)):
+        group = table[start:start + len(rows)]
+        for name in sorted(group[0]["psnr"]):
+            print(f"| {group[0]['folder']} | {group[0]['k']:,} | {name} | "
+                  + " | ".join(f"{e['psnr'][name]:.2f} / {e['counts'][name]:,}" for e in group) + " |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .init import gaussians_at_error
 __all__ = ["LUMA", "GROW_WIDTH", "luminance_contribution", "prune_weak", "grow_schedule", "grow_round"]
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
-GROW_WIDTH = 0.5  # adaptive budget: sigma of an added Gaussian, in mean spacings sqrt(H W / count) (pixels)
+GROW_WIDTH = 0.2  # adaptive budget: sigma of an added Gaussian, in mean spacings sqrt(H W / count) (pixels)
 
 
 def luminance_contribution(gaussians: Gaussians, *, height: int, width: int, mode: str = "alpha",

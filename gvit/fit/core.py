@@ -53,7 +53,7 @@ RECIPES = {
     "small": dict(iters=500, lr_position=0.1, lr_scale=0.05, lr_angle=0.05, lr_color=0.05, lr_opacity=0.05,
                   warmup=0.02, final_lr_fraction=0.01, grow_from=1.0),
     "photo": dict(iters=160, lr_position=1.0, lr_scale=0.1, lr_angle=0.1, lr_color=0.1, lr_opacity=0.1,
-                  warmup=0.0, final_lr_fraction=0.05, grow_from=0.5),
+                  warmup=0.0, final_lr_fraction=0.05, grow_from=0.2),
 }
 PHOTO_PIXELS = 256 * 256  # recipe "auto": images with at least this many pixels are fitted as photos
 
@@ -96,7 +96,7 @@ class FitConfig:
                                        "at half the resolution (a quarter of the pixel work)")
     grow_from: float | None = setting(None, "adaptive budget: start with this share of num_gaussians and add the "
                                             "rest where the error is largest, in rounds (1: a fixed budget; "
-                                            "recipe: small 1, photo 0.5)")
+                                            "recipe: small 1, photo 0.2)")
     grow_rounds: int = setting(2, "adaptive budget: rounds of additions")
     grow_until: float = setting(0.2, "adaptive budget: the last round, as a fraction of the iterations")
     grow_prune: float = setting(0.05, "adaptive budget: each round first moves the Gaussians whose luminance "
