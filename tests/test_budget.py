@@ -95,14 +95,14 @@ def test_the_adaptive_budget_ends_at_k_and_beats_a_fixed_budget_on_sparse_detail
     torch.manual_seed(0)
     x = torch.full((2, 3, 32, 32), 0.2)
     for i, (r, c) in enumerate([(3, 5), (20, 9), (11, 27), (28, 24), (6, 17), (25, 3)]):
-        x[0, :, r:r + 2, c:c + 2] = torch.tensor([1.0, 0.5 * (i % 2), 0.0]).view(3, 1)
+        x[0, :, r:r + 2, c:c + 2] = torch.tensor([1.0, 0.5 * (i % 2), 0.0]).view(3, 1, 1)
     x[1] = x[0].flip(-1)
-    kw = dict(num_gaussians=16, iters=150, recipe="small", lr_position=0.5, lr_color=0.1, lr_opacity=0.1)
+    kw = dict(num_gaussians=24, iters=150, recipe="photo")  # the photo recipe's budget rounds, on a toy
     fixed = fit_gaussians(x, grow_from=1.0, **kw)
-    grown = fit_gaussians(x, grow_from=0.5, grow_rounds=2, grow_until=0.3, **kw)
-    assert grown.gaussians.counts().tolist() == [16, 16]  # every slot in use: a fixed budget's files
+    grown = fit_gaussians(x, grow_from=0.25, **kw)
+    assert grown.gaussians.counts().tolist() == [24, 24]  # every slot in use: a fixed budget's files
     assert torch.isfinite(grown.raw).all()
-    assert (grown.psnr > fixed.psnr + 1.0).all()
+    assert (grown.psnr > fixed.psnr + 2.0).all()  # measured: +5.7 and +4.2 dB
 
 
 def test_a_target_psnr_stops_a_simple_image_with_fewer_gaussians():
