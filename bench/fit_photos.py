@@ -8,7 +8,7 @@ and the PSNR of every photo from its ``metrics.csv``. The older code runs from a
 first on ``PYTHONPATH``. One command runs at a time; nothing else should run beside it.
 
     python bench/fit_photos.py --old-tree /tmp/gvit-old --folders mcmaster18 --ks 9000
-    python bench/fit_photos.py --folders cbsd68 --ks 2000 9000 30000 --limit 8
+    python bench/fit_photos.py --folders cbsd68 --ks 2000 9000 30000 --skip 3 --limit 8
     python bench/fit_photos.py --folders mcmaster18 --ks 9000 --rows new "new:--grow-from 1" \\
         "new:--target-psnr 32 --grow-rounds 8"
 """
@@ -50,7 +50,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folders", nargs="+", default=["mcmaster18", "cbsd68"], help="folders under photos/")
     p.add_argument("--ks", type=int, nargs="+", default=[2000, 9000, 30000])
-    p.add_argument("--limit", type=int, default=None, help="the first N photos of each folder, in name order")
+    p.add_argument("--limit", type=int, default=None, help="N photos of each folder, in name order")
+    p.add_argument("--skip", type=int, default=0, help="start after the first N photos (e.g. those a recipe was "
+                                                       "chosen on)")
     p.add_argument("--old-tree", type=Path, default=None, help="a worktree of the code to compare with")
     p.add_argument("--rows", nargs="+", default=None,
                    help="rows as CODE[:FLAGS], CODE = new or old (default: old, then new)")
@@ -65,7 +67,8 @@ def main() -> None:
             if trees.get(code) is not None:
                 run_fit(trees[code], first, 16, ["--iters", "2"], Path(tmp) / f"warm-{code}")
         for folder in a.folders:
-            photos = sorted(f for f in (DATA / "photos" / folder).iterdir() if f.is_file())[:a.limit]
+            photos = sorted(f for f in (DATA / "photos" / folder).iterdir() if f.is_file())[a.skip:]
+            photos = photos[:a.limit]
             for k in a.ks:
                 base = None
                 for n, row in enumerate(rows):
