@@ -45,10 +45,8 @@ from .init import INITS, check_images, initialize
 __all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution",
            "auto_batch_size", "check_memory"]
 
-
-
 # The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
-# figure was measured with; "photo" was chosen on 3 CBSD68 photos (16 trials, docs/fitting.md).
+# figure was measured with; "photo" was chosen on 3 CBSD68 photos (33 trials, docs/fitting.md).
 RECIPES = {
     "small": dict(iters=500, lr_position=0.1, lr_scale=0.05, lr_angle=0.05, lr_color=0.05, lr_opacity=0.05,
                   warmup=0.02, final_lr_fraction=0.01, grow_from=1.0),
@@ -157,7 +155,8 @@ class FitResult:
     """What :func:`fit_gaussians` returns.
 
     ``raw`` ``[B, k, 9]`` and ``gaussians`` (decoded with the config's scale factor; ``valid``
-    marks the Gaussians that survived pruning, None without pruning), per-image ``psnr`` and
+    marks the Gaussians in use: those that survived pruning, or an adaptive budget's that a target PSNR
+    stopped short of k; None when every slot is used), per-image ``psnr`` and
     ``ssim`` ``[B]`` of the final render ``rendered`` ``[B, 3, H, W]`` (clamped to [0, 1]),
     ``iters`` ``[B]`` steps taken (fewer than the config's when ``target_psnr`` stopped an image
     early), ``psnr_before_prune`` ``[B]`` (NaN without pruning), wall-clock ``seconds``,
