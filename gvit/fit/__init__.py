@@ -1,9 +1,8 @@
 """Fitting Gaussians to images: :mod:`~gvit.fit.init` (initialisations) and :mod:`~gvit.fit.core`
 (``FitConfig`` and its recipes, batched optimisation, pruning, the adaptive budget)."""
 
-from .core import (PHOTO_PIXELS, RECIPES, FitConfig, FitResult, auto_batch_size, check_memory, fit_gaussians,
-                   luminance_contribution)
-from .budget import grow_schedule
+from .budget import grow_schedule, luminance_contribution
+from .core import PHOTO_PIXELS, RECIPES, FitConfig, FitResult, auto_batch_size, check_memory, fit_gaussians
 from .init import INITS, gaussians_at_error, gaussians_from_segments, initialize
 
 __all__ = ["INITS", "RECIPES", "PHOTO_PIXELS", "FitConfig", "FitResult", "fit_gaussians", "initialize",

@@ -11,7 +11,7 @@ initialisations):
 * loss = MSE or BCE + ``dssim_weight`` * D-SSIM + ``l1_opacity`` * mean opacity;
 * optional early stop per image at ``target_psnr`` (a finished image leaves the batch);
 * optional pruning at ``prune_at`` (a fraction of the iterations): Gaussians whose luminance
-  contribution (:func:`luminance_contribution`) is below ``prune_tau`` times the image's mean
+  contribution (:func:`gvit.fit.budget.luminance_contribution`) is below ``prune_tau`` times the image's mean
   contribution are switched off (``valid`` = False); the rest keep fitting.
 * optional adaptive budget (``grow_from`` < 1): the fit starts with that share of the k Gaussians
   and, in ``grow_rounds`` rounds up to ``grow_until``, moves the ones that contribute little
@@ -39,10 +39,10 @@ from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
 from ..render import BACKENDS, MODES, render
 from ..progress import progress_bar
 from ..settings import setting, validate_fields
-from .budget import grow_round, grow_schedule, luminance_contribution, prune_weak
+from .budget import grow_round, grow_schedule, prune_weak
 from .init import INITS, check_images, initialize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians", "luminance_contribution",
+__all__ = ["FitConfig", "FitResult", "fit_gaussians",
            "auto_batch_size", "check_memory"]
 
 # The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
@@ -145,9 +145,9 @@ class FitConfig:
 
     def for_image(self, height: int, width: int) -> "FitConfig":
         """This config with every unset (None) recipe setting taken from :meth:`recipe_for` the image size."""
-        recipe = RECIPES[self.recipe_for(height, width)]
-        return replace(self, recipe=self.recipe_for(height, width),
-                       **{name: value for name, value in recipe.items() if getattr(self, name) is None})
+        name = self.recipe_for(height, width)
+        return replace(self, recipe=name,
+                       **{key: value for key, value in RECIPES[name].items() if getattr(self, key) is None})
 
 
 @dataclass
@@ -325,13 +325,10 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
             m = exp_avg[active].mul_(beta1).add_(grad, alpha=1 - beta1)
             v = exp_sq[active].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             exp_avg[active], exp_sq[active] = m, v
-            if age is None:
-                t = step + 1
-                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-            else:  # each Gaussian's own step count
+            if age is not None:
                 age[active] += 1
-                t = age[active]
-                bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+            t = step + 1 if age is None else age[active]  # each Gaussian's own count once the budget added some
+            bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
             step_size = lr * (_schedule(cfg, step) / bias1)
             denom = (v / bias2).sqrt_().add_(eps)
             raw[active] = x.detach() - step_size * m / denom
