@@ -42,8 +42,7 @@ from ..settings import setting, validate_fields
 from .budget import grow_round, grow_schedule, prune_weak
 from .init import INITS, check_images, initialize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians",
-           "auto_batch_size", "check_memory"]
+__all__ = ["FitConfig", "FitResult", "fit_gaussians", "auto_batch_size", "check_memory"]
 
 # The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
 # figure was measured with; "photo" was chosen on 3 CBSD68 photos (33 trials, docs/fitting.md).
