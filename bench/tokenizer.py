@@ -8,7 +8,7 @@ Every variant trains the same settings (``configs/cifar10_tokenizer_cpu.yaml`` b
 resumed from its checkpoint). Prints PSNR, SSIM and L1 on the test split, codebook usage and
 perplexity over it, bits per image, map coverage and training seconds, as mean +- std over seeds.
 
-    python bench/tokenizer.py                                   # A, B seeds 0 1; C, D, A-256 seed 0
+    python bench/tokenizer.py                                   # A-D seeds 0 1; A-256, A-conv seed 0
     python bench/tokenizer.py --runs /tmp/tok steps=200         # a quick look
 """
 
@@ -20,11 +20,12 @@ from pathlib import Path
 
 # name -> (overrides, what it is)
 VARIANTS = {
-    "A": (["tokenizer=vq"], "plain VQ, 64 tokens on the 8x8 grid"),
+    "A": (["tokenizer=vq"], "plain VQ, 64 tokens on the 8x8 grid, from B's query head at fixed grid centres"),
     "B": (["tokenizer=gaussian"], "GaussianToken, 64 Gaussian tokens (geometry as float32)"),
     "C": (["tokenizer=gaussian_fixed"], "B with fixed geometry (8x8 grid, half-cell scales, angle 0)"),
     "D": (["tokenizer=gaussian_bits"], "B with the geometry quantised to geometry_bits bits per value"),
     "A-256": (["tokenizer=vq", "num_tokens=256"], "plain VQ, 256 tokens on the 16x16 grid"),
+    "A-conv": (["tokenizer=vq_conv"], "the first plain VQ: 64 tokens from one strided convolution"),
 }
 
 
@@ -47,8 +48,8 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings on top of --config's, for every variant")
     p.add_argument("--config", default="configs/cifar10_tokenizer_cpu.yaml")
     p.add_argument("--runs", default="runs/tokenizer_table", help="folder of the runs (NAME-sSEED each)")
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of A and B")
-    p.add_argument("--seeds-others", type=int, nargs="*", default=[0], help="seeds of C, D and A-256")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of A, B, C and D")
+    p.add_argument("--seeds-others", type=int, nargs="*", default=[0], help="seeds of A-256 and A-conv")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     a = p.parse_args()
 
@@ -59,7 +60,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for name in a.variants:
         extra, _ = VARIANTS[name]
-        for seed in a.seeds if name in ("A", "B") else a.seeds_others:
+        for seed in a.seeds if name in ("A", "B", "C", "D") else a.seeds_others:
             r = run(a.config, Path(a.runs) / f"{name}-s{seed}", [*a.overrides, *extra, f"seed={seed}"])
             results.setdefault(name, []).append(r)
             print(f"{name} seed {seed}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}, usage {100 * r['usage']:.1f}%, "

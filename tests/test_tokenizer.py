@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from gvit.gaussians import grid_centres
 from gvit.models.quantizer import VectorQuantizer, code_statistics, kmeans, rotate_to
 from gvit.models.query_head import DeformableCrossAttention
 from gvit.models.tokenizer import SCALE_MAX, SCALE_MIN, TOKENIZER_KINDS, make_tokenizer
@@ -184,6 +185,22 @@ def test_every_kind_trains_and_decoding_its_tokens_equals_the_forward_pass(kind)
     if kind == "gaussian_bits":  # every geometry value on one of 2^4 levels of its range
         unit = (out.means + 1) / 2
         assert torch.allclose(unit * 15, (unit * 15).round(), atol=1e-4)
+
+
+def test_plain_vq_reads_with_the_same_query_head_as_gaussian_tokens_on_fixed_grid_centres():
+    kw = dict(image_size=16, num_tokens=16, num_codes=8, channels=8, width=16, heads=2, feature_dim=16, stages=2)
+    a, b, conv = make_tokenizer("vq", **kw), make_tokenizer("gaussian", **kw), make_tokenizer("vq_conv", **kw)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(a.head) == count(b.head) and count(a.to_code) == count(b.to_code)  # the same token head
+    assert count(a) == count(b) and count(conv) < count(a) // 2  # vq_conv: one strided convolution instead
+    torch.nn.init.normal_(a.head.refine[0].fc2.weight)  # refinements that would move free centres
+    geometry, _ = a.head(a.encoder(torch.rand(2, 3, 16, 16)))
+    centres = torch.tanh(geometry[..., :2] / 2)
+    torch.testing.assert_close(centres, grid_centres(16).expand(2, -1, -1), atol=2e-3, rtol=0)  # row-major grid
+    assert not {"head", "to_code"} & {name.split(".")[0] for name, _ in conv.named_parameters()}
 
 
 def test_bits_per_image():

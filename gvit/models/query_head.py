@@ -96,11 +96,14 @@ class DecoderLayer(nn.Module):
 class GaussianQueryHead(nn.Module):
     """Map ``[B, C, h, w]`` -> pre-activation geometry ``[B, k, 5]`` (x, y, angle, sx, sy) and
     features ``[B, k, feature_dim]`` (see the module docstring). ``start_scale``: the scales'
-    pre-activation at initialisation."""
+    pre-activation at initialisation. ``fixed_centres``: every query reads the map around its anchor's
+    grid centre in every round (the centres are neither learned nor refined; the plain VQ tokenizer's
+    head, on grid positions)."""
 
     def __init__(self, channels: int, num_tokens: int, width: int, heads: int, *, stages: int, feature_dim: int,
-                 map_layers: int = 2, layers_per_stage: int = 2, start_scale: float = 0.0):
+                 map_layers: int = 2, layers_per_stage: int = 2, start_scale: float = 0.0, fixed_centres: bool = False):
         super().__init__()
+        self.fixed_centres = fixed_centres
         self.proj = nn.Sequential(nn.Conv2d(channels, width, 1), nn.GroupNorm(norm_groups(width), width))
         self.map_layers = nn.ModuleList(Block(width, heads) for _ in range(map_layers))
         self.anchors = nn.Parameter(torch.zeros(num_tokens, GEOMETRY_VALUES + feature_dim))
@@ -129,6 +132,8 @@ class GaussianQueryHead(nn.Module):
             memory = layer(memory)
         memory = memory.transpose(1, 2).reshape(b, self.width, h, w)
         values = self.anchors.expand(b, -1, -1)
+        if self.fixed_centres:  # the grid centres the anchors start at, not learned
+            values = torch.cat([values[..., :2].detach(), values[..., 2:]], -1)
         queries = torch.zeros(b, len(self.anchors), self.width, device=fmap.device, dtype=fmap.dtype)
         for layers, refine in zip(self.stages, self.refine):
             x = queries + self.anchor_embed(values[..., :GEOMETRY_VALUES])
@@ -137,5 +142,6 @@ class GaussianQueryHead(nn.Module):
                 x = layer(x, reference, memory)
             queries = x
             new = refine(x)
-            values = torch.cat([values[..., :2] + new[..., :2], new[..., 2:]], -1)
+            centres = values[..., :2] if self.fixed_centres else values[..., :2] + new[..., :2]
+            values = torch.cat([centres, new[..., 2:]], -1)
         return values[..., :GEOMETRY_VALUES], values[..., GEOMETRY_VALUES:]

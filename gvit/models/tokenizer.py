@@ -6,18 +6,21 @@ the CNN encoder and decoder and the quantiser) and one class per path (:class:`G
 images ``[B, 3, H, W]`` in [0, 1] -> CNN encoder -> map ``[B, C, H/2, W/2]`` -> tokens -> quantised
 features -> a ``z``-channel map ``[B, z, H/2, W/2]`` -> CNN decoder -> images ``[B, 3, H, W]``:
 
-* ``kind="vq"`` (A): the map, brought to a sqrt(k) x sqrt(k) grid by a strided convolution, is
-  quantised cell by cell; the decoder reads the grid of codes upsampled (nearest) to the map size;
+* ``kind="vq"`` (A): B's query head (below) with its centres fixed on the sqrt(k) x sqrt(k) grid
+  gives each grid cell a feature, quantised cell by cell; the decoder reads the grid of codes
+  upsampled (nearest) to the map size. A and B have the same head, so A vs B isolates the Gaussian
+  geometry and splatting. ``kind="vq_conv"``: the first A, each cell's feature from one strided
+  convolution over the map (no query head);
 * ``kind="gaussian"`` (B): a query head (k learned anchors, refined in ``stages`` rounds of
   self-attention among the queries and deformable cross-attention, which samples the map around each
   query's current centre; x, y updated residually, the
   rest predicted afresh each round) gives each token a centre, angle, two scales and a feature;
   the feature is quantised; the k quantised features are splatted into the z-channel map
   (:func:`gvit.render.rasterize` with ``mode="sum"``, opacity 1, zero background);
-* ``kind="gaussian_fixed"`` (C): B with the geometry fixed (centres on the sqrt(k) grid, scales of
-  half a cell, angle 0): the same query head as B computes the features, so C differs from A in the
-  token head (a query transformer instead of one strided convolution) and in the decoder path
-  (splatting instead of upsampled grid cells);
+* ``kind="gaussian_fixed"`` (C): B with the splatted geometry fixed (centres on the sqrt(k) grid,
+  scales of half a cell, angle 0): B's query head computes the features, its queries still reading
+  the map around centres they move, so C differs from A in where the head reads (moving centres
+  against grid ones) and in the decoder path (splatting instead of upsampled grid cells);
 * ``kind="gaussian_bits"`` (D): B with the geometry quantised too, ``geometry_bits`` bits per value
   (uniform over each value's range, straight-through), so a token's bits are counted in full.
 
@@ -44,7 +47,7 @@ from .query_head import GEOMETRY_VALUES, GaussianQueryHead
 __all__ = ["Tokenizer", "GridVQTokenizer", "GaussianTokenizer", "make_tokenizer", "TokenizerOutput", "TOKENIZER_KINDS",
            "GEOMETRY_VALUES"]
 
-TOKENIZER_KINDS = ("vq", "gaussian", "gaussian_fixed", "gaussian_bits")
+TOKENIZER_KINDS = ("vq", "vq_conv", "gaussian", "gaussian_fixed", "gaussian_bits")
 SCALE_MIN, SCALE_MAX = 0.1, 4.0  # map pixels
 
 
@@ -188,20 +191,32 @@ class Tokenizer(nn.Module):
 
 
 class GridVQTokenizer(Tokenizer):
-    """``vq`` (A): the map, brought to a sqrt(k) x sqrt(k) grid by a strided convolution, quantised
-    cell by cell; the decoder reads the grid of codes upsampled (nearest) to the map size."""
+    """Plain VQ on a sqrt(k) x sqrt(k) grid of tokens, quantised cell by cell; the decoder reads the
+    grid of codes upsampled (nearest) to the map size. ``vq`` (A): each cell's feature comes from
+    B's query head with its centres fixed on the grid (the same capacity as B's tokens);
+    ``vq_conv``: from one strided convolution over the map (the first A, kept for its figures)."""
 
-    kind = "vq"
-
-    def __init__(self, **kw):
+    def __init__(self, kind: str = "vq", *, width: int = 64, heads: int = 4, stages: int = 3, feature_dim: int = 64,
+                 **kw):
         super().__init__(**kw)
+        self.kind = kind
         self.side = self._square_grid()
-        stride = self.map_size // self.side
-        self.to_grid = nn.Conv2d(self.encoder.net[-1].out_channels, self.z, stride, stride=stride)
+        channels = self.encoder.net[-1].out_channels
+        if kind == "vq_conv":
+            stride = self.map_size // self.side
+            self.to_grid = nn.Conv2d(channels, self.z, stride, stride=stride)
+        else:
+            self.head = GaussianQueryHead(channels, self.num_tokens, width, heads, stages=stages,
+                                          feature_dim=feature_dim, fixed_centres=True)
+            self.to_code = Mlp(feature_dim, feature_dim, self.z)
 
     def tokens(self, fmap, generator):
-        q = self.quantizer(self.to_grid(fmap).permute(0, 2, 3, 1), generator)  # [B, side, side, z]
-        return TokenizerOutput(q.indices.flatten(1), q.commitment, self.zmap(q.values.flatten(1, 2)))
+        if self.kind == "vq_conv":
+            cells = self.to_grid(fmap).permute(0, 2, 3, 1).flatten(1, 2)  # [B, k, z], row-major
+        else:
+            cells = self.to_code(self.head(fmap)[1])  # the anchors are grid_centres(k): row-major too
+        q = self.quantizer(cells, generator)
+        return TokenizerOutput(q.indices, q.commitment, self.zmap(q.values))
 
     def zmap(self, codes, means=None, scales=None, angles=None):
         grid = codes.reshape(len(codes), self.side, self.side, self.z).permute(0, 3, 1, 2)
@@ -286,7 +301,7 @@ def make_tokenizer(kind: str = "gaussian", *, image_size: int = 32, num_tokens: 
         raise ValueError(f"tokenizer kind must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
     shared = dict(image_size=image_size, num_tokens=num_tokens, num_codes=num_codes, z=z, channels=channels,
                   blocks=blocks, commitment=commitment, decay=decay, gradient=gradient)
-    if kind == "vq":
-        return GridVQTokenizer(**shared)
-    return GaussianTokenizer(kind, width=width, heads=heads, stages=stages, feature_dim=feature_dim,
-                             geometry_bits=geometry_bits, **shared)
+    head = dict(width=width, heads=heads, stages=stages, feature_dim=feature_dim)
+    if kind in ("vq", "vq_conv"):
+        return GridVQTokenizer(kind, **head, **shared)
+    return GaussianTokenizer(kind, geometry_bits=geometry_bits, **head, **shared)

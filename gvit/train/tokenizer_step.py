@@ -25,10 +25,11 @@ class TokenizerConfig(PerceptualSchedule, TrainConfig):
 
     kind = "tokenizer"
     model: str = model_setting("tokenizer")
-    tokenizer: str = setting("gaussian", "vq (A, plain VQ on the encoder grid), gaussian (B, GaussianToken), "
+    tokenizer: str = setting("gaussian", "vq (A, plain VQ on a grid of tokens from B's query head), vq_conv (the first "
+                                         "A: a strided convolution's grid), gaussian (B, GaussianToken), "
                                          "gaussian_fixed (C, fixed geometry), gaussian_bits (D, geometry quantised "
                                          "too)", TOKENIZER_KINDS)
-    num_tokens: int = setting(64, "tokens per image (a square for vq and gaussian_fixed)")
+    num_tokens: int = setting(64, "tokens per image (a square for vq, vq_conv and gaussian_fixed)")
     codebook_size: int = setting(1024, "codes in the codebook")
     code_dim: int = setting(3, "values per code (channels of the splatted map)")
     tokenizer_channels: int = setting(64, "channels of the CNN encoder and decoder")
