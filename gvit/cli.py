@@ -30,17 +30,12 @@ def _score(result: dict, model: str) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .tools.demo import run_demo
+    from .tools.demo import demo_lines, run_demo
 
     summary = run_demo(args.out, args.overrides, resume=args.resume, overwrite=args.overwrite,
                        baseline=not args.no_baseline, progress=not args.quiet)
-    if "top1" not in summary:
-        return 0
-    print(f"{summary['model']} on {summary['data']}: {_score(summary, summary['model'])}, "
-          f"trained in {summary['train_seconds']:.0f} s")
-    for name, r in summary.get("compare", {}).items():
-        print(f"{name}: top-1 {100 * r['top1']:.2f}%, trained in {r['train_seconds']:.0f} s")
-    print(f"wrote {Path(args.out) / 'report.html'} (examples.png, curves.png, report.json)")
+    if "top1" in summary:
+        print("\n".join(demo_lines(summary, args.out)))
     return 0
 
 

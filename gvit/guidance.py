@@ -75,6 +75,12 @@ class Phases(PerceptualSchedule):
     lambda_cls: float = setting(1.0, "weight of the cross-entropy in joint steps")
     gamma: float = setting(0.1, "guidance strength: encoder gradient = grad_rec + gamma * grad_cls")
     guidance_every: int = setting(10, "every n-th step of the guidance phase is a guidance step")
+    phase_lr: bool = setting(False, "each stage (the encoder alone, classifier pre-training, joint training with its "
+                                    "guidance phase) has a learning-rate schedule of its own: warm-up over warmup of "
+                                    "the stage, then cosine from the peak down to lr_floor (false: one schedule over "
+                                    "the whole run)")
+    joint_lr: float = setting(1.0, "phase_lr: the joint stage's peak learning rate, as a fraction of the peak (the "
+                                   "encoder and classifier are trained already; a full restart can undo them)")
 
     def __post_init__(self) -> None:
         PerceptualSchedule.__post_init__(self)
@@ -84,6 +90,8 @@ class Phases(PerceptualSchedule):
         if list(stages) != sorted(stages):
             raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
                              f"{self.classifier_from}, {self.pretrain_end}, {self.guidance_from}")
+        if not 0 < self.joint_lr <= 1:
+            raise ValueError(f"phases: joint_lr must be in (0, 1], got {self.joint_lr}")
         if self.guidance_every < 1 or self.gamma < 0 or self.lambda_cls < 0:
             raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_cls >= 0, got {self}")
 
@@ -99,6 +107,21 @@ class Phases(PerceptualSchedule):
         """The first step of the guidance phase, or None when the run has none."""
         start = _first_step(self.guidance_from, total)
         return start if start < total else None
+
+    def boundaries(self, total: int) -> list[int]:
+        """``[0, ..., total]`` with the first step of each stage that has steps between: the encoder
+        alone, classifier pre-training, joint training (its guidance phase included: guidance
+        continues the joint training, as in the paper's last epochs)."""
+        starts = {_first_step(f, total) for f in (self.classifier_from, self.pretrain_end)}
+        return [0, *sorted(s for s in starts if 0 < s < total), total]
+
+    def span(self, step: int, total: int) -> tuple[int, int]:
+        """``(first, end)``: the steps of the stage (:meth:`boundaries`) 0-based ``step`` belongs to."""
+        if not 0 <= step < total:
+            raise ValueError(f"phases: step {step} outside a run of {total} steps")
+        edges = self.boundaries(total)
+        i = max(j for j in range(len(edges) - 1) if edges[j] <= step)
+        return edges[i], edges[i + 1]
 
     def at(self, step: int, total: int) -> Phase:
         """The phase of 0-based ``step`` out of ``total`` steps."""

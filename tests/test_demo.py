@@ -48,10 +48,11 @@ def test_gvit_demo_trains_beside_a_patch_vit_and_writes_the_report(tmp_path, cap
     args = ["steps=8", "data=shapes:96", "limit_eval=24", "batch_size=16", "checkpoint_every=4", "log_every=2"]
     assert main(["demo", *args, "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "top-1" in printed and "patch ViT" in printed
+    assert "top-1" in printed and "patch ViT" in printed and printed.count("(val ") == 2  # GViT's and the baseline's
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "gvit" and report["eval_images"] == 24 and 0 <= report["top1"] <= 1
-    assert report["psnr"] > 5 and report["steps"] == 8
+    assert report["psnr"] > 5 and report["steps"] == 8 and 0 <= report["val_top1"] <= 1
+    assert report["top1"] == json.loads((tmp_path / "run" / "result.json").read_text())["top1"]  # not evaluated twice
     (name, patch), = report["compare"].items()
     baseline = json.loads((tmp_path / "patch_vit" / "result.json").read_text())
     assert "patch ViT" in name and patch["top1"] == baseline["top1"] and baseline["step"] == 8

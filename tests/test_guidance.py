@@ -190,5 +190,42 @@ def test_a_guidance_phase_reports_what_it_did_and_keeps_it_in_the_checkpoint(tmp
     summary = training_report(tmp_path / "run" / "checkpoint.pt", tmp_path / "report", num_examples=2)
     assert summary["guidance"]["shift_px"] == pytest.approx(result["guidance_shift_px"])
     assert "guidance phase" in (tmp_path / "report" / "report.html").read_text()
+    assert summary["guidance"]["lr_share"] == pytest.approx(result["guidance_lr_share"])
+    assert result["guidance_lr_share"] > 0
+    assert summary["files"]["guidance"] == "guidance.png" and (tmp_path / "report" / "guidance.png").stat().st_size
     none = train(make_config(**{**cfg.to_dict(), "guidance": False, "out": str(tmp_path / "none")}), progress=False)
     assert "guidance_shift_px" not in none
+
+
+def test_phase_lr_gives_each_phase_its_own_warm_up_and_cosine():
+    import math
+
+    from gvit.train import learning_rate, make_config
+    from gvit.train.gvit_step import GViTStep
+
+    cfg = make_config(steps=100, warmup=0.1, lr_floor=0.2, classifier_from=0.3, pretrain_until=0.6,
+                      guidance_from=0.8, guidance_every=2, phase_lr=True, classifier_lr_scale=0.5)
+    assert cfg.schedule().boundaries(100) == [0, 30, 60, 100]  # the guidance phase continues the joint stage
+    assert cfg.schedule().span(85, 100) == (60, 100)
+    peak = cfg.base_lr * cfg.batch_size / 256
+
+    def by_hand(step, first, end):  # warm-up over 10% of the phase, then cosine from the peak to 20% of it
+        warm = int(0.1 * (end - first))
+        ramp = min(1.0, (step - first + 1) / warm) if warm else 1.0
+        t = max(0, step - first - warm) / max(1, end - first - warm)
+        return peak * ramp * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    run = GViTStep(cfg, 6, torch.device("cpu"))
+    for step, (first, end) in ((0, (0, 30)), (29, (0, 30)), (30, (30, 60)), (61, (60, 100)), (80, (60, 100)),
+                               (99, (60, 100))):
+        assert run.part_learning_rate("encoder", step) == pytest.approx(by_hand(step, first, end))
+        classifier = 0.5 * by_hand(step, first, end) if step >= 30 else 0.0  # it trains from step 30
+        assert run.part_learning_rate("classifier", step) == pytest.approx(classifier)
+    assert learning_rate(cfg, 60, span=(60, 100)) < 0.3 * peak  # the stage's warm-up: restarts low ...
+    assert run.part_learning_rate("encoder", 64) == pytest.approx(peak)  # ... and reaches the peak again
+    guided = [s for s in range(80, 100) if cfg.schedule().at(s, 100).guidance]
+    assert run.guidance_lr_share() == pytest.approx(sum(by_hand(s, 60, 100) for s in guided) / len(guided) / peak)
+    assert 0.3 < run.guidance_lr_share() < 0.5
+    one = GViTStep(make_config(**{**cfg.to_dict(), "phase_lr": False}), 6, torch.device("cpu"))
+    assert one.part_learning_rate("encoder", 61) == pytest.approx(learning_rate(cfg, 61))  # one schedule
+    assert one.guidance_lr_share() < 0.3

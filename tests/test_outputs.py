@@ -302,7 +302,8 @@ def test_a_demo_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pa
     from gvit.tools.demo import run_demo
 
     out = tmp_path / "demo"
-    overrides = ["data=shapes:64", "limit_eval=16", "steps=4", "image_size=16", "num_gaussians=8", "batch_size=8"]
+    overrides = ["data=shapes:64", "val_every=4", "limit_eval=16", "steps=4", "image_size=16", "num_gaussians=8",
+                 "batch_size=8"]
     real = loop._train
 
     def killed(cfg, **kw):  # a run that wrote its first metric lines and was killed before a checkpoint

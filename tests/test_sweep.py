@@ -4,7 +4,7 @@ import json
 import pytest
 
 from gvit.cli import main
-from gvit.tools.sweep import _launch, grid_variants, parse_grid, run_sweep, variant_name
+from gvit.tools.sweep import _launch, chosen_on_val, grid_variants, parse_grid, run_sweep, variant_name
 
 BASE = ["data=shapes:64", "limit_eval=32", "encoder_size=micro", "classifier_size=micro", "image_size=16", "patch=4",
         "batch_size=16", "steps=2", "log_every=1", "checkpoint_every=100"]
@@ -65,7 +65,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_variants(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["variant"] for r in table] == [variant_name(v) for v in grid_variants(grid)]
     assert (out / "plot_num_gaussians.png").stat().st_size > 1000 and (out / "plot_model.png").is_file()
-    assert "| model | num_gaussians | top-1 (%)" in (out / "results.md").read_text()
+    assert "| model | num_gaussians | val top-1 (%) | top-1 (%) | split of top-1" in (out / "results.md").read_text()
+    assert "nothing is chosen" in (out / "results.md").read_text()  # no run had a val split
 
     # a third run finds everything done and launches nothing; changed settings are refused
     run_sweep(None, grid, out, overrides=BASE, launch=lambda argv, n: pytest.fail("nothing should run"),
@@ -83,3 +84,13 @@ def test_sweep_cli(tmp_path, capsys):
     assert (out / "plot_guidance.png").is_file()
     assert main(["sweep", "--grid", "nosuchkey=1,2", "--out", str(tmp_path / "x"), *BASE]) == 2
     assert "nosuchkey" in capsys.readouterr().err
+
+
+def test_a_sweep_chooses_on_val(tmp_path):
+    rows = run_sweep(None, {"base_lr": ["1e-4", "1e-2"]}, tmp_path / "s", overrides=[*BASE, "val_every=4", "steps=4"],
+                     log=lambda *a: None)
+    assert all(r["eval_split"] == "test" and 0 <= r["val_top1"] <= 1 for r in rows)  # each on both splits
+    best = chosen_on_val(rows)
+    assert best["val_top1"] == max(r["val_top1"] for r in rows)
+    assert f"Chosen on val: {best['variant']}" in (tmp_path / "s" / "results.md").read_text()
+    assert chosen_on_val([{"variant": "a", "val_top1": None, "top1": 0.9}]) is None  # test never chooses

@@ -8,7 +8,11 @@ on its evaluation split and writes, into ``out``:
   the Gaussians | CDAM map of the predicted class (GViT, :func:`gvit.explain.explain_images`), with
   the true and predicted class (patch ViT: the inputs only);
 * with ``compare``, a table of other runs trained with the same budget (the demo's patch ViT);
-* ``curves.png``: the losses of ``metrics.jsonl`` against the step, phases shaded.
+* ``curves.png``: the losses of ``metrics.jsonl`` against the step, phases shaded;
+* ``guidance.png`` (a GViT run with a guidance phase; the paper's Fig. 4): for the first test
+  images, the image | Gaussians fitted to it by reconstruction alone (``gvit fit``, same k) | the
+  encoder's Gaussians before the guidance phase | after it, as 2-sigma ellipses, with the share of
+  opacity on the object where the images have masks.
 
 matplotlib draws the figures (non-interactive Agg backend); every file is written atomically.
 """
@@ -22,14 +26,19 @@ from pathlib import Path
 
 import torch
 
-from ..explain import explain_images
+from ..data import dataset_masks
+from ..explain import explain_images, object_share
 from ..files import output_folder, write_json
+from ..fit import FitConfig, fit_gaussians
 from ..models import GViT
 from ..train import evaluate, load_trained
 from ..viz import draw_ellipses
 from .artifacts import html_page, html_table, pyplot, save_figure
 
 __all__ = ["training_report", "predict"]
+
+
+_RUN_KEYS = {"step", "finished", "bad_steps", "train_seconds", "split_note", "eval_split"}
 
 
 def predict(trained, images: torch.Tensor, *, seed: int | None = None) -> dict:
@@ -70,6 +79,25 @@ def _examples_figure(path: Path, images, labels, logits, classes, maps: dict | N
     save_figure(path, fig)
 
 
+def _guidance_figure(path: Path, images, columns: dict, masks) -> None:
+    """Rows of image | one 2-sigma ellipse panel per entry of ``columns`` (name -> Gaussians),
+    titled with the share of opacity on the object when ``masks`` is given."""
+    plt = pyplot()
+    n, cols = len(images), 1 + len(columns)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    shares = {name: None if masks is None else object_share(g, masks) for name, g in columns.items()}
+    for i in range(n):
+        axes[i][0].imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[i][0].set_title("image", fontsize=8)
+        for ax, (name, g) in zip(axes[i][1:], columns.items()):
+            ax.imshow(draw_ellipses(images[i], g[i]))
+            share = "" if shares[name] is None else f"\n{100 * float(shares[name][i]):.0f}% on the object"
+            ax.set_title(name + share, fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    save_figure(path, fig)
+
+
 def _curves_figure(path: Path, metrics: list[dict]) -> bool:
     plt = pyplot()
     keys = [k for k in ("loss_rec", "loss_cls") if any(k in m for m in metrics)]
@@ -94,16 +122,18 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
 
 def training_report(checkpoint: str | os.PathLike, out: str | os.PathLike, *, num_examples: int = 8,
                     overrides: list[str] | None = None, device=None, compare: dict[str, dict] | None = None,
-                    overwrite: bool = False) -> dict:
+                    evaluation: dict | None = None, overwrite: bool = False) -> dict:
     """Evaluate ``checkpoint`` and write the report files into ``out``; returns the summary.
     ``compare``: results of other runs with the same budget (name -> ``{"top1", "train_seconds", ...}``
-    as :func:`gvit.train.train` returns them), shown in a table beside this one."""
+    as :func:`gvit.train.train` returns them), shown in a table beside this one. ``evaluation``: the
+    result :func:`gvit.train.train` returned for this checkpoint (its measures on the same split),
+    used instead of evaluating it again."""
     with output_folder(out, "report", settings={"checkpoint": str(checkpoint), "overrides": overrides},
                        inputs=[checkpoint], continues=True, overwrite=overwrite):
-        return _training_report(Path(checkpoint), Path(out), num_examples, overrides, device, compare)
+        return _training_report(Path(checkpoint), Path(out), num_examples, overrides, device, compare, evaluation)
 
 
-def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, device, compare) -> dict:
+def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, device, compare, evaluation) -> dict:
     trained = load_trained(checkpoint, overrides, device)
     cfg, classes = trained.cfg, trained.classes
     if trained.kind.report_elsewhere:
@@ -113,7 +143,10 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
     except ValueError as exc:
         raise ValueError(f"{checkpoint}: {exc} to report on") from None
     summary = {"checkpoint": str(checkpoint), "model": cfg.model, "data": cfg.data, "classes": classes}
-    summary.update(evaluate(trained.step, test_ds, collate))
+    if evaluation is not None and not overrides:  # the run's measures, less its bookkeeping and val ones
+        summary.update({k: v for k, v in evaluation.items() if k not in _RUN_KEYS and not k.startswith("val_")})
+    else:
+        summary.update(evaluate(trained.step, test_ds, collate))
     n = min(num_examples, len(test_ds))
     files = {}
     if n and trained.step.reads_images:
@@ -125,6 +158,13 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
             maps, logits = None, predict(trained, images)["logits"].cpu()
         _examples_figure(out / "examples.png", images, labels, logits, classes, maps)
         files["examples"] = "examples.png"
+        around = trained.step.gaussians_around_guidance(images) if trained.kind.makes_gaussians else None
+        if around is not None:
+            fitted = fit_gaussians(images, FitConfig(num_gaussians=cfg.num_gaussians, recipe="small"), progress=False)
+            masks = dataset_masks(test_ds)
+            _guidance_figure(out / "guidance.png", images, {"fitted (reconstruction)": fitted.gaussians} | around,
+                             None if masks is None else masks[:n])
+            files["guidance"] = "guidance.png"
     metrics_path = checkpoint.parent / "metrics.jsonl"
     if metrics_path.is_file():
         metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -134,11 +174,15 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
             summary["train_seconds"] = metrics[-1]["seconds"]
             summary["steps"] = metrics[-1]["step"]
     summary["files"] = files
+    result_path = checkpoint.parent / "result.json"
+    if result_path.is_file():  # the run's own evaluation: its val measures, when it carved a val split
+        recorded = json.loads(result_path.read_text())
+        summary |= {k: v for k, v in recorded.items() if k.startswith("val_") and k not in summary}
     if "guidance_shift_px" in summary:  # what the guidance phase did to the encoder's Gaussians on these images
-        summary["guidance"] = {"shift_px": summary["guidance_shift_px"]} | {
+        summary["guidance"] = {"shift_px": summary["guidance_shift_px"], "lr_share": summary["guidance_lr_share"]} | {
             key: summary[key] for key in ("object_share", "object_share_no_guidance") if key in summary}
     if compare:
-        summary["compare"] = {name: {k: r[k] for k in ("top1", "psnr", "train_seconds", "step") if k in r}
+        summary["compare"] = {name: {k: r[k] for k in ("top1", "val_top1", "psnr", "train_seconds", "step") if k in r}
                               for name, r in compare.items()}
     write_json(out / "report.json", summary)
     _html(out / "report.html", summary, cfg)
@@ -148,6 +192,9 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
 def _html(path: Path, summary: dict, cfg) -> None:
     rows = [("model", summary["model"]), ("data", summary["data"]),
             ("top-1", f"{100 * summary['top1']:.2f}% of {summary['eval_images']} test images")]
+    if "val_top1" in summary:
+        rows.append(("top-1 on val", f"{100 * summary['val_top1']:.2f}% of {summary['val_eval_images']} validation "
+                                     "images (carved from the training images; what settings are chosen on)"))
     if "psnr" in summary:
         rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
     if "train_seconds" in summary:
@@ -156,15 +203,20 @@ def _html(path: Path, summary: dict, cfg) -> None:
         g = summary["guidance"]
         share = (f"; encoder opacity on the object {100 * g['object_share']:.1f}% (before the guidance phase "
                  f"{100 * g['object_share_no_guidance']:.1f}%)" if "object_share" in g else "")
-        rows.append(("guidance phase", f"moved the encoder's Gaussians {g['shift_px']:.3f} px on average{share}"))
+        lr = ("" if g["lr_share"] is None else
+              f"; mean learning rate of its guidance steps {100 * g['lr_share']:.0f}% of the peak")
+        rows.append(("guidance phase", f"moved the encoder's Gaussians {g['shift_px']:.3f} px on average{share}{lr}"))
     compared = ""
     if summary.get("compare"):
-        table = [("run", "top-1", "PSNR", "training")]
-        table.append((f"this run ({summary['model']})", f"{100 * summary['top1']:.2f}%",
+        def val(r):
+            return f"{100 * r['val_top1']:.2f}%" if "val_top1" in r else "-"
+
+        table = [("run", "top-1 (test)", "top-1 (val)", "PSNR", "training")]
+        table.append((f"this run ({summary['model']})", f"{100 * summary['top1']:.2f}%", val(summary),
                       f"{summary['psnr']:.2f} dB" if "psnr" in summary else "-",
                       f"{summary.get('train_seconds', float('nan')):.0f} s"))
         for name, r in summary["compare"].items():
-            table.append((name, f"{100 * r['top1']:.2f}%", f"{r['psnr']:.2f} dB" if "psnr" in r else "-",
+            table.append((name, f"{100 * r['top1']:.2f}%", val(r), f"{r['psnr']:.2f} dB" if "psnr" in r else "-",
                           f"{r.get('train_seconds', float('nan')):.0f} s"))
         compared = f"<h2>same budget</h2><table>{html_table(table)}</table>\n"
     figures = "".join(f'<h2>{html.escape(name)}</h2><img src="{html.escape(file)}" alt="{html.escape(name)}">\n'

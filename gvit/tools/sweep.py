@@ -27,7 +27,7 @@ from ..files import check_settings, output_folder, write_json, write_text
 from ..train import kind_of, load_config
 from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
-__all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep"]
+__all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep", "chosen_on_val"]
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -164,20 +164,37 @@ def _rows(out: Path, plan) -> list[dict]:
         path = out / name / "result.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            rows.append({"variant": name, **values, "top1": r.get("top1"), "psnr": r.get("psnr"),
+            val = r.get("top1") if r.get("eval_split") == "val" else r.get("val_top1")
+            rows.append({"variant": name, **values, "val_top1": val, "top1": r.get("top1"),
+                         "eval_split": r.get("eval_split"), "psnr": r.get("psnr"),
                          "eval_images": r.get("eval_images"), "train_seconds": r.get("train_seconds"),
                          "bad_steps": r.get("bad_steps")})
     return rows
 
 
+def chosen_on_val(rows: list[dict]) -> dict | None:
+    """The row with the highest validation top-1 (None when no row has one): what a sweep chooses."""
+    scored = [r for r in rows if r.get("val_top1") is not None]
+    return max(scored, key=lambda r: r["val_top1"]) if scored else None
+
+
 def write_tables(out: Path, rows: list[dict], keys: list[str]) -> None:
-    """``results.csv``, ``results.md`` and ``results.json`` of the finished variants."""
-    write_csv(
-        out / "results.csv", ["variant", *keys, "top1", "psnr", "eval_images", "train_seconds", "bad_steps"], rows
-    )
-    table = [[*(r[k] for k in keys), f"{100 * r['top1']:.1f}", "-" if r["psnr"] is None else f"{r['psnr']:.1f}",
-              r["eval_images"], f"{r['train_seconds']:.0f}"] for r in rows]
-    write_text(out / "results.md", markdown_table([*keys, "top-1 (%)", "PSNR (dB)", "eval images", "train s"], table))
+    """``results.csv``, ``results.md`` and ``results.json`` of the finished variants; the table names
+    the split of each top-1 and the variant chosen on val (``val_every`` or ``eval_split=val``)."""
+    fields = ["variant", *keys, "val_top1", "top1", "eval_split", "psnr", "eval_images", "train_seconds", "bad_steps"]
+    write_csv(out / "results.csv", fields, rows)
+    best = chosen_on_val(rows)
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    table = [[*(r[k] for k in keys), pct(r["val_top1"]), pct(r["top1"]), r["eval_split"] or "-",
+              "-" if r["psnr"] is None else f"{r['psnr']:.1f}", r["eval_images"], f"{r['train_seconds']:.0f}"]
+             for r in rows]
+    note = ("\n\nChosen on val: " + best["variant"] + f" ({pct(best['val_top1'])}%)." if best else
+            "\n\nNo run has a validation split (set val_every, or eval_split=val): nothing is chosen.")
+    write_text(out / "results.md", markdown_table([*keys, "val top-1 (%)", "top-1 (%)", "split of top-1", "PSNR (dB)",
+                                                   "eval images", "train s"], table) + note)
     write_json(out / "results.json", rows)
 
 
@@ -189,18 +206,20 @@ def _number(text: str) -> float | None:
 
 
 def plot_sweep(rows: list[dict], grid: dict[str, list[str]], out: str | os.PathLike) -> list[Path]:
-    """One ``plot_<key>.png`` per grid key with more than one value: top-1 (%) against the key,
+    """One ``plot_<key>.png`` per grid key with more than one value: top-1 (%) against the key (on val
+    when every row has it),
     one series per combination of the other keys. Returns the paths written."""
     plt = pyplot()
     out = Path(out)
     written = []
+    measure = "val_top1" if rows and all(r.get("val_top1") is not None for r in rows) else "top1"
     for key, values in grid.items():
         if len(values) < 2 or not rows:
             continue
         others = [k for k in grid if k != key]
         series: dict[tuple, dict[str, float]] = {}
         for r in rows:
-            series.setdefault(tuple(r[k] for k in others), {})[r[key]] = 100 * r["top1"]
+            series.setdefault(tuple(r[k] for k in others), {})[r[key]] = 100 * r[measure]
         numeric = all(_number(v) is not None for v in values)
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for j, (combo, points) in enumerate(sorted(series.items())):
@@ -220,7 +239,7 @@ def plot_sweep(rows: list[dict], grid: dict[str, list[str]], out: str | os.PathL
         else:
             ax.set_xticks(range(len(values)), values)
         ax.set_xlabel(key)
-        ax.set_ylabel("top-1 (%)")
+        ax.set_ylabel("val top-1 (%)" if measure == "val_top1" else "top-1 (%)")
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize=8)

@@ -104,14 +104,20 @@ class ModelStep:
         # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
         flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
         metrics = self._step(step, inputs, labels.to(self.device), flips, gen, rank, world)
-        return None if metrics is None else {"lr": learning_rate(self.cfg, step)} | metrics
+        return None if metrics is None else {"lr": self.part_learning_rate("", step)} | metrics
 
     def part_learning_rate(self, name: str, step: int) -> float:
-        """The learning rate of part ``name`` at ``step``: the schedule's; a classifier's times
-        ``classifier_lr_scale``, warmed up from the step it starts training (:meth:`classifier_start`)."""
+        """The learning rate of part ``name`` at ``step``: the schedule's (over :meth:`schedule_span`);
+        a classifier's times ``classifier_lr_scale``, warmed up from the step it starts training
+        (:meth:`classifier_start`)."""
+        span = self.schedule_span(step)
         if name != "classifier":
-            return learning_rate(self.cfg, step)
-        return learning_rate(self.cfg, step, self.classifier_start()) * self.cfg.classifier_lr_scale
+            return learning_rate(self.cfg, step, span=span)
+        return learning_rate(self.cfg, step, self.classifier_start(), span) * self.cfg.classifier_lr_scale
+
+    def schedule_span(self, step: int) -> tuple[int, int] | None:
+        """The steps ``(first, end)`` whose warm-up and cosine ``step`` is on; None: the whole run."""
+        return None
 
     def classifier_start(self) -> int:
         """The first step at which the classifier trains."""

@@ -122,6 +122,27 @@ class GViTStep(ModelStep):
     def classifier_start(self) -> int:
         return self.schedule.classifier_start(self.cfg.steps)
 
+    def schedule_span(self, step: int) -> tuple[int, int] | None:
+        return self.schedule.span(step, self.cfg.steps) if self.cfg.phase_lr else None
+
+    def part_learning_rate(self, name: str, step: int) -> float:
+        """The base rule (:meth:`ModelStep.part_learning_rate`); with ``phase_lr``, the joint stage
+        (from the end of classifier pre-training on) scaled by ``joint_lr``."""
+        lr = super().part_learning_rate(name, step)
+        joint = self.cfg.phase_lr and step >= self.schedule.boundaries(self.cfg.steps)[-2] > 0
+        return lr * self.cfg.joint_lr if joint else lr
+
+    def guidance_lr_share(self) -> float | None:
+        """The encoder's mean learning rate over the guidance steps, as a fraction of the peak
+        (``base_lr * batch / 256``); None when the run has no guidance steps."""
+        steps = [s for s in range(self.cfg.steps) if self.schedule.at(s, self.cfg.steps).guidance]
+        if not steps:
+            return None
+        if self.cfg.guidance_lr is not None:
+            return self.cfg.guidance_lr
+        peak = self.cfg.base_lr * self.cfg.batch_size / 256
+        return sum(self.part_learning_rate("encoder", s) for s in steps) / len(steps) / peak
+
     def logs_step(self, step: int) -> bool:
         return self.schedule.at(step, self.cfg.steps).guidance
 
@@ -240,19 +261,43 @@ class GViTStep(ModelStep):
         result = super().evaluate(dataset, collate)
         return result | (self.guidance_effect(dataset, collate) if self.before_guidance is not None else {})
 
+    def encoder_before_guidance(self) -> torch.nn.Module | None:
+        """A copy of the encoder as it was when the guidance phase began (None before it began)."""
+        if self.before_guidance is None:
+            return None
+        before = copy.deepcopy(self.model.encoder)  # the encoder alone: g0 and decoding are the model's
+        before.load_state_dict(self.before_guidance)
+        return before.eval()
+
+    @torch.no_grad()
+    def gaussians_around_guidance(self, images: Tensor, seed: int | None = None) -> dict | None:
+        """The decoded Gaussians of ``images`` from the encoder before its guidance phase
+        (``"encoder before guidance"``) and now (``"encoder after guidance"``), with the same g0
+        (drawn from ``seed``, the config's by default); None when the run had no guidance phase."""
+        before = self.encoder_before_guidance()
+        if before is None:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.seed if seed is None else seed)
+        images = images.to(self.device)
+        g0 = self.model.sample_g0(len(images), gen)
+        self.train(False)
+        encoders = (("encoder before guidance", before), ("encoder after guidance", self.model.encoder))
+        out = {name: self.model.decode(encoder(images, g0)).to("cpu") for name, encoder in encoders}
+        self.train(True)
+        return out
+
     @torch.no_grad()
     def guidance_effect(self, dataset, collate) -> dict:
         """The encoder before its guidance phase against the encoder now, on the same images and g0:
         ``guidance_shift_px`` (mean distance between their Gaussians' centres, in pixels) and, where
         the images have object masks, ``object_share`` / ``object_share_no_guidance`` (the share of
-        the encoder's Gaussian opacity centred on the object, now and before the phase)."""
-        before = copy.deepcopy(self.model.encoder)  # the encoder alone: g0 and decoding are the model's
-        before.load_state_dict(self.before_guidance)
+        the encoder's Gaussian opacity centred on the object, now and before the phase); and
+        ``guidance_lr_share`` (:meth:`guidance_lr_share`)."""
+        before = self.encoder_before_guidance()
         masks = dataset_masks(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate)
         gen, shifts, now_share, before_share, seen = torch.Generator().manual_seed(self.cfg.seed), [], [], [], 0
         self.train(False)
-        before.eval()
         for images, _ in loader:
             images = images.to(self.device)
             g0 = self.model.sample_g0(len(images), gen)  # None for learned queries
@@ -264,7 +309,7 @@ class GViTStep(ModelStep):
                 before_share.append(object_share(old, batch_masks).cpu())
             seen += len(images)
         self.train(True)
-        out = {"guidance_shift_px": float(torch.cat(shifts).mean())}
+        out = {"guidance_shift_px": float(torch.cat(shifts).mean()), "guidance_lr_share": self.guidance_lr_share()}
         if masks is not None:
             out |= {"object_share": float(torch.cat(now_share).nanmean()),
                     "object_share_no_guidance": float(torch.cat(before_share).nanmean())}

@@ -42,14 +42,17 @@ def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimi
                              betas=(cfg.beta1, cfg.beta2))
 
 
-def learning_rate(cfg, step: int, start: int = 0) -> float:
+def learning_rate(cfg, step: int, start: int = 0, span: tuple[int, int] | None = None) -> float:
     """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine down to
     ``lr_floor`` times that peak (0: to 0). A model that starts training at step ``start`` > 0 (with
-    fresh optimiser moments) gets the same warm-up from there, on top of the cosine."""
+    fresh optimiser moments) gets the same warm-up from there, on top of the cosine. With ``span``
+    ``(first, end)`` the warm-up and cosine run over those steps alone (a phase with a schedule of
+    its own: GViT's ``phase_lr``), restarting from the peak at ``first``."""
     peak = cfg.base_lr * cfg.batch_size / 256
-    warm = int(cfg.warmup * cfg.steps)
-    t = max(0, step - warm) / max(1, cfg.steps - warm)
-    ramp = min(1.0, max(0, step - start + 1) / warm) if warm else 1.0
+    first, end = span or (0, cfg.steps)
+    warm = int(cfg.warmup * (end - first))
+    t = max(0, step - first - warm) / max(1, end - first - warm)
+    ramp = min(1.0, max(0, step - max(start, first) + 1) / warm) if warm else 1.0
     cosine = 0.5 * (1 + math.cos(math.pi * t))
     return peak * ramp * (cosine if not cfg.lr_floor else cfg.lr_floor + (1 - cfg.lr_floor) * cosine)
 

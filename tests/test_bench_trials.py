@@ -1,0 +1,35 @@
+"""bench/trials.py --share-prefix: continuing a shared run from the start of the joint stage gives what
+training each row from scratch gives."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from gvit.train import make_config, train
+
+SMALL = dict(data="shapes:64", limit_eval=16, encoder="refine", encoder_size="micro", classifier_size="micro",
+             image_size=16, num_gaussians=16, batch_size=16, steps=12, classifier_from=0.25, pretrain_until=0.5,
+             cache_gaussians=True, crop_scale_min=1.0, guidance_from=0.75, guidance_every=2, phase_lr=True,
+             joint_lr=0.5, fit_steps=2, refine_features=8)
+
+
+def _trials():
+    path = Path(__file__).resolve().parents[1] / "bench" / "trials.py"
+    spec = importlib.util.spec_from_file_location("bench_trials", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path):
+    trials = _trials()
+    for i, tail in enumerate([dict(gamma=0.2), dict(guidance=False, lambda_cls=0.1)]):
+        straight = train(make_config(**SMALL, **tail, out=str(tmp_path / f"straight{i}")), progress=False)
+        branched = trials.train_from_shared_prefix(make_config(**SMALL, **tail, out=str(tmp_path / f"branch{i}")),
+                                                   tmp_path / "prefix")
+        assert {k: v for k, v in branched.items() if k != "train_seconds"} == \
+            {k: v for k, v in straight.items() if k != "train_seconds"}
+    with pytest.raises(ValueError, match="num_gaussians"):  # a key the steps before the joint stage read
+        trials.train_from_shared_prefix(make_config(**{**SMALL, "num_gaussians": 8}, out=str(tmp_path / "other")),
+                                        tmp_path / "prefix")
