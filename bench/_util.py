@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -41,3 +42,11 @@ def case_config(recipe, case: str, overrides: list[str]):
     shared = [o for o in overrides if o.partition("=")[0] in ("classifier_size", "batch_size", "steps", "image_size",
                                                               "device", "precision")]
     return load_config(recipe, shared, as_model=model)
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean +- std`` over seeds (scaled, rounded); the mean alone for one value."""
+    mean = statistics.mean(values) * scale
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"

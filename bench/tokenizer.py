@@ -18,6 +18,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from _util import spread
+
 # name -> (overrides, what it is)
 VARIANTS = {
     "A": (["tokenizer=vq"], "plain VQ, 64 tokens on the 8x8 grid, from B's query head at fixed grid centres"),
@@ -27,13 +29,6 @@ VARIANTS = {
     "A-256": (["tokenizer=vq", "num_tokens=256"], "plain VQ, 256 tokens on the 16x16 grid"),
     "A-conv": (["tokenizer=vq_conv"], "the first plain VQ: 64 tokens from one strided convolution"),
 }
-
-
-def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    mean = statistics.mean(values) * scale
-    if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def run(config: str, out: Path, overrides: list[str]) -> dict:

@@ -23,22 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from _util import spread
+
 COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
            ("guidance_shift_px", "guidance shift (px)", 1, 3), ("object_share", "object share %", 100, 1),
            ("object_share_no_guidance", "share before guidance %", 100, 1),
            ("guidance_lr_share", "guidance lr / peak", 1, 2), ("train_seconds", "train s", 1, 0)]
-
-
-def spread(values: list[float], scale: float, digits: int) -> str:
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} +- {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 # keys that act only from the joint stage on (the phases before it, their learning rates and each

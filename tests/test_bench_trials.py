@@ -14,16 +14,17 @@ SMALL = dict(data="shapes:64", limit_eval=16, encoder="refine", encoder_size="mi
              joint_lr=0.5, fit_steps=2, refine_features=8)
 
 
-def _trials():
+def _trials(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "bench" / "trials.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the bench scripts' shared helpers (_util)
     spec = importlib.util.spec_from_file_location("bench_trials", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path):
-    trials = _trials()
+def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path, monkeypatch):
+    trials = _trials(monkeypatch)
     for i, tail in enumerate([dict(gamma=0.2), dict(guidance=False, lambda_cls=0.1)]):
         straight = train(make_config(**SMALL, **tail, out=str(tmp_path / f"straight{i}")), progress=False)
         branched = trials.train_from_shared_prefix(make_config(**SMALL, **tail, out=str(tmp_path / f"branch{i}")),

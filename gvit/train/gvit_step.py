@@ -21,7 +21,7 @@ from ..settings import setting
 from .base import ModelStep, as_number
 from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, check_schedule, model_setting, require
 from .data import flip_gaussians
-from .optim import adamw, apply_gradients, set_learning_rate
+from .optim import adamw, apply_gradients, peak_learning_rate, set_learning_rate
 
 __all__ = ["GViTConfig", "GViTStep", "build_gvit", "gaussian_classifier"]
 
@@ -140,8 +140,8 @@ class GViTStep(ModelStep):
             return None
         if self.cfg.guidance_lr is not None:
             return self.cfg.guidance_lr
-        peak = self.cfg.base_lr * self.cfg.batch_size / 256
-        return sum(self.part_learning_rate("encoder", s) for s in steps) / len(steps) / peak
+        mean = sum(self.part_learning_rate("encoder", s) for s in steps) / len(steps)
+        return mean / peak_learning_rate(self.cfg)
 
     def logs_step(self, step: int) -> bool:
         return self.schedule.at(step, self.cfg.steps).guidance
@@ -228,7 +228,7 @@ class GViTStep(ModelStep):
             out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, measure=cfg.measure_guidance, **kw)
         metrics = {"loss_rec": as_number(out.reconstruction), "loss_cls": as_number(out.classification)}
         if cfg.guidance_lr is not None:  # the guidance step's own step size (the next step sets the schedule's)
-            metrics["lr"] = cfg.base_lr * cfg.batch_size / 256 * cfg.guidance_lr
+            metrics["lr"] = peak_learning_rate(cfg) * cfg.guidance_lr
             set_learning_rate([encoder[1]], metrics["lr"])
         if not apply_gradients([encoder], None, grad_clip=cfg.grad_clip):
             return None

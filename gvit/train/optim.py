@@ -13,7 +13,7 @@ from torch import nn
 
 from ..distributed import all_ranks, all_reduce_grads
 
-__all__ = ["param_groups", "adamw", "learning_rate", "set_learning_rate", "apply_gradients"]
+__all__ = ["param_groups", "adamw", "peak_learning_rate", "learning_rate", "set_learning_rate", "apply_gradients"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
@@ -42,13 +42,18 @@ def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimi
                              betas=(cfg.beta1, cfg.beta2))
 
 
+def peak_learning_rate(cfg) -> float:
+    """The schedule's peak: ``base_lr`` scaled linearly with the batch (``base_lr * batch / 256``)."""
+    return cfg.base_lr * cfg.batch_size / 256
+
+
 def learning_rate(cfg, step: int, start: int = 0, span: tuple[int, int] | None = None) -> float:
     """base_lr * batch / 256, linear warm-up over ``warmup`` of training, then cosine down to
     ``lr_floor`` times that peak (0: to 0). A model that starts training at step ``start`` > 0 (with
     fresh optimiser moments) gets the same warm-up from there, on top of the cosine. With ``span``
     ``(first, end)`` the warm-up and cosine run over those steps alone (a phase with a schedule of
     its own: GViT's ``phase_lr``), restarting from the peak at ``first``."""
-    peak = cfg.base_lr * cfg.batch_size / 256
+    peak = peak_learning_rate(cfg)
     first, end = span or (0, cfg.steps)
     warm = int(cfg.warmup * (end - first))
     t = max(0, step - first - warm) / max(1, end - first - warm)
