@@ -34,3 +34,21 @@ def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path, m
     with pytest.raises(ValueError, match="num_gaussians"):  # a key the steps before the joint stage read
         trials.train_from_shared_prefix(make_config(**{**SMALL, "num_gaussians": 8}, out=str(tmp_path / "other")),
                                         tmp_path / "prefix")
+
+
+def test_joint_stage_bench_replays_the_run(tmp_path, monkeypatch):
+    """bench/joint_stage.py: its replay of the joint stage as configured ends where training from
+    scratch ends (same val top-1), and each variant starts from the untouched state."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "joint_stage.py"
+    spec = importlib.util.spec_from_file_location("bench_joint_stage", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = dict(SMALL, guidance=False, lambda_cls=0.1, val_every=4)
+    straight = train(make_config(**settings, out=str(tmp_path / "straight")), progress=False)
+    stage = bench.Stage(make_config(**settings, out=str(tmp_path / "prefix")))
+    assert stage.variant("joint as configured")[0] == straight["val_top1"]
+    assert stage.variant("joint as configured")[0] == straight["val_top1"]  # the state on disk was not changed
+    top1, first, last = stage.variant("classifier, live Gaussians")
+    assert 0 <= top1 <= 1 and first > 0 and last > 0
+    own, _ = stage.reach(1.0)
+    assert own < 0  # a step on a batch's class loss lowers it

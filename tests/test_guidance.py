@@ -229,3 +229,18 @@ def test_phase_lr_gives_each_phase_its_own_warm_up_and_cosine():
     one = GViTStep(make_config(**{**cfg.to_dict(), "phase_lr": False}), 6, torch.device("cpu"))
     assert one.part_learning_rate("encoder", 61) == pytest.approx(learning_rate(cfg, 61))  # one schedule
     assert one.guidance_lr_share() < 0.3
+
+
+def test_a_joint_step_with_lambda_cls_0_leaves_the_classifier_alone():
+    from gvit.train import make_config, step_generator
+    from gvit.train.gvit_step import GViTStep
+
+    cfg = make_config(steps=10, batch_size=4, image_size=16, encoder_size="micro", classifier_size="micro",
+                      num_gaussians=16, classifier_from=0.0, guidance=False, lambda_cls=0.0)
+    run = GViTStep(cfg, 6, torch.device("cpu"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    metrics = run.step(0, torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), step_generator(0, 0), 0, 1)
+    assert metrics["phase"] == "joint" and "loss_cls" in metrics  # measured, not trained on
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("classifier."))
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))

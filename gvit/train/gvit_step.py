@@ -184,9 +184,10 @@ class GViTStep(ModelStep):
             out = batch_losses(model, images, labels, g0, classify=phase.train_classifier, **kw)
         loss, metrics, trained = out.reconstruction, {"loss_rec": as_number(out.reconstruction)}, [encoder]
         if out.classification is not None:
-            loss = loss + phase.lambda_cls * out.classification
             metrics["loss_cls"] = as_number(out.classification)
-            trained.append(classifier)
+            if phase.lambda_cls > 0:  # with 0 the classifier does not train (no AdamW step on a zero gradient)
+                loss = loss + phase.lambda_cls * out.classification
+                trained.append(classifier)
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
 
     def _cached_classifier_step(self, flips, gen, rank, world) -> dict | None:
