@@ -7,6 +7,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 
 def rss_mb() -> float:
@@ -50,3 +51,14 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def train_until_joint_stage(cfg) -> int:
+    """The first step of the GViT run ``cfg``'s joint stage; the run in ``cfg.out`` is trained up to
+    it first when that folder holds no checkpoint."""
+    from gvit.train import train
+
+    start = cfg.schedule().boundaries(cfg.steps)[-2]
+    if not (Path(cfg.out) / "checkpoint.pt").is_file():
+        train(cfg, stop_after=start, progress=False, log=lambda *_: None)
+    return start

@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from gvit.data.transforms import crop_boxes
 from gvit.losses import reconstruction_loss
 from gvit.tools.demo import demo_config
-from gvit.train import evaluate, kind_of, load_checkpoint, model_step, step_generator, train
+from _util import train_until_joint_stage
+
+from gvit.train import evaluate, kind_of, load_checkpoint, model_step, step_generator
 from gvit.train.data import StepBatches, flip_gaussians, limit
 from gvit.train.optim import apply_gradients, set_learning_rate
 
@@ -66,9 +68,7 @@ class Stage:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.start, self.end = cfg.schedule().boundaries(cfg.steps)[-2], cfg.steps
-        if not (Path(cfg.out) / "checkpoint.pt").is_file():
-            train(cfg, stop_after=self.start, progress=False, log=lambda *_: None)
+        self.start, self.end = train_until_joint_stage(cfg), cfg.steps
         step = load_checkpoint(Path(cfg.out) / "checkpoint.pt")["step"]
         if step != self.start:
             raise SystemExit(f"{cfg.out}: the kept run stopped at step {step}, not {self.start}")

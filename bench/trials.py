@@ -28,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _util import spread
+from _util import spread, train_until_joint_stage
 
 COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
            ("guidance_shift_px", "guidance shift (px)", 1, 3), ("object_share", "object share %", 100, 1),
@@ -54,9 +54,7 @@ def train_from_shared_prefix(cfg, prefix: Path) -> dict:
     from gvit.train import make_config, train
 
     start_cfg = make_config(**{**cfg.to_dict(), "out": str(prefix)})
-    start = start_cfg.schedule().boundaries(cfg.steps)[-2]
-    if not (prefix / "checkpoint.pt").is_file():
-        train(start_cfg, stop_after=start, progress=False, log=lambda *_: None)
+    start = train_until_joint_stage(start_cfg)
     state = torch.load(prefix / "checkpoint.pt", weights_only=True)
     changed = {k for k, v in cfg.to_dict().items() if k != "out" and state["config"].get(k) != v}
     if state["step"] != start or not changed <= TAIL_KEYS:

@@ -40,6 +40,7 @@ def test_joint_stage_bench_replays_the_run(tmp_path, monkeypatch):
     """bench/joint_stage.py: its replay of the joint stage as configured ends where training from
     scratch ends (same val top-1), and each variant starts from the untouched state."""
     path = Path(__file__).resolve().parents[1] / "bench" / "joint_stage.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the bench scripts' shared helpers (_util)
     spec = importlib.util.spec_from_file_location("bench_joint_stage", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
