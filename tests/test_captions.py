@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from gvit.data import ShapesDataset, open_dataset
-from gvit.data.captions import (COLOR_NAMES, HELD_OUT_PAIRS, CaptionedShapes, CaptionFile, ClassCaptions,
-                                color_names, describe_shapes)
+from gvit.data.captions import (CLASS_ATTRIBUTES, COLOR_NAMES, HELD_OUT_PAIRS, AttributeCaptions, CaptionedShapes,
+                                CaptionFile, ClassCaptions, color_names, describe_class, describe_shapes)
 from gvit.data.shapes import SHAPE_CLASSES, make_shapes
 from gvit.data.text import BOS_ID, EOS_ID, PAD_ID, TextTokenizer
 
@@ -83,6 +83,44 @@ def test_class_prompts_caption_a_labelled_dataset():
     assert data[3][1] == int(data.labels[3]) and data[3][0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="prompt"):
         ClassCaptions(ShapesDataset("test", n=2), "no slot")
+
+
+class _Labelled:
+    """A labelled dataset of the given class names (no images needed to caption it)."""
+
+    def __init__(self, classes, labels):
+        self.classes, self.labels = list(classes), torch.tensor(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def test_attribute_captions_are_random_parts_of_the_class_description():
+    classes = list(CLASS_ATTRIBUTES)
+    labels = [i % 10 for i in range(200)]
+    data = AttributeCaptions(_Labelled(classes, labels), "a photo of a {}.")
+    assert data.class_texts[classes.index("cat")] == "small furry animal with four legs in a house"
+    assert data.class_texts[classes.index("ship")] == "large machine in the water"
+    for caption, label in zip(data.captions, labels):
+        noun, adjectives, parts, place = CLASS_ATTRIBUTES[classes[label]]
+        words = set(caption.removeprefix("a photo of a ").removesuffix(".").split())
+        allowed = {noun, "with", "and", *" ".join(adjectives + parts).split(), *place.split()}
+        assert noun in words and words <= allowed, caption
+    assert len(set(data.captions)) > 40  # varied, not one caption per class
+    full = [c for c, t in zip(data.captions, labels) if c == f"a photo of a {data.class_texts[t]}."]
+    assert 0 < len(full) < len(labels) // 2
+    assert AttributeCaptions(_Labelled(classes, labels), "a photo of a {}.").captions == data.captions  # seeded
+    assert describe_class(CLASS_ATTRIBUTES["deer"], [False, True, True, False, False]) == \
+        "brown animal with four legs"
+    with pytest.raises(ValueError, match="no attributes for the classes tiger"):
+        AttributeCaptions(_Labelled(["cat", "tiger"], [0, 1]))
+
+
+@pytest.mark.parametrize("unseen", ["bird", "cat", "truck"])
+def test_a_built_in_held_out_class_is_described_in_words_the_other_classes_use(unseen):
+    taught = {w for c, e in CLASS_ATTRIBUTES.items() if c not in ("bird", "cat", "truck")
+              for w in describe_class(e).split()}
+    assert set(describe_class(CLASS_ATTRIBUTES[unseen]).split()) <= taught
 
 
 def _image(path, value=100):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from gvit.train import load_config, load_trained, train
 from gvit.train.checkpoint import load_checkpoint
 from gvit.train.clip_step import ClipStep, contrastive_loss
-from gvit.train.embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_accuracy
+from gvit.train.embedding_eval import (knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_accuracy,
+                                       zero_shot_measures)
 from gvit.train.data import caption_collate, caption_datasets
 
 
@@ -58,6 +59,51 @@ def test_zero_shot_and_retrieval_on_known_embeddings():
     r = retrieval_recall(image, torch.eye(3)[[0, 1, 1]], ["a", "b", "b"], ks=(1, 2))
     assert r["i2t_r1"] == pytest.approx(2 / 3) and r["i2t_r2"] == 1.0
     assert r["t2i_r1"] == 1.0  # each distinct caption asked once: "a" finds image 0, "b" image 1
+
+
+def test_zero_shot_on_unseen_classes_chooses_among_them_and_the_seen_among_theirs():
+    classes = torch.eye(3)
+    image = torch.tensor([[0.9, 0, 0.5],  # class 2, unseen: nearer class 0 among all, class 2 among the unseen
+                          [0.4, 0, 0.9],  # class 0: nearer class 2 among all, class 0 among the seen (0, 1)
+                          [0, 1.0, 0]])  # class 1
+    targets = torch.tensor([2, 0, 1])
+    m = zero_shot_measures(image, classes, targets, held_out=targets == 2, unseen=[2])
+    assert m == {"top1": pytest.approx(1 / 3), "top1_held_out": 0.0, "top1_unseen": 1.0, "top1_seen": 1.0}
+    assert zero_shot_accuracy(image, classes, targets, among=[1, 2]).tolist() == [1, 0, 1]
+    assert set(zero_shot_measures(image, classes, targets)) == {"top1"}
+
+
+def _cifar_names_folder(root, per_class=(6, 2)):
+    """An image folder with CIFAR-10's class names (train/ and test/, a flat colour per class)."""
+    from PIL import Image
+    from gvit.data.captions import CLASS_ATTRIBUTES
+    for split, n in zip(("train", "test"), per_class):
+        for c, name in enumerate(CLASS_ATTRIBUTES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (25 * c, 10 * i, 200 - 20 * c)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_unseen_classes_never_train_and_are_evaluated_zero_shot_by_their_descriptions(tmp_path):
+    data = _cifar_names_folder(tmp_path / "data")
+    cfg = load_config(None, ["model=clip", f"data={data}", "steps=4", "batch_size=8", "image_size=16", "patch=8",
+                             "text_vocab=300", "captions=attributes", "unseen_classes=bird, cat,truck",
+                             f"out={tmp_path / 'run'}"])
+    train_ds, test_ds = caption_datasets(cfg)
+    unseen = [train_ds.classes.index(name) for name in ("bird", "cat", "truck")]
+    assert len(train_ds) == 7 * 6 and not any(t in unseen for t in train_ds.targets.tolist())
+    assert any("antlers" in c for c in train_ds.captions)  # deer is seen, captioned by its attributes
+    assert len(test_ds) == 20 and test_ds.held_out.sum() == 6 and sorted(test_ds.unseen) == sorted(unseen)
+    assert test_ds.class_texts[unseen[0]] == "small flying animal with wings in the sky"
+    result = train(cfg, progress=False, log=lambda *_: None)
+    assert result["finished"] and result["eval_images"] == 20
+    for key in ("top1", "top1_held_out", "top1_unseen", "top1_seen"):
+        assert 0 <= result[key] <= 1
+    with pytest.raises(ValueError, match="unseen_classes zebra not among the classes"):
+        caption_datasets(load_config(None, ["model=clip", f"data={data}", "unseen_classes=zebra"]))
+    with pytest.raises(ValueError, match="captions"):
+        load_config(None, ["model=clip", "captions=words"])
 
 
 def _cfg(tmp_path, *extra):

@@ -67,6 +67,25 @@ def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
     assert label == int(data.targets[3]) and data.classes[0] == "circle"
 
 
+def test_a_run_with_unseen_classes_reads_gaussian_folders_without_them_and_evaluates_them(stage1, tmp_path):
+    root, _ = stage1
+    cfg = load_config(None, ["model=splat_distill", f"teacher={root / 'teacher' / 'checkpoint.pt'}",
+                             f"offline_train={root / 'train'}", f"offline_eval={root / 'test'}", "steps=2",
+                             "batch_size=8", "stem_depth=1", "stem_tokens=8", "stem_width=32", "unseen_classes=circle",
+                             "probe_images=0", f"out={tmp_path / 'run'}"])
+    full = PairedGaussians(root / "train")
+    kept = PairedGaussians.for_run(root / "train", cfg, train=True)
+    assert 0 < len(kept) < len(full) and (kept.targets != 0).all()  # circle is class 0
+    assert kept.captions == [c for c, t in zip(full.captions, full.targets.tolist()) if t != 0]
+    assert torch.equal(kept.gaussians.means, full.gaussians.means[full.targets != 0])
+    marked = PairedGaussians.for_run(root / "test", cfg, train=False)
+    assert marked.unseen == [0] and marked.held_out.tolist() == (marked.targets == 0).tolist()
+    result = train(cfg, progress=False, log=lambda *_: None)
+    for key in ("top1_unseen", "teacher_top1_unseen", "top1_seen", "teacher_top1_seen"):
+        assert 0 <= result[key] <= 1
+    assert result["top1_unseen"] == 1.0  # one unseen class: among the unseen, the only candidate
+
+
 def test_without_captions_of_its_own_an_item_is_captioned_by_its_class_prompt(stage1, tmp_path):
     from gvit.train.splat_align_step import AlignStep
 

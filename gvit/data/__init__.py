@@ -5,7 +5,7 @@ download); :mod:`gvit.data.images` reads image files and ImageFolder trees (dire
 (captioned shapes, class prompts, caption files) and :mod:`gvit.data.text` an offline BPE tokenizer."""
 
 from .base import Subset, dataset_labels, dataset_masks, spread_indices
-from .captions import CaptionedShapes, CaptionFile, ClassCaptions
+from .captions import AttributeCaptions, CaptionedShapes, CaptionFile, ClassCaptions
 from .cifar import CifarBatches, load_pickle
 from .datasets import ShapesDataset, open_dataset
 from .images import IMAGE_EXTENSIONS, ImageFolder, ImageReadError, decode_image, image_size, read_image
@@ -15,4 +15,4 @@ from .text import TextTokenizer
 __all__ = ["SHAPE_CLASSES", "make_shapes", "ShapesDataset", "ImageFolder", "ImageReadError", "IMAGE_EXTENSIONS",
            "decode_image", "image_size", "read_image", "CifarBatches", "load_pickle", "open_dataset", "spread_indices",
            "dataset_labels", "dataset_masks",
-           "Subset", "CaptionedShapes", "ClassCaptions", "CaptionFile", "TextTokenizer"]
+           "Subset", "CaptionedShapes", "ClassCaptions", "AttributeCaptions", "CaptionFile", "TextTokenizer"]

@@ -2,7 +2,8 @@
 
 Every captioned dataset yields ``(image [3, H, W] float32 in [0, 1], label int)`` items, as every
 labelled dataset does (so it can be fitted by ``gvit fit-dataset`` and paired with its Gaussians),
-and has ``captions`` (one str per image), ``targets`` (``[N]`` class labels, for zero-shot
+and has ``captions`` (one str per image), ``class_texts`` (what zero-shot prompts call each class:
+its name, or its description), ``targets`` (``[N]`` class labels, for zero-shot
 classification; -1 where there are no classes), ``classes`` and ``held_out`` (``[N]`` bool or None):
 
 * :class:`CaptionedShapes`: the built-in shapes described by shape, colour, size and position
@@ -11,6 +12,10 @@ classification; -1 where there are no classes), ``classes`` and ``held_out`` (``
   (shape, colour) pairs (:data:`HELD_OUT_PAIRS`) never appear in the train split, so zero-shot on
   them tests composition honestly; the test split holds every pair and marks them in ``held_out``.
 * :class:`ClassCaptions`: any labelled dataset captioned by a class prompt ("a photo of a cat.").
+* :class:`AttributeCaptions`: a labelled dataset whose classes have attributes (:data:`CLASS_ATTRIBUTES`,
+  built in for CIFAR-10) captioned by a random part of them ("a photo of a furry animal in a house."),
+  so that a class held out of all training can be named at test time, by its full description, in
+  words the other classes taught (attribute-based zero-shot).
 * :class:`CaptionFile`: real image-caption pairs, a JSON Lines file (``{"image": path, "caption":
   text}`` per line) or a TSV file (``path<TAB>caption``), paths relative to the file's folder.
 """
@@ -28,7 +33,8 @@ from .base import InMemoryImages
 from .images import read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
-__all__ = ["CaptionedShapes", "ClassCaptions", "CaptionFile", "COLOR_NAMES", "HELD_OUT_PAIRS", "color_names",
+__all__ = ["CaptionedShapes", "ClassCaptions", "AttributeCaptions", "CLASS_ATTRIBUTES", "describe_class",
+           "CaptionFile", "CAPTION_KINDS", "COLOR_NAMES", "HELD_OUT_PAIRS", "color_names",
            "describe_shapes", "class_prompt", "class_prompts", "prompt_templates", "mirror_caption", "DEFAULT_PROMPT"]
 
 # the corners of the RGB cube, indexed by 4 r + 2 g + b with each channel rounded to 0 or 1
@@ -36,6 +42,21 @@ COLOR_NAMES = ("black", "blue", "green", "cyan", "red", "purple", "yellow", "whi
 # (shape, colour) pairs kept out of CaptionedShapes' train split: one colour per shape
 HELD_OUT_PAIRS = tuple((shape, COLOR_NAMES[(2 * i + 1) % len(COLOR_NAMES)]) for i, shape in enumerate(SHAPE_CLASSES))
 DEFAULT_PROMPT = "a photo of a {}."
+CAPTION_KINDS = ("prompt", "attributes")  # how labelled images are captioned: ClassCaptions, AttributeCaptions
+# What classes look like, in words several classes share: (noun, adjectives, parts, place). Built in for
+# CIFAR-10, chosen so that bird, cat and truck are each described by words the other seven use.
+CLASS_ATTRIBUTES = {
+    "airplane": ("machine", ("flying",), ("wings",), "in the sky"),
+    "automobile": ("machine", ("small",), ("wheels",), "on a road"),
+    "bird": ("animal", ("small", "flying"), ("wings",), "in the sky"),
+    "cat": ("animal", ("small", "furry"), ("four legs",), "in a house"),
+    "deer": ("animal", ("large", "brown"), ("four legs", "antlers"), "in a forest"),
+    "dog": ("animal", ("furry",), ("four legs",), "in a house"),
+    "frog": ("animal", ("small", "green"), ("four legs",), "in the water"),
+    "horse": ("animal", ("large", "brown"), ("four legs",), "in a field"),
+    "ship": ("machine", ("large",), (), "in the water"),
+    "truck": ("machine", ("large",), ("wheels",), "on a road"),
+}
 PLACES = {(-1, -1): "at the top left", (0, -1): "at the top", (1, -1): "at the top right",
           (-1, 0): "on the left", (0, 0): "in the middle", (1, 0): "on the right",
           (-1, 1): "at the bottom left", (0, 1): "at the bottom", (1, 1): "at the bottom right"}
@@ -117,6 +138,20 @@ class CaptionedShapes(InMemoryImages):
         self.captions, self.classes = captions, list(SHAPE_CLASSES)
 
 
+def describe_class(attributes: tuple, keep=None) -> str:
+    """The description of a class from its :data:`CLASS_ATTRIBUTES` entry: "small furry animal with
+    four legs in a house"; with ``keep`` (one bool per adjective, part and place, in that order) only
+    the attributes kept, the noun always."""
+    noun, adjectives, parts, place = attributes
+    n = len(adjectives) + len(parts) + 1
+    flags = [True] * n if keep is None else list(keep)[:n]
+    if len(flags) < n:
+        raise ValueError(f"describe_class: {n} keep flags needed for {attributes}, got {len(flags)}")
+    kept_parts = [p for p, k in zip(parts, flags[len(adjectives):]) if k]
+    text = " ".join([a for a, k in zip(adjectives, flags) if k] + [noun])
+    return text + (f" with {' and '.join(kept_parts)}" if kept_parts else "") + (f" {place}" if flags[n - 1] else "")
+
+
 class ClassCaptions(torch.utils.data.Dataset):
     """A labelled dataset (``(image, label)`` items, ``classes``, ``labels``) captioned by
     ``prompt.format(class name)``."""
@@ -124,6 +159,7 @@ class ClassCaptions(torch.utils.data.Dataset):
     def __init__(self, dataset, prompt: str = DEFAULT_PROMPT):
         prompt_templates(prompt)  # checked
         self.dataset, self.prompt, self.classes = dataset, prompt, list(dataset.classes)
+        self.class_texts = list(self.classes)
         self.targets = torch.as_tensor(dataset.labels)
         self.captions = [class_prompt(prompt, self.classes[t]) for t in self.targets.tolist()]
         self.held_out = None
@@ -137,6 +173,30 @@ class ClassCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.dataset[i]
+
+
+class AttributeCaptions(ClassCaptions):
+    """A labelled dataset captioned by its classes' attributes (``attributes``: class name -> entry as
+    in :data:`CLASS_ATTRIBUTES`, which is the default). Image i's caption is ``prompt`` (its first
+    template) with a random part of its class's description: the noun always, each adjective, part and
+    the place with probability 1/2, drawn from ``seed`` and i (the same captions in every run).
+    ``class_texts`` are the full descriptions, what zero-shot prompts name the classes by. A class
+    without attributes is a ValueError naming it."""
+
+    KEEP_SLOTS = 8  # coin flips drawn per image: at least the attributes of any class
+
+    def __init__(self, dataset, prompt: str = DEFAULT_PROMPT, *, attributes: dict | None = None, seed: int = 0):
+        super().__init__(dataset, prompt)
+        table = CLASS_ATTRIBUTES if attributes is None else attributes
+        missing = [c for c in self.classes if c not in table]
+        if missing:
+            raise ValueError(f"captions=attributes: no attributes for the classes {', '.join(missing)} (known: "
+                             f"{', '.join(table)})")
+        entries = [table[c] for c in self.classes]
+        self.class_texts = [describe_class(e) for e in entries]
+        keep = torch.rand(len(self.targets), self.KEEP_SLOTS, generator=torch.Generator().manual_seed(seed)) < 0.5
+        self.captions = [class_prompt(prompt, describe_class(entries[t], keep[i].tolist()))
+                         for i, t in enumerate(self.targets.tolist())]
 
 
 class CaptionFile(torch.utils.data.Dataset):

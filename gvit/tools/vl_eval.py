@@ -4,7 +4,8 @@ compression ratio.
 
 One row per (checkpoint, Gaussian folder): the folder's k, mean count after pruning, PSNR, bytes
 per image and compression against 8-bit pixels (from its manifest), then the student's and the
-teacher's zero-shot top-1 (and on held-out attribute pairs), image <-> text recall@1/5/10, kNN and
+teacher's zero-shot top-1 (and on held-out attribute pairs; with the run's ``unseen_classes``, on the
+classes training never saw, among them, and on the seen ones, among those), image <-> text recall@1/5/10, kNN and
 linear probe on frozen embeddings (fitted on ``probe_images`` items of the run's own training
 Gaussians), and the teacher-student cosine; ``*_ratio`` columns divide the student's figure by the
 teacher's. A single checkpoint is evaluated on every folder; several are paired with the folders
@@ -29,10 +30,11 @@ from .artifacts import markdown_table, pyplot, save_figure, write_csv
 __all__ = ["vl_eval", "VL_COLUMNS"]
 
 # the measures of a row (student, and teacher_<name> for the RGB teacher); ratios are student / teacher
-MEASURES = ("top1", "top1_held_out", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "knn", "linear")
+MEASURES = ("top1", "top1_held_out", "top1_unseen", "top1_seen", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
+            "t2i_r10", "knn", "linear")
 VL_COLUMNS = ("checkpoint", "gaussians", "k", "mean_count", "pruned", "mode", "psnr", "bytes", "compression",
               "eval_images", "cosine", *MEASURES, *(f"teacher_{m}" for m in MEASURES),
-              "top1_ratio", "top1_held_out_ratio", "i2t_r1_ratio", "knn_ratio", "linear_ratio")
+              "top1_ratio", "top1_held_out_ratio", "top1_unseen_ratio", "i2t_r1_ratio", "knn_ratio", "linear_ratio")
 
 
 def vl_eval(checkpoints: list, gaussians: list, out, *, limit: int | None = None, overwrite: bool = False,
@@ -96,13 +98,13 @@ def _load_stage(checkpoint: str) -> DistillStep:
                          f"model=splat_align), got model={trained.cfg.model!r}")
     step, cfg = trained.step, trained.cfg
     if cfg.probe_images:  # kNN and linear probes fitted on the run's own training Gaussians
-        step.set_probe_set(limit_dataset(PairedGaussians(cfg.offline_train), cfg.probe_images))
+        step.set_probe_set(limit_dataset(PairedGaussians.for_run(cfg.offline_train, cfg, train=True), cfg.probe_images))
     return step
 
 
 def evaluate_folder(step: DistillStep, checkpoint: str, folder: str, limit: int | None) -> dict:
     """One row of the table: the folder's size figures and the stage's measures on it."""
-    data = PairedGaussians(folder)
+    data = PairedGaussians.for_run(folder, step.cfg, train=False)
     manifest = data.manifest
     fit = manifest["settings"]["fit"]
     if fit["mode"] != step.student.stem.mode:
@@ -114,7 +116,7 @@ def evaluate_folder(step: DistillStep, checkpoint: str, folder: str, limit: int 
            "mean_count": float(manifest["mean_count"]), "pruned": fit.get("prune_tau") is not None,
            "mode": fit["mode"], "psnr": float(manifest["mean_psnr"]),
            "bytes": 3 * manifest["height"] * manifest["width"] / compression, "compression": compression} | metrics
-    for name in ("top1", "top1_held_out", "i2t_r1", "knn", "linear"):
+    for name in ("top1", "top1_held_out", "top1_unseen", "i2t_r1", "knn", "linear"):
         if name in row and f"teacher_{name}" in row:
             row[f"{name}_ratio"] = row[name] / max(row[f"teacher_{name}"], 1e-12)
     return row
@@ -129,7 +131,8 @@ def vl_table(rows: list[dict]) -> str:
         return f"{row[key]:.2f}" if key in row else "-"
 
     header = ["Gaussians", "k", "mean count", "pruned", "PSNR (dB)", "bytes", "compression", "cosine",
-              "zero-shot % (teacher)", "ratio", "held-out pairs % (teacher)", "i2t R@1/5/10 %",
+              "zero-shot % (teacher)", "ratio", "held-out % (teacher)", "unseen classes % (teacher)",
+              "seen classes % (teacher)", "i2t R@1/5/10 %",
               "teacher i2t R@1/5/10 %", "kNN % (teacher)", "linear % (teacher)"]
     lines = []
     for r in rows:
@@ -137,6 +140,8 @@ def vl_table(rows: list[dict]) -> str:
                       f"{r['psnr']:.2f}", f"{r['bytes']:.0f}", f"{r['compression']:.2f}x", f"{r['cosine']:.3f}",
                       f"{pct(r, 'top1')} ({pct(r, 'teacher_top1')})", ratio(r, "top1_ratio"),
                       f"{pct(r, 'top1_held_out')} ({pct(r, 'teacher_top1_held_out')})",
+                      f"{pct(r, 'top1_unseen')} ({pct(r, 'teacher_top1_unseen')})",
+                      f"{pct(r, 'top1_seen')} ({pct(r, 'teacher_top1_seen')})",
                       "/".join(pct(r, f"i2t_r{k}") for k in (1, 5, 10)),
                       "/".join(pct(r, f"teacher_i2t_r{k}") for k in (1, 5, 10)),
                       f"{pct(r, 'knn')} ({pct(r, 'teacher_knn')})", f"{pct(r, 'linear')} ({pct(r, 'teacher_linear')})"])

@@ -25,8 +25,8 @@ from ..models.gaussian_clip import clip_pixels, rgb_clip
 from ..settings import setting
 from .base import ModelStep, as_number
 from .config import PatchSettings, PromptSettings, TrainConfig, model_setting, require
-from .data import caption_collate, caption_datasets, dataset_captions
-from .embedding_eval import retrieval_recall, same_caption, zero_shot_accuracy
+from .data import caption_collate, caption_datasets, class_texts, dataset_captions, unseen_classes
+from .embedding_eval import retrieval_recall, same_caption, zero_shot_measures
 from .optim import adamw, apply_gradients
 
 __all__ = ["ClipConfig", "ClipStep", "contrastive_loss"]
@@ -146,13 +146,11 @@ class ClipStep(ModelStep):
             text.append(self.text_embeddings(caps).float().cpu())
         image, text = torch.cat(image), torch.cat(text)
         result = {"eval_images": len(image)} | retrieval_recall(image, text, captions)
-        classes = getattr(dataset, "classes", None) or []
+        classes = class_texts(dataset)
         if classes and (targets >= 0).all():
             prompts = class_prompts(self.cfg.prompt, classes)
-            correct = zero_shot_accuracy(image, self.text_embeddings(prompts).float().cpu(), targets,
-                                         len(prompts) // len(classes))
-            result["top1"] = float(correct.mean())
-            if held_out is not None and held_out.any():
-                result["top1_held_out"] = float(correct[held_out].mean())
+            result |= zero_shot_measures(image, self.text_embeddings(prompts).float().cpu(), targets,
+                                         len(prompts) // len(classes), held_out=held_out,
+                                         unseen=unseen_classes(dataset))
         self.train(True)
         return result

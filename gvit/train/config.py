@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..data.captions import prompt_templates
+from ..data.captions import CAPTION_KINDS, prompt_templates
 from ..models import SIZES
 from ..settings import from_mapping, setting, validate_fields
 
@@ -227,6 +227,13 @@ class PromptSettings:
     prompt: str = setting("a photo of a {}.", "caption of a labelled image ({} = class name), and the zero-shot "
                                               "prompt; several templates separated by | are a prompt ensemble for "
                                               "zero-shot (captions use the first)")
+    captions: str = setting("prompt", "captions of labelled images without captions of their own: prompt (the class "
+                                      "prompt) or attributes (a random part of the class's attributes, "
+                                      "gvit.data.captions.CLASS_ATTRIBUTES; zero-shot prompts then name each class "
+                                      "by its full description)", CAPTION_KINDS)
+    unseen_classes: str = setting("", "classes held out of training, comma-separated names: their images and "
+                                      "captions never train (teacher, stages); evaluation reports zero-shot on them "
+                                      "(top1_unseen among them, top1_held_out among all classes) and top1_seen")
 
     def check(self) -> None:
         super().check()
@@ -234,3 +241,7 @@ class PromptSettings:
             prompt_templates(self.prompt)
         except ValueError as exc:
             raise ValueError(f"config: {exc}") from None
+
+    def unseen(self) -> list[str]:
+        """The names in ``unseen_classes``."""
+        return [name.strip() for name in self.unseen_classes.split(",") if name.strip()]

@@ -9,18 +9,20 @@ uninterrupted run and does not depend on the number of processes.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from ..data import CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
+from ..data import AttributeCaptions, CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
 from ..data.shards import ShardDataset
 from ..data.transforms import resize_square
 from ..gaussians import ANGLE, POS
 
 __all__ = ["StepBatches", "step_generator", "image_collate", "limit", "image_datasets", "shard_datasets",
-           "flip_gaussians", "CaptionItems", "caption_datasets", "caption_collate", "dataset_captions"]
+           "flip_gaussians", "CaptionItems", "caption_datasets", "caption_collate", "dataset_captions",
+           "hold_out_classes", "with_captions", "class_texts", "unseen_classes"]
 
 
 def step_generator(seed: int, index: int) -> torch.Generator:
@@ -101,9 +103,20 @@ class CaptionItems(torch.utils.data.Dataset):
     items, the loop's ``(inputs, label)`` shape."""
 
     def __init__(self, dataset):
-        self.dataset, self.captions, self.targets = dataset, dataset.captions, dataset.targets
+        self.dataset, self.captions, self.targets = dataset, list(dataset.captions), torch.as_tensor(dataset.targets)
         self.classes = list(dataset.classes)
+        self.class_texts = list(getattr(dataset, "class_texts", None) or self.classes)
         self.held_out = getattr(dataset, "held_out", None)
+        self.unseen: list[int] = []
+
+    def select(self, indices: list[int]) -> "CaptionItems":
+        """The items at ``indices``, with their captions, targets and held-out marks."""
+        out = copy.copy(self)
+        out.dataset = Subset(self.dataset, indices)
+        out.captions = [self.captions[i] for i in indices]
+        out.targets = self.targets[indices]
+        out.held_out = None if self.held_out is None else self.held_out[indices]
+        return out
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -111,6 +124,27 @@ class CaptionItems(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image, _ = self.dataset[i]
         return (image, self.captions[i]), int(self.targets[i])
+
+
+def hold_out_classes(dataset, names: list[str], *, train: bool):
+    """Classes kept out of training (zero-shot on classes no caption named): for ``train``, ``dataset``
+    less every item of the classes ``names``; for evaluation, ``dataset`` with ``held_out`` marking
+    those items (replacing any marks it had) and ``unseen`` their class indices. ``dataset`` is a
+    :class:`CaptionItems` or another dataset with ``classes``, ``targets``, ``held_out`` and
+    ``select(indices)``; ``names`` empty: ``dataset`` itself. A name that is not a class is a ValueError."""
+    if not names:
+        return dataset
+    unknown = [name for name in names if name not in dataset.classes]
+    if unknown:
+        raise ValueError(f"config: unseen_classes {', '.join(unknown)} not among the classes "
+                         f"({', '.join(dataset.classes)})")
+    unseen = [dataset.classes.index(name) for name in names]
+    is_unseen = torch.isin(torch.as_tensor(dataset.targets), torch.tensor(unseen))
+    if train:
+        return dataset.select((~is_unseen).nonzero().flatten().tolist())
+    out = dataset.select(list(range(len(dataset))))
+    out.held_out, out.unseen = is_unseen, unseen
+    return out
 
 
 def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
@@ -125,6 +159,24 @@ def dataset_captions(ds) -> tuple[list[str], Tensor, Tensor | None]:
     return list(ds.captions), torch.as_tensor(ds.targets), ds.held_out
 
 
+def _captioned(ds):
+    """The captioned dataset under any subsets of it."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def class_texts(ds) -> list[str]:
+    """What zero-shot prompts call each class of a captioned dataset or a subset of one: its
+    ``class_texts`` (names or descriptions), else its ``classes`` ([] without classes)."""
+    return list(getattr(_captioned(ds), "class_texts", None) or getattr(ds, "classes", None) or [])
+
+
+def unseen_classes(ds) -> list[int]:
+    """The class indices a captioned dataset (or a subset of one) marks as held out of training."""
+    return list(getattr(_captioned(ds), "unseen", None) or [])
+
+
 def caption_datasets(cfg) -> tuple:
     """``(train, test or None)`` images with captions (:mod:`gvit.data.captions`): a dataset with
     captions of its own (``captioned-shapes``; ``shapes`` is read as it), a ``.jsonl`` / ``.tsv``
@@ -134,12 +186,19 @@ def caption_datasets(cfg) -> tuple:
         return CaptionItems(CaptionFile(cfg.data)), None
     data = f"captioned-{cfg.data}" if cfg.data.partition(":")[0] == "shapes" else cfg.data
     train, test = image_datasets(replace(cfg, data=data))
-    return tuple(None if d is None else CaptionItems(with_captions(d, cfg.prompt)) for d in (train, test))
+    train = hold_out_classes(CaptionItems(with_captions(train, cfg)), cfg.unseen(), train=True)
+    return train, None if test is None else hold_out_classes(CaptionItems(with_captions(test, cfg)), cfg.unseen(),
+                                                              train=False)
 
 
-def with_captions(dataset, prompt: str):
-    """``dataset`` itself when it has captions, else its images captioned by the class ``prompt``."""
-    return dataset if hasattr(dataset, "captions") else ClassCaptions(dataset, prompt)
+def with_captions(dataset, cfg):
+    """``dataset`` itself when it has captions, else its images captioned as ``cfg.captions`` says
+    (by the class ``cfg.prompt``, or by attributes)."""
+    if hasattr(dataset, "captions"):
+        return dataset
+    if cfg.captions == "attributes":
+        return AttributeCaptions(dataset, cfg.prompt)
+    return ClassCaptions(dataset, cfg.prompt)
 
 
 def caption_collate(size: int):

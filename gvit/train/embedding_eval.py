@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["same_caption", "zero_shot_accuracy", "retrieval_recall", "knn_accuracy", "linear_probe_accuracy"]
+__all__ = ["same_caption", "zero_shot_accuracy", "zero_shot_measures", "retrieval_recall", "knn_accuracy",
+           "linear_probe_accuracy"]
 
 
 def same_caption(captions: list[str]) -> Tensor:
@@ -18,15 +19,40 @@ def same_caption(captions: list[str]) -> Tensor:
     return index[:, None] == index[None, :]
 
 
-def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor, templates: int = 1) -> Tensor:
+def zero_shot_accuracy(image: Tensor, class_text: Tensor, targets: Tensor, templates: int = 1, *,
+                       among: list[int] | None = None) -> Tensor:
     """Per image, 1 where the nearest class-prompt embedding (cosine) is its class: ``[N]``.
     ``class_text`` is ``[C * templates, D]``, class-major; with several templates per class their
-    l2-normalised embeddings are averaged (CLIP's prompt ensembling)."""
+    l2-normalised embeddings are averaged (CLIP's prompt ensembling). ``among``: only these classes
+    are candidates (an image of another class then always counts 0)."""
     if templates < 1 or len(class_text) % templates:
         raise ValueError(f"class_text: {len(class_text)} embeddings are not {templates} per class")
     class_text = F.normalize(class_text, dim=-1).unflatten(0, (-1, templates)).mean(1)
     scores = F.normalize(image, dim=-1) @ F.normalize(class_text, dim=-1).T
+    if among is not None:
+        candidate = torch.zeros(len(class_text), dtype=torch.bool, device=scores.device)
+        candidate[among] = True
+        scores = scores.masked_fill(~candidate, float("-inf"))
     return (scores.argmax(-1) == targets).float()
+
+
+def zero_shot_measures(image: Tensor, class_text: Tensor, targets: Tensor, templates: int = 1, *,
+                       held_out: Tensor | None = None, unseen: list[int] | None = None) -> dict[str, float]:
+    """Zero-shot ``top1`` over all classes, ``top1_held_out`` on the images ``held_out`` marks (still
+    among all classes), and with ``unseen`` classes (held out of training) ``top1_unseen``: their
+    images among the unseen classes only, and ``top1_seen``: the other images among the other classes."""
+    hits = zero_shot_accuracy(image, class_text, targets, templates)
+    out = {"top1": float(hits.mean())}
+    if held_out is not None and held_out.any():
+        out["top1_held_out"] = float(hits[held_out].mean())
+    if unseen:
+        is_unseen = torch.isin(targets, torch.tensor(unseen, device=targets.device))
+        seen = [c for c in range(len(class_text) // templates) if c not in unseen]
+        for name, mask, among in (("top1_unseen", is_unseen, unseen), ("top1_seen", ~is_unseen, seen)):
+            if mask.any() and among:
+                out[name] = float(zero_shot_accuracy(image[mask], class_text, targets[mask], templates,
+                                                     among=among).mean())
+    return out
 
 
 def retrieval_recall(image: Tensor, text: Tensor, captions: list[str], ks=(1, 5, 10)) -> dict[str, float]:

@@ -10,6 +10,7 @@ from ..settings import setting
 from .base import as_number
 from .clip_step import contrastive_loss
 from .config import model_setting
+from .data import class_texts
 from .embedding_eval import same_caption
 from .optim import apply_gradients
 from .splat_distill_step import DistillStep, SplatDistillConfig, mirror_sets
@@ -67,7 +68,7 @@ class AlignStep(DistillStep):
 
     def attach_training_set(self, dataset, collate) -> None:
         super().attach_training_set(dataset, collate)
-        self.classes = list(dataset.classes)
+        self.classes = class_texts(dataset)  # what class prompts call them (names or descriptions)
 
     def _step(self, step, inputs, labels, flips, gen, rank, world):
         _, g, own = inputs

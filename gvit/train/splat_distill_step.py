@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import open_dataset
-from ..data.captions import class_prompt, class_prompts
+from ..data import AttributeCaptions, open_dataset
+from ..data.captions import DEFAULT_PROMPT, class_prompt, class_prompts
 from ..data.shards import load_shards, read_manifest
 from ..data.transforms import resize_square
 from ..gaussians import Gaussians, concat, valid_mask
@@ -37,8 +37,8 @@ from ..models.splat_stem import STEM_POOLINGS, SplatStem, splat_set_features, sp
 from ..settings import setting
 from .base import ModelStep, as_number
 from .config import GaussianFolders, PromptSettings, TrainConfig, model_setting, require
-from .data import dataset_captions, limit
-from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_accuracy
+from .data import class_texts, dataset_captions, hold_out_classes, limit, unseen_classes
+from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_measures
 from .optim import adamw, apply_gradients
 from .teacher import load_teacher
 
@@ -76,22 +76,44 @@ def splat_mode(folder) -> str:
 class PairedGaussians(torch.utils.data.Dataset):
     """A finished ``gvit fit-dataset`` folder with the images it was fitted from: items
     ``((image [3, H, W], gaussians, caption), label)``, the Gaussians a batch of one padded set.
-    ``captions`` are the image dataset's own (``captioned-shapes``, caption files), or "" for every
-    item where it has none (the steps then caption by class prompt); ``held_out`` marks the
-    attribute pairs training never showed (None where the dataset has no such marks)."""
+    ``captions`` are the image dataset's own (``captioned-shapes``, caption files); where it has none,
+    with ``captions="attributes"`` each image's attribute caption (:class:`gvit.data.AttributeCaptions`
+    with ``prompt``; ``class_texts`` the classes' descriptions), else "" for every item (the steps then
+    caption by class prompt); ``held_out`` marks the attribute pairs training never showed (None where
+    the dataset has no such marks)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, *, captions: str = "prompt", prompt: str = DEFAULT_PROMPT):
         g, labels, indices, manifest = load_shards(folder)
         settings = manifest["settings"]
         self.images = open_dataset(settings["data"], settings["split"], val_every=settings.get("val_every", 0))
         g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
         self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
+        self.class_texts, self.unseen = list(self.classes), []
         own = getattr(self.images, "captions", None)
+        if own is None and captions == "attributes":
+            described = AttributeCaptions(self.images, prompt)
+            own, self.class_texts = described.captions, described.class_texts
         self.captions = [own[i] for i in self.indices] if own is not None else [""] * len(self.indices)
         held_out = getattr(self.images, "held_out", None)
         self.held_out = None if held_out is None else held_out[indices]
         self.manifest = manifest
+
+    @classmethod
+    def for_run(cls, folder, cfg, *, train: bool) -> "PairedGaussians":
+        """The folder as a run with ``cfg`` reads it: captioned as ``cfg.captions`` says, and with
+        ``cfg.unseen_classes`` dropped (``train``) or marked (evaluation; :func:`hold_out_classes`)."""
+        return hold_out_classes(cls(folder, captions=cfg.captions, prompt=cfg.prompt), cfg.unseen(), train=train)
+
+    def select(self, indices: list[int]) -> "PairedGaussians":
+        """The items at ``indices``, with their Gaussians, captions and marks."""
+        out = copy.copy(self)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        out.gaussians, out.targets = self.gaussians[index], self.targets[index]
+        out.indices = [self.indices[i] for i in indices]
+        out.captions = [self.captions[i] for i in indices]
+        out.held_out = None if self.held_out is None else self.held_out[index]
+        return out
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -132,8 +154,8 @@ class DistillStep(ModelStep):
 
     @staticmethod
     def datasets(cfg: TrainConfig) -> tuple:
-        train = PairedGaussians(cfg.offline_train)
-        return train, PairedGaussians(cfg.offline_eval) if cfg.offline_eval else None
+        train = PairedGaussians.for_run(cfg.offline_train, cfg, train=True)
+        return train, PairedGaussians.for_run(cfg.offline_eval, cfg, train=False) if cfg.offline_eval else None
 
     @staticmethod
     def collate(cfg: TrainConfig):
@@ -219,7 +241,7 @@ class DistillStep(ModelStep):
                 result[f"{name}knn"] = knn_accuracy(train_emb, probe[2], test_emb, targets)
                 result[f"{name}linear"] = linear_probe_accuracy(train_emb, probe[2], test_emb, targets)
         captions, _, held_out = dataset_captions(dataset)
-        classes = getattr(dataset, "classes", None) or []
+        classes = class_texts(dataset)
         captions = self.captions(captions, targets.tolist(), classes)
         if all(captions):  # image <-> caption retrieval, student (its text tower) and teacher
             unique = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # each distinct caption embedded once
@@ -229,13 +251,11 @@ class DistillStep(ModelStep):
                 result |= {f"{name}{k}": v for k, v in retrieval_recall(image, emb, captions).items()}
         if classes and (targets >= 0).all():
             prompts = class_prompts(self.teacher.prompt, classes)  # every template (a prompt ensemble)
-            per_class = len(prompts) // len(classes)
-            correct = {"": zero_shot_accuracy(student, self.student_text(prompts), targets, per_class),
-                       "teacher_": zero_shot_accuracy(teacher, self.teacher_text(prompts), targets, per_class)}
-            for name, hits in correct.items():
-                result[f"{name}top1"] = float(hits.mean())
-                if held_out is not None and held_out.any():
-                    result[f"{name}top1_held_out"] = float(hits[held_out].mean())
+            per_class, unseen = len(prompts) // len(classes), unseen_classes(dataset)
+            for name, image, text in (("", student, self.student_text), ("teacher_", teacher, self.teacher_text)):
+                measures = zero_shot_measures(image, text(prompts), targets, per_class, held_out=held_out,
+                                              unseen=unseen)
+                result |= {f"{name}{key}": value for key, value in measures.items()}
             result["top1_ratio"] = result["top1"] / max(result["teacher_top1"], 1e-12)
         self.train(True)
         return result
