@@ -1,9 +1,11 @@
 """The adaptive budget (gvit.fit.budget) and the fitting recipes, on small hand-made images."""
 
+import math
+
 import pytest
 import torch
 
-from gvit.fit import PHOTO_PIXELS, RECIPES, FitConfig, fit_gaussians, gaussians_at_error, grow_schedule
+from gvit.fit import PHOTO_PIXELS, PHOTO_SPACING, RECIPES, FitConfig, fit_gaussians, gaussians_at_error, grow_schedule
 from gvit.fit.budget import grow_round
 from gvit.gaussians import decode, encode, Gaussians
 from gvit.render import render
@@ -77,6 +79,16 @@ def test_a_round_adds_in_front_where_the_error_is_and_zeroes_their_state():
     assert (moments[0, :4] == 0).all() and (steps[0, :4] == 0).all() and (steps[0, 4:] == 7).all()
 
 
+@pytest.mark.parametrize("width", [0.2, 0.5])
+def test_a_round_adds_gaussians_of_width_times_the_mean_spacing(width):
+    target = _square(16, 4, 8)
+    raw, valid = _state(target)  # k = 8 slots on 16 x 16 pixels: a mean spacing of sqrt(256 / 8) pixels
+    grow_round(raw, valid, (), torch.tensor([0]), target, 1.0, scale_factor=1.0, prune_tau=0.0,
+               render_kw=dict(height=16, width=16), generator=torch.Generator().manual_seed(0), width=width)
+    sigma_px = decode(raw).scales[0, :4] * 16 / 2  # normalised units -> pixels
+    assert torch.allclose(sigma_px, torch.full((4, 2), width * math.sqrt(256 / 8)), rtol=1e-3)
+
+
 def test_a_round_moves_gaussians_that_contribute_nothing():
     target = _square(16, 4, 8)
     raw, valid = _state(target, k=4, first=4)
@@ -128,6 +140,20 @@ def test_recipes_fill_only_the_unset_settings_by_image_size():
     assert FitConfig(recipe="small").for_image(500, 500).iters == 500
     res = fit_gaussians(_square(16), num_gaussians=8, iters=3)
     assert res.config.recipe == "small" and res.config.iters == 3 and res.config.lr_position == 0.1
+
+
+def test_a_denser_photo_budget_takes_smaller_position_steps_and_more_of_them():
+    h, w = 300, 400
+    at_spacing = {s: FitConfig(num_gaussians=int(round(h * w / s ** 2))).for_image(h, w) for s in (6.0, 4.0, 2.0, 1.0)}
+    for s in (6.0, 4.0):  # as sparse as the recipe was chosen at, or sparser: the recipe as it stands
+        assert (at_spacing[s].iters, at_spacing[s].lr_position) == (RECIPES["photo"]["iters"], 1.0)
+    assert PHOTO_SPACING == 4.0
+    assert (at_spacing[2.0].iters, at_spacing[2.0].lr_position) == (320, 0.5)  # twice as dense along each axis
+    assert (at_spacing[1.0].iters, at_spacing[1.0].lr_position) == (640, 0.25)
+    assert at_spacing[1.0].lr_color == RECIPES["photo"]["lr_color"]  # the other step sizes do not depend on it
+    mine = FitConfig(num_gaussians=h * w, iters=100).for_image(h, w)  # a value set by hand is kept
+    assert (mine.iters, mine.lr_position) == (100, 0.25)
+    assert FitConfig(num_gaussians=h * w, recipe="small").for_image(h, w).iters == 500  # small images: no change
 
 
 def test_the_small_recipe_is_the_old_fixed_budget_fit():

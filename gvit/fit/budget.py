@@ -63,11 +63,13 @@ def grow_schedule(iters: int, grow_from: float, rounds: int, until: float) -> di
 
 
 def grow_round(raw: Tensor, valid: Tensor, states: tuple[Tensor, ...], active: Tensor, target: Tensor, share: float,
-               *, scale_factor: float, prune_tau: float, render_kw: dict, generator: torch.Generator) -> None:
+               *, scale_factor: float, prune_tau: float, render_kw: dict, generator: torch.Generator,
+               width: float = GROW_WIDTH) -> None:
     """One round of the adaptive budget, in place on the ``active`` images' rows: switch off the
     Gaussians whose luminance contribution is below ``prune_tau`` x the mean (0: none), then fill free
     slots up to ``share`` x k with Gaussians at the pixels where the render is most wrong
-    (:func:`gvit.fit.init.gaussians_at_error`), in front of the others. ``states`` (optimiser
+    (:func:`gvit.fit.init.gaussians_at_error`; sigma ``width`` x the mean spacing sqrt(H W / count)),
+    in front of the others. ``states`` (optimiser
     moments, step counts; ``[B, k, ...]``) are zeroed for the new slots and reordered with them."""
     k = raw.shape[1]
     h, w = target.shape[-2:]
@@ -84,7 +86,7 @@ def grow_round(raw: Tensor, valid: Tensor, states: tuple[Tensor, ...], active: T
         if n <= 0:
             continue
         slots = free[:n]
-        raw[img, slots] = gaussians_at_error(target[img], error[row], n, GROW_WIDTH * math.sqrt(h * w / want),
+        raw[img, slots] = gaussians_at_error(target[img], error[row], n, width * math.sqrt(h * w / want),
                                              scale_factor=scale_factor, generator=generator)
         valid[img, slots] = True
         for state in states:

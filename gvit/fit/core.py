@@ -39,10 +39,11 @@ from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
 from ..render import BACKENDS, MODES, render
 from ..progress import progress_bar
 from ..settings import setting, validate_fields
-from .budget import grow_round, grow_schedule, prune_weak
+from .budget import GROW_WIDTH, grow_round, grow_schedule, prune_weak
 from .init import INITS, check_images, initialize
 
-__all__ = ["FitConfig", "FitResult", "fit_gaussians", "auto_batch_size", "check_memory"]
+__all__ = ["RECIPES", "PHOTO_PIXELS", "PHOTO_SPACING", "recipe_values", "FitConfig", "FitResult", "fit_gaussians",
+           "auto_batch_size", "check_memory"]
 
 # The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
 # figure was measured with; "photo" was chosen on 3 CBSD68 photos (33 trials, docs/fitting.md).
@@ -53,6 +54,22 @@ RECIPES = {
                   warmup=0.0, final_lr_fraction=0.05, grow_from=0.2),
 }
 PHOTO_PIXELS = 256 * 256  # recipe "auto": images with at least this many pixels are fitted as photos
+# "photo" was chosen at 4-5 pixels between Gaussians (k = 5,500-9,000 on 481x321); a denser budget
+# takes smaller position steps and more of them, both in proportion to PHOTO_SPACING / spacing
+# (chosen on the same 3 photos at k = 30,000, docs/fitting.md)
+PHOTO_SPACING = 4.0
+
+
+def recipe_values(name: str, height: int, width: int, num_gaussians: int) -> dict:
+    """The settings recipe ``name`` gives a ``height x width`` image with ``num_gaussians``: :data:`RECIPES`,
+    and for ``photo`` with a mean spacing sqrt(H W / k) under :data:`PHOTO_SPACING` pixels, the
+    iterations times PHOTO_SPACING / spacing and the position step divided by it."""
+    values = dict(RECIPES[name])
+    spacing = math.sqrt(height * width / num_gaussians)
+    if name == "photo" and spacing < PHOTO_SPACING:
+        denser = PHOTO_SPACING / spacing
+        values.update(iters=int(round(values["iters"] * denser)), lr_position=values["lr_position"] / denser)
+    return values
 
 
 @dataclass
@@ -64,12 +81,14 @@ class FitConfig:
     recipe: str = setting("auto", "the defaults of the settings left unset (None): small (CIFAR-sized images), "
                                   "photo (fewer steps, larger step sizes, an adaptive budget; tuned on photos), "
                                   f"auto: photo from {PHOTO_PIXELS:,} pixels (256x256) up", ("auto", *RECIPES))
-    iters: int | None = setting(None, "optimisation steps (recipe: small 500, photo 160)")
+    iters: int | None = setting(None, "optimisation steps (recipe: small 500, photo 160, more at under "
+                                      f"{PHOTO_SPACING:g} pixels between Gaussians)")
     init: str = setting("grid", "initialisation", INITS)
     loss: str = setting("mse", "pixel loss", RECONSTRUCTION_LOSSES)
     dssim_weight: float = setting(0.0, "weight of the D-SSIM term")
     lr_position: float | None = setting(None, "position step size in pixels (Adam's step on the raw position, "
-                                              "converted; recipe: small 0.1, photo 1.0)")
+                                              "converted; recipe: small 0.1, photo 1.0, less at "
+                                              f"under {PHOTO_SPACING:g} pixels between Gaussians)")
     lr_scale: float | None = setting(None, "step size of the raw scales (recipe: small 0.05, photo 0.1)")
     lr_angle: float | None = setting(None, "step size of the angle (recipe: small 0.05, photo 0.1)")
     lr_color: float | None = setting(None, "step size of the raw colours (recipe: small 0.05, photo 0.1)")
@@ -96,6 +115,8 @@ class FitConfig:
                                             "recipe: small 1, photo 0.2)")
     grow_rounds: int = setting(2, "adaptive budget: rounds of additions")
     grow_until: float = setting(0.2, "adaptive budget: the last round, as a fraction of the iterations")
+    grow_width: float = setting(GROW_WIDTH, "adaptive budget: sigma of an added Gaussian, in mean spacings "
+                                            "sqrt(H W / count)")
     grow_prune: float = setting(0.05, "adaptive budget: each round first moves the Gaussians whose luminance "
                                       "contribution is below this x the image mean to where the error is (0: none)")
 
@@ -127,6 +148,7 @@ class FitConfig:
         need(self.grow_rounds >= 1, "grow_rounds", ">= 1")
         need(0 <= self.grow_until <= 1, "grow_until", "in [0, 1]")
         need(self.grow_prune >= 0, "grow_prune", ">= 0")
+        need(self.grow_width > 0, "grow_width", "> 0")
         need(self.prune_tau is None or self.prune_tau >= 0, "prune_tau", "None or >= 0")
         need(self.target_psnr is None or self.target_psnr > 0, "target_psnr", "None or > 0")
         need(self.check_every >= 1, "check_every", ">= 1")
@@ -143,10 +165,11 @@ class FitConfig:
         return "photo" if height * width >= PHOTO_PIXELS else "small"
 
     def for_image(self, height: int, width: int) -> "FitConfig":
-        """This config with every unset (None) recipe setting taken from :meth:`recipe_for` the image size."""
+        """This config with every unset (None) recipe setting taken from :meth:`recipe_for` the image size
+        (:func:`recipe_values`: the photo recipe also adapts to the Gaussians per pixel)."""
         name = self.recipe_for(height, width)
-        return replace(self, recipe=name,
-                       **{key: value for key, value in RECIPES[name].items() if getattr(self, key) is None})
+        values = recipe_values(name, height, width, self.num_gaussians)
+        return replace(self, recipe=name, **{key: value for key, value in values.items() if getattr(self, key) is None})
 
 
 @dataclass
@@ -307,7 +330,7 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
             with torch.no_grad():
                 grow_round(raw, valid, (exp_avg, exp_sq, age), active, target, grow_at[step],
                            scale_factor=cfg.scale_factor, prune_tau=cfg.grow_prune, render_kw=render_kw,
-                           generator=generator)
+                           generator=generator, width=cfg.grow_width)
         x = raw[active].requires_grad_(True)
         g = decode(x, cfg.scale_factor)
         g.valid = valid[active]
