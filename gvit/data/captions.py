@@ -183,8 +183,6 @@ class AttributeCaptions(ClassCaptions):
     ``class_texts`` are the full descriptions, what zero-shot prompts name the classes by. A class
     without attributes is a ValueError naming it."""
 
-    KEEP_SLOTS = 8  # coin flips drawn per image: at least the attributes of any class
-
     def __init__(self, dataset, prompt: str = DEFAULT_PROMPT, *, attributes: dict | None = None, seed: int = 0):
         super().__init__(dataset, prompt)
         table = CLASS_ATTRIBUTES if attributes is None else attributes
@@ -194,7 +192,8 @@ class AttributeCaptions(ClassCaptions):
                              f"{', '.join(table)})")
         entries = [table[c] for c in self.classes]
         self.class_texts = [describe_class(e) for e in entries]
-        keep = torch.rand(len(self.targets), self.KEEP_SLOTS, generator=torch.Generator().manual_seed(seed)) < 0.5
+        slots = max(len(e[1]) + len(e[2]) + 1 for e in table.values())  # coin flips per image: the most any class needs
+        keep = torch.rand(len(self.targets), slots, generator=torch.Generator().manual_seed(seed)) < 0.5
         self.captions = [class_prompt(prompt, describe_class(entries[t], keep[i].tolist()))
                          for i, t in enumerate(self.targets.tolist())]
 
