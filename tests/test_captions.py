@@ -83,6 +83,9 @@ def test_class_prompts_caption_a_labelled_dataset():
     assert data[3][1] == int(data.labels[3]) and data[3][0].shape == (3, 32, 32)
     with pytest.raises(ValueError, match="prompt"):
         ClassCaptions(ShapesDataset("test", n=2), "no slot")
+    from gvit.data import Subset  # a carved split of a dataset read from files is a subset: labels through it
+    part = ClassCaptions(Subset(ShapesDataset("test", n=10), [1, 3, 5]), "a {}")
+    assert part.targets.tolist() == ShapesDataset("test", n=10).targets[[1, 3, 5]].tolist()
 
 
 class _Labelled:

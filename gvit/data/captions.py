@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .base import InMemoryImages
+from .base import InMemoryImages, dataset_labels
 from .images import read_image
 from .shapes import SHAPE_CLASSES, make_shapes
 
@@ -160,7 +160,7 @@ class ClassCaptions(torch.utils.data.Dataset):
         prompt_templates(prompt)  # checked
         self.dataset, self.prompt, self.classes = dataset, prompt, list(dataset.classes)
         self.class_texts = list(self.classes)
-        self.targets = torch.as_tensor(dataset.labels)
+        self.targets = dataset_labels(dataset)
         self.captions = [class_prompt(prompt, self.classes[t]) for t in self.targets.tolist()]
         self.held_out = None
 
