@@ -142,7 +142,7 @@ def hold_out_classes(dataset, names: list[str], *, train: bool):
     is_unseen = torch.isin(torch.as_tensor(dataset.targets), torch.tensor(unseen))
     if train:
         return dataset.select((~is_unseen).nonzero().flatten().tolist())
-    out = dataset.select(list(range(len(dataset))))
+    out = copy.copy(dataset)  # the same items, marked
     out.held_out, out.unseen = is_unseen, unseen
     return out
 
