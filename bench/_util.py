@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -21,9 +22,12 @@ def peak_rss_mb(since: float = 0.0) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - since
 
 
-def run_child(script: str, args: list[str]) -> dict:
-    """Run ``script --child ARGS`` in a fresh interpreter; its last stdout line is a JSON result."""
-    out = subprocess.run([sys.executable, script, "--child", *args], check=True, capture_output=True, text=True)
+def run_child(script: str, args: list[str], pythonpath: str | None = None) -> dict:
+    """Run ``script --child ARGS`` in a fresh interpreter (with ``pythonpath`` first on its path: another
+    checkout's gvit); its last stdout line is a JSON result."""
+    env = None if pythonpath is None else {**os.environ, "PYTHONPATH": str(Path(pythonpath).resolve())}
+    out = subprocess.run([sys.executable, script, "--child", *args], check=True, capture_output=True, text=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

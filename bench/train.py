@@ -9,6 +9,14 @@ steps after warm-up and the ratio to the patch ViT step.
     python bench/train.py                       # tiny, batch 128, k = 64
     python bench/train.py --size micro --batch 64
 
+The demo's steps (``--demo``): ``gvit demo``'s own settings (gvit.tools.demo) on the shapes, the
+patch ViT baseline and GViT in each of its phases, the cached classifier step included, and the
+cost of caching (encoding and test-time fitting) 1,024 training images; ``--old-tree DIR`` times
+the same cases with the gvit package of another checkout (a worktree of an earlier commit) in the
+same run, for a before / after ratio.
+
+    python bench/train.py --demo --repeats 20 --rounds 3 --old-tree /tmp/gvit-old
+
 Accuracy (``--accuracy``): every variant of the paper's Table 1d / Fig. 3 trained with the CPU
 CIFAR-10 recipe (configs/cifar10_cpu.yaml) for the same number of steps, each in its own
 ``gvit train`` process, evaluated on ``--limit-eval`` test images spread over the split: patch ViT, GViT
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +40,12 @@ from pathlib import Path
 from _util import case_config, peak_rss_mb, rss_mb, run_child
 
 CASES = ("patch_vit", "gvit:encoder", "gvit:joint", "gvit:guidance")
+DEMO_CASES = ("patch_vit", "gvit:encoder", "gvit:classifier", "gvit:joint", "gvit:guidance")
+# every step of a timed demo case in one phase (its schedule's fractions chosen so)
+DEMO_PHASES = {"encoder": ["classifier_from=1", "pretrain_until=1", "guidance_from=1"],
+               "classifier": ["classifier_from=0", "pretrain_until=1", "guidance_from=1"],
+               "joint": ["classifier_from=0", "pretrain_until=0", "guidance_from=1"],
+               "guidance": ["classifier_from=0", "pretrain_until=0", "guidance_from=0", "guidance_every=1"]}
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
 
 
@@ -52,6 +67,68 @@ def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
         run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1)
         times.append(time.perf_counter() - t0)
     return {"case": case, "seconds": min(times), "peak_mb": peak_rss_mb(base)}
+
+
+def measure_demo(case: str, repeats: int) -> dict:
+    """Seconds per step of one demo case (the median of ``repeats`` after a warm-up step: what a run
+    of many steps gets, where the best step flatters a noisy machine); for the cached
+    classifier phase also the seconds of encoding its 1,024 training images (the warm-up step)."""
+    import torch
+
+    from gvit.tools.demo import baseline_config, demo_config
+    from gvit.train import model_step, step_generator, with_overrides
+
+    torch.manual_seed(0)
+    cfg = demo_config("runs/unused")
+    model, _, phase = case.partition(":")
+    cfg = baseline_config(cfg) if model == "patch_vit" else with_overrides(cfg, DEMO_PHASES[phase])
+    run = model_step(cfg, 6, "cpu")
+    images = torch.rand(cfg.batch_size, 3, 32, 32)
+    labels = torch.randint(0, 6, (cfg.batch_size,))
+    if phase == "classifier":  # the cache: 1,024 synthetic training images through the frozen encoder
+        pool = torch.utils.data.TensorDataset(torch.rand(1024, 3, 32, 32), torch.randint(0, 6, (1024,)))
+        run.attach_training_set(pool, None)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1)  # warm-up (numba cache load; the cache)
+    first = time.perf_counter() - t0
+    times = []
+    for step in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    out = {"case": case, "seconds": median, "peak_mb": peak_rss_mb(base)}
+    return out | ({"cache_seconds": first - median} if phase == "classifier" else {})
+
+
+def demo(a) -> None:
+    import torch
+
+    trees = {"this tree": None} | ({"old tree": a.old_tree} if a.old_tree else {})
+    rounds: dict = {name: {case: [] for case in DEMO_CASES} for name in trees}
+    for _ in range(a.rounds):  # the trees alternate case by case, so a drift in the machine's speed hits both
+        for case in DEMO_CASES:
+            for name, tree in trees.items():
+                rounds[name][case].append(run_child(__file__, ["demo", case, str(a.repeats)], pythonpath=tree))
+    results = {name: {case: {key: statistics.median(r[key] for r in runs) if key != "case" else case
+                             for key in runs[0]} for case, runs in cases.items()} for name, cases in rounds.items()}
+    print(f"gvit demo's settings, batch 64, 32x32, k = 64; torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; the median step of {a.repeats} in each of {a.rounds} rounds, the median round\n")
+    def rows(r: dict) -> list[tuple[str, float, int, str]]:  # (case, seconds, images, peak MB)
+        steps = [(c, v["seconds"], 64, f"{v['peak_mb']:.0f}") for c, v in r.items()]
+        return steps + [("caching 1,024 images (encoding + test-time fitting)", r["gvit:classifier"]["cache_seconds"],
+                         1024, "-")]
+
+    new, old = rows(results["this tree"]), rows(results["old tree"]) if a.old_tree else None
+    base = results["this tree"]["patch_vit"]["seconds"]
+    print("| case | seconds | images/s | peak RSS (MB) | vs patch ViT step |" + (" old tree seconds | new / old |"
+                                                                              if old else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if old else ""))
+    for i, (case, seconds, images, peak) in enumerate(new):
+        ratio = f"{seconds / base:.2f}x" if images == 64 else "-"
+        line = f"| {case} | {seconds:.4f} | {images / seconds:.0f} | {peak} | {ratio} |"
+        print(line + (f" {old[i][1]:.4f} | {seconds / old[i][1]:.2f}x |" if old else ""))
 
 
 def accuracy_variants(ks: list[int]) -> dict[str, list[str]]:
@@ -130,10 +207,19 @@ def main() -> None:
     p.add_argument("--offline-images", type=int, default=8192)
     p.add_argument("--offline-iters", type=int, default=200)
     p.add_argument("--out", default="runs/bench_accuracy")
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--demo", action="store_true", help="the demo's step costs (gvit demo's settings) instead")
+    p.add_argument("--rounds", type=int, default=1, help="with --demo: fresh processes per case, the best kept")
+    p.add_argument("--old-tree", default=None, help="with --demo: also time another checkout's gvit (before / after)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.accuracy:
         accuracy(a)
+        return
+    if a.child and a.child[0] == "demo":
+        print(json.dumps(measure_demo(a.child[1], int(a.child[2]))))
+        return
+    if a.demo:
+        demo(a)
         return
     if a.child:
         case, size, batch, k, repeats = a.child

@@ -51,8 +51,7 @@ def test_neighbour_layer_matches_a_float64_per_point_reference(count):
     valid[:, 6] = False
     index, mask = nearest_neighbours(g.means, count, valid)
     assert mask.all() == (count == 3)
-    edges = edge_features(g, index, spacing=0.5)
-    out = layer(x, edges, index, mask)
+    out = layer(x, g.means / 0.5, g.colors, index, mask)
     h = layer.norm(x)
     a_w, b_w = layer.node.weight.chunk(2, 0)
     a_b, _ = layer.node.bias.chunk(2, 0)
@@ -68,6 +67,40 @@ def test_neighbour_layer_matches_a_float64_per_point_reference(count):
             assert torch.allclose(out[n, i], ref, atol=1e-12)
 
 
+def _dense_layer(layer, x, g, index, mask, spacing):
+    """Reference: the layer over the per-edge tensor [B, k, K, D] with autograd through amax."""
+    centre, other = layer.node(layer.norm(x)).chunk(2, -1)
+    b, k, d = other.shape
+    gathered = torch.stack([other[n, index[n]] for n in range(b)])  # [B, k, K, D]
+    pooled = (gathered + layer.edge(edge_features(g, index, spacing))).masked_fill(~mask[..., None], float("-inf"))
+    has = mask.any(-1, keepdim=True)
+    hidden = F.gelu(centre - other + torch.where(has, pooled.amax(2), torch.zeros(b, k, d, dtype=x.dtype)))
+    return x + torch.where(has, layer.out(hidden), torch.zeros_like(hidden))
+
+
+def test_neighbour_layer_gradients_match_the_dense_per_edge_formulation():
+    # every input and weight, in float64, with masked slots (one invalid point)
+    torch.manual_seed(4)
+    layer = NeighbourLayer(6).double()
+    raw = torch.randn(2, 9, RAW_DIM, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 4] = False
+    grads, weights = [], torch.randn(2, 9, 6, dtype=torch.float64)
+    for fast in (True, False):
+        g = decode(raw)
+        index, mask = nearest_neighbours(g.means, 8, valid)
+        assert not mask.all()
+        out = layer(x, g.means / 0.4, g.colors, index, mask) if fast else _dense_layer(layer, x, g, index, mask, 0.4)
+        params = [x, raw, *layer.parameters()]
+        grads.append((out, torch.autograd.grad((out * weights).sum(), params)))
+    (out, fast), (ref, dense) = grads
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(fast, dense):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert dense[1].abs().sum() > 0  # the Gaussians get a gradient through positions and colours
+
+
 def test_neighbour_layer_is_permutation_equivariant_and_a_lone_point_passes_through():
     torch.manual_seed(2)
     layer = NeighbourLayer(8)
@@ -77,7 +110,7 @@ def test_neighbour_layer_is_permutation_equivariant_and_a_lone_point_passes_thro
     def run(raw, x, valid=None):
         g = decode(raw)
         index, mask = nearest_neighbours(g.means, 4, valid)
-        return layer(x, edge_features(g, index, 0.3), index, mask)
+        return layer(x, g.means / 0.3, g.colors, index, mask)
 
     perm = torch.randperm(10)
     assert torch.allclose(run(raw, x)[:, perm], run(raw[:, perm], x[:, perm]), atol=1e-6)

@@ -86,3 +86,13 @@ def test_a_run_trains_without_its_val_images_and_reports_them(tmp_path):
     assert len(train_ds) == 96 - len(open_dataset("shapes:96", "val", val_every=4))
     result = train(cfg, progress=False)
     assert result["eval_split"] == "test" and 0 <= result["val_top1"] <= 1 and result["val_eval_images"] > 0
+
+
+def test_shapes_are_generated_once_per_process_and_equal_make_shapes():
+    from gvit.data import make_shapes
+
+    first, again = open_dataset("shapes:40"), open_dataset("shapes:40", "val", val_every=4)
+    images, labels, masks = make_shapes(40, 32, seed=0)
+    assert torch.equal(first.images, images) and torch.equal(first.targets, labels) and torch.equal(first.masks, masks)
+    assert open_dataset("shapes:40").images is first.images  # the same tensors, not generated again
+    assert 0 < len(again) < 40 and not torch.equal(open_dataset("shapes:40", "test").images[:10], images[:10])

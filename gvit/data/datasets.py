@@ -12,10 +12,12 @@ images then leave ``train``, so a run never trains on what it is validated on; a
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .base import InMemoryImages, Subset, dataset_labels
 from .captions import CaptionedShapes
@@ -40,8 +42,17 @@ class ShapesDataset(InMemoryImages):
         n = SHAPES_SIZES[split] if n is None else n
         if n < 1:
             raise ValueError(f"shapes: n must be >= 1, got {n}")
-        self.images, self.targets, self.masks = make_shapes(n, size, seed=seed * 2 + (split == "test"))
+        self.images, self.targets, self.masks = _shapes(n, size, seed * 2 + (split == "test"))
         self.classes = list(SHAPE_CLASSES)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes(n: int, size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`make_shapes`, generated once per process for each (n, size, seed): a run opens its
+    splits several times (training, evaluation, the report; ``gvit demo`` twice over, 1.5 s each
+    for 8,192 images). The tensors are shared between the datasets and read-only by convention;
+    every augmentation makes new ones."""
+    return make_shapes(n, size, seed=seed)
 
 
 def open_dataset(path: str | os.PathLike, split: str = "train", *, val_every: int = 0,

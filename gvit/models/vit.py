@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..gaussians import RAW_DIM, decode
 from .features import splat_feature_dim, splat_features
-from .neighbours import NeighbourLayer, edge_features, nearest_neighbours
+from .neighbours import NeighbourLayer, nearest_neighbours
 from .layers import Mlp, PatchEmbed, Transformer, TransformerModel, ViTSize, get_size, init_weights
 
 __all__ = ["TokenViT", "PatchViT", "GaussianClassifier"]
@@ -144,7 +144,7 @@ class GaussianClassifier(TokenViT):
         if len(self.local):
             g = decode(gaussians, self.scale_factor)
             index, mask = nearest_neighbours(g.means, self.neighbours, valid)
-            edges = edge_features(g, index, spacing=2.0 / self.num_gaussians ** 0.5)
+            positions = g.means / (2.0 / self.num_gaussians ** 0.5)  # in grid spacings
             for layer in self.local:
-                x = layer(x, edges, index, mask)
+                x = layer(x, positions, g.colors, index, mask)
         return self.head(self.features_of(x, valid))

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..distributed import all_ranks, all_reduce_grads
 
-__all__ = ["param_groups", "adamw", "peak_learning_rate", "learning_rate", "set_learning_rate", "apply_gradients"]
+__all__ = ["param_groups", "adamw", "peak_learning_rate", "learning_rate", "set_learning_rate", "gradient_norm",
+           "clip_gradients", "apply_gradients"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
@@ -38,8 +39,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def adamw(cfg, model: nn.Module, layer_decay: float = 1.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, layer_decay), lr=cfg.base_lr,
-                             betas=(cfg.beta1, cfg.beta2))
+    """AdamW over :func:`param_groups`, as one fused kernel per parameter where torch has one for the
+    parameters' device (CPU and CUDA), else the multi-tensor path: the same update, without the
+    per-parameter Python loop (half to a quarter of the optimiser's time on a small model)."""
+    groups = param_groups(model, cfg.weight_decay, layer_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+                                 and p.device.type in ("cpu", "cuda") for p in params)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None,
+                                 foreach=None if fused else True)
+    except RuntimeError:  # an older torch without the fused kernel for this device
+        return torch.optim.AdamW(groups, lr=cfg.base_lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
 def peak_learning_rate(cfg) -> float:
@@ -69,14 +80,30 @@ def set_learning_rate(optimizers, lr: float) -> None:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def _finite_grads(params) -> bool:
-    return all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
+def gradient_norm(params) -> torch.Tensor:
+    """The L2 norm of all the gradients of ``params`` together (nan or inf when any entry is), in
+    one multi-tensor pass."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def clip_gradients(params, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients so their total norm (``norm``, already taken) is at most ``max_norm``,
+    as ``torch.nn.utils.clip_grad_norm_`` does."""
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def apply_gradients(trained: list[tuple[nn.Module, torch.optim.Optimizer]], loss, *, grad_clip: float | None) -> bool:
     """Backward ``loss`` (unless the gradients are already set, ``loss`` None), average them over
-    the ranks, skip the step on every rank when anything is NaN/inf, clip, step. Returns whether
-    the step was taken."""
+    the ranks, skip the step on every rank when anything is NaN/inf (the total gradient norm is,
+    one pass per model), clip, step. Returns whether the step was taken."""
     if loss is not None:
         for _, opt in trained:
             opt.zero_grad(set_to_none=True)
@@ -87,14 +114,17 @@ def apply_gradients(trained: list[tuple[nn.Module, torch.optim.Optimizer]], loss
             for _, opt in trained:
                 opt.zero_grad(set_to_none=True)
             return False
+    norms = []
     for model, opt in trained:
         params = [p for p in model.parameters() if p.requires_grad]
         all_reduce_grads(params)
-        if not _finite_grads(params):
+        norm = gradient_norm(params)
+        if not torch.isfinite(norm):
             opt.zero_grad(set_to_none=True)
             return False
-    for model, opt in trained:
+        norms.append((params, norm))
+    for (_, opt), (params, norm) in zip(trained, norms):
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            clip_gradients(params, grad_clip, norm)
         opt.step()
     return True
