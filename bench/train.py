@@ -52,7 +52,7 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "cifar10_cpu.yaml"
 def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     import torch
 
-    from gvit.train import model_step, step_generator
+    from gvit.train import model_step
 
     cfg = case_config(RECIPE, case, [f"encoder_size={size}", f"classifier_size={size}", f"batch_size={batch}",
                                      f"num_gaussians={k}", "steps=1000", "image_size=32"])
@@ -60,13 +60,21 @@ def measure(case: str, size: str, batch: int, k: int, repeats: int) -> dict:
     images = torch.rand(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
     base = rss_mb()
-    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1)  # warm-up (numba cache load)
-    times = []
-    for step in range(1, repeats + 1):
-        t0 = time.perf_counter()
-        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1)
-        times.append(time.perf_counter() - t0)
+    _, times = time_steps(run, cfg.seed, images, labels, repeats)
     return {"case": case, "seconds": min(times), "peak_mb": peak_rss_mb(base)}
+
+
+def time_steps(run, seed: int, images, labels, repeats: int) -> tuple[float, list[float]]:
+    """Seconds of a warm-up step (numba's cache load; a cache a phase builds) and of ``repeats``
+    steps after it, of the model step ``run`` on one batch."""
+    from gvit.train import step_generator
+
+    times = []
+    for step in range(repeats + 1):
+        t0 = time.perf_counter()
+        run.step(step, images, labels, step_generator(seed, step), 0, 1)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
 
 
 def measure_demo(case: str, repeats: int) -> dict:
@@ -76,7 +84,7 @@ def measure_demo(case: str, repeats: int) -> dict:
     import torch
 
     from gvit.tools.demo import baseline_config, demo_config
-    from gvit.train import model_step, step_generator, with_overrides
+    from gvit.train import model_step, with_overrides
 
     torch.manual_seed(0)
     cfg = demo_config("runs/unused")
@@ -89,14 +97,7 @@ def measure_demo(case: str, repeats: int) -> dict:
         pool = torch.utils.data.TensorDataset(torch.rand(1024, 3, 32, 32), torch.randint(0, 6, (1024,)))
         run.attach_training_set(pool, None)
     base = rss_mb()
-    t0 = time.perf_counter()
-    run.step(0, images, labels, step_generator(cfg.seed, 0), 0, 1)  # warm-up (numba cache load; the cache)
-    first = time.perf_counter() - t0
-    times = []
-    for step in range(1, repeats + 1):
-        t0 = time.perf_counter()
-        run.step(step, images, labels, step_generator(cfg.seed, step), 0, 1)
-        times.append(time.perf_counter() - t0)
+    first, times = time_steps(run, cfg.seed, images, labels, repeats)
     median = statistics.median(times)
     out = {"case": case, "seconds": median, "peak_mb": peak_rss_mb(base)}
     return out | ({"cache_seconds": first - median} if phase == "classifier" else {})
@@ -208,7 +209,7 @@ def main() -> None:
     p.add_argument("--offline-iters", type=int, default=200)
     p.add_argument("--out", default="runs/bench_accuracy")
     p.add_argument("--demo", action="store_true", help="the demo's step costs (gvit demo's settings) instead")
-    p.add_argument("--rounds", type=int, default=1, help="with --demo: fresh processes per case, the best kept")
+    p.add_argument("--rounds", type=int, default=1, help="with --demo: fresh processes per case, the median kept")
     p.add_argument("--old-tree", default=None, help="with --demo: also time another checkout's gvit (before / after)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
