@@ -85,3 +85,15 @@ def test_report_command_for_a_patch_vit(tmp_path, capsys):
     assert (tmp_path / "rep" / "examples.png").is_file()
     assert main(["report", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+def test_the_demos_patch_vit_shares_the_budget_and_keeps_its_own_tuned_settings(tmp_path):
+    from gvit.tools.demo import DEMO_PATCH_VIT, baseline_config, demo_config
+
+    gvit_cfg = demo_config(tmp_path)
+    patch = baseline_config(gvit_cfg, tmp_path)
+    assert patch.model == "patch_vit" and patch.out == str(tmp_path / "patch_vit")
+    for key in ("data", "val_every", "steps", "batch_size", "base_lr", "seed", "classifier_size", "limit_eval"):
+        assert getattr(patch, key) == getattr(gvit_cfg, key), key
+    assert DEMO_PATCH_VIT and all(getattr(patch, k) == v for k, v in DEMO_PATCH_VIT.items())
+    assert not hasattr(patch, "phase_lr")  # GViT's stage settings do not reach the baseline
