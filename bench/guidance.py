@@ -20,11 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} +- {std:.{digits}f}"
-
+from _util import spread
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +55,7 @@ def main() -> None:
     print("| run | top-1 % | PSNR (dB) | train seconds |")
     print("|---|---|---|---|")
     for guidance, results in rows.items():
-        print(f"| {'guidance' if guidance else 'no guidance'} | {spread([r['top1'] for r in results], 100)} "
+        print(f"| {'guidance' if guidance else 'no guidance'} | {spread([r['top1'] for r in results], 100, 1)} "
               f"| {spread([r['psnr'] for r in results], digits=2)} "
               f"| {statistics.mean(r['train_seconds'] for r in results):.0f} |")
     if guided_steps:

@@ -3,7 +3,8 @@ baseline is chosen with, and the tables that report them.
 
 Each row is a set of ``key=value`` overrides on top of the demo's settings and ``--common``; each runs
 once per seed (seed sets the weights, data order, augmentation and g0), alone in this process. Every
-run carves the validation split (``val_every``, 16 unless ``--common`` sets it) and is evaluated on it.
+run carves the validation split (``val_every``, 16 unless ``--common`` sets it) and is evaluated on it
+(for a tokenizer, ``--config configs/cifar10_tokenizer_cpu.yaml``, PSNR and SSIM are then the val ones).
 With ``--test`` it is also evaluated on the test split (the demo's 512 test images), for the rows of
 a reported table; without it the test split is not read, as when choosing. ``--as-model patch_vit``
 trains the patch ViT with the same data, steps and batch (the demo's patch ViT, ``DEMO_PATCH_VIT``
@@ -31,6 +32,7 @@ from pathlib import Path
 from _util import spread, train_until_joint_stage
 
 COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
+           ("ssim", "SSIM", 1, 3),
            ("guidance_shift_px", "guidance shift (px)", 1, 3), ("object_share", "object share %", 100, 1),
            ("object_share_no_guidance", "share before guidance %", 100, 1),
            ("guidance_lr_share", "guidance lr / peak", 1, 2), ("train_seconds", "train s", 1, 0)]
@@ -109,7 +111,7 @@ def main() -> None:
                     result = train_from_shared_prefix(cfg, root / f"prefix-seed{seed}")
                 else:
                     result = train(cfg, progress=False, log=lambda *_: None)
-                if not a.test:  # evaluated on val alone: its measures are the val ones
+                if not a.test and "top1" in result:  # evaluated on val alone: its measures are the val ones
                     result = {**{k: v for k, v in result.items() if k != "top1"}, "val_top1": result["top1"]}
                 results.setdefault(row, []).append(result)
                 print(f"[{row or 'as is'}] seed {seed}: " + ", ".join(
