@@ -22,6 +22,7 @@ from pathlib import Path
 
 from _util import spread
 
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value settings on top of the demo's (or --config's)")
