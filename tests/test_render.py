@@ -234,3 +234,17 @@ def test_tile_lists_hold_exactly_the_touching_gaussians_in_order():
                 alpha = o * np.exp(-0.5 * (a * dx * dx + c * dy * dy) - bb * dx * dy)
                 if (alpha >= 1 / 255).any():
                     assert g in lst, (b, t, g)
+
+
+def test_cpu_kernels_exp_matches_libm_on_its_range():
+    """The kernels' vectorisable exp (a polynomial, squared four times) against numpy's, on the
+    exponents the kernels evaluate (ln(1/255) and above; opacity <= 1)."""
+    import sys
+
+    import numba
+
+    kernels = sys.modules["gvit.render._cpu_kernels"]
+    exp = numba.njit(lambda x: kernels._exp(x))
+    xs = np.concatenate([np.linspace(math.log(1 / 255) - 1e-3, 0.0, 20001), [-1e-300, 0.0]])
+    got = np.array([exp(x) for x in xs])
+    assert np.abs(got / np.exp(xs) - 1).max() < 1e-14
