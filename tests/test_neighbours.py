@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from gvit.gaussians import RAW_DIM, decode
 from gvit.models import GaussianClassifier, NeighbourLayer, edge_features, nearest_neighbours
+from gvit.models.neighbours import neighbour_max, neighbour_max_torch
 
 
 def _loop_neighbours(points, count, valid):
@@ -137,3 +138,31 @@ def test_splat_classifier_ignores_padding_and_trains_its_neighbour_layers(neighb
     assert all(layer.edge.weight.grad.abs().sum() > 0 for layer in model.local)
     with pytest.raises(ValueError, match="neighbours"):
         GaussianClassifier(8, 3, "micro", neighbours=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neighbour_max_kernels_match_the_torch_formulation(dtype):
+    # the numba kernels (CPU float tensors) against the PyTorch ops every other device uses, with
+    # masked slots, and their gradients by finite differences
+    torch.manual_seed(5)
+    points = torch.rand(3, 12, 2, dtype=dtype) * 2 - 1
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[2, 8:] = False
+    index, mask = nearest_neighbours(points, 9, valid)
+    assert not mask.all()
+    inputs = [torch.randn(3, 12, 7, dtype=dtype), torch.rand(3, 12, 3, dtype=dtype), torch.randn(7, 3, dtype=dtype)]
+    weights = torch.randn(3, 12, 7, dtype=dtype)
+    results = []
+    for fn in (neighbour_max, neighbour_max_torch):
+        args = [t.clone().requires_grad_() for t in inputs]
+        out = fn(args[0], args[1], index, mask, args[2])
+        results.append((out, torch.autograd.grad((out * weights).sum(), args)))
+    (out, grads), (ref, ref_grads) = results
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    has = mask.any(-1)  # a point without valid neighbours gets an arbitrary value
+    assert torch.allclose(out[has], ref[has], atol=tol)
+    for a, b in zip(grads, ref_grads):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, atol=tol)
+    if dtype == torch.float64:
+        args = [t.clone().requires_grad_() for t in inputs]
+        assert torch.autograd.gradcheck(lambda v, c, w: neighbour_max(v, c, index, mask, w), args)

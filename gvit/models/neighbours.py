@@ -22,9 +22,11 @@ with the edge features e_ij = ((mu_j - mu_i) / spacing, c_j - c_i, |c_j - c_i|) 
 How it is computed: E e_ij splits into a part linear in the endpoints, o_j - o_i with o = E_pos mu /
 spacing + E_col c, and E_abs |c_j - c_i|; so the max is ``max_j (B h_j + o_j + E_abs |c_j - c_i|) - o_i``
 (:func:`neighbour_max`), and of the per-edge values only the maximising neighbour of each channel
-enters the gradient. The per-edge tensor ``[B, k, K, D]`` is built once without autograd, and the
-backward pass touches ``[B, k, D]``: the demo's cached classifier step in 0.80x the time of the
-layer over the per-edge tensor with autograd (``python bench/train.py --demo --old-tree ...``).
+enters the gradient. On CPU, numba kernels (:mod:`gvit.models._neighbour_kernels`) find the winners
+in one pass without building the per-edge values and send each gradient to its winner; elsewhere
+(:func:`neighbour_max_torch`) the per-edge tensor ``[B, k, K, D]`` is built once without autograd
+and the backward pass touches ``[B, k, D]`` gathers. Both are tested against the layer over the
+per-edge tensor with autograd.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..gaussians import Gaussians
+from . import _neighbour_kernels as K
 
-__all__ = ["nearest_neighbours", "edge_features", "neighbour_max", "NeighbourLayer", "EDGE_DIM"]
+__all__ = ["nearest_neighbours", "edge_features", "neighbour_max", "neighbour_max_torch", "NeighbourLayer", "EDGE_DIM"]
 
 EDGE_DIM = 8
 
@@ -80,8 +84,37 @@ def neighbour_max(values: Tensor, colors: Tensor, index: Tensor, mask: Tensor, w
     """``[B, k, D]``: for each point i and channel d, the max over its valid neighbours j of
     ``values[j, d] + weight[d] . |colors[j] - colors[i]|`` (``values [B, k, D]``, ``colors [B, k, C]``,
     ``weight [D, C]``; ``index``, ``mask`` from :func:`nearest_neighbours`). The gradient is amax's
-    (all of it to the maximising neighbour), computed from ``[B, k, D]`` gathers; a point without a
-    valid neighbour gets an arbitrary finite value."""
+    (all of it to the maximising neighbour); a point without a valid neighbour gets an arbitrary
+    finite value. CPU tensors in float32 or float64 go through numba kernels that never build the
+    per-edge values; anything else through :func:`neighbour_max_torch`."""
+    dtypes = (torch.float32, torch.float64)
+    if values.device.type == "cpu" and values.dtype in dtypes and colors.dtype == weight.dtype == values.dtype:
+        return _NeighbourMax.apply(values, colors, index, mask, weight)
+    return neighbour_max_torch(values, colors, index, mask, weight)
+
+
+class _NeighbourMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, colors, index, mask, weight):
+        def arr(t):
+            return t.detach().contiguous().numpy()
+
+        colors_np, weight_np = arr(colors), arr(weight)
+        out, source = K.forward(arr(values), colors_np, arr(index.long()), arr(mask), weight_np)
+        ctx.state = (colors_np, source, weight_np)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        colors_np, source, weight_np = ctx.state
+        g_values, g_colors, g_weight = K.backward(grad.detach().contiguous().numpy(), colors_np, source, weight_np)
+        return torch.from_numpy(g_values), torch.from_numpy(g_colors), None, None, torch.from_numpy(g_weight)
+
+
+def neighbour_max_torch(values: Tensor, colors: Tensor, index: Tensor, mask: Tensor, weight: Tensor) -> Tensor:
+    """:func:`neighbour_max` in PyTorch ops, on any device and dtype: the per-edge tensor
+    ``[B, k, K, D]`` built once without autograd, the gradient through ``[B, k, D]`` gathers."""
     with torch.no_grad():
         far = (_gather(colors, index) - colors[:, :, None]).abs().to(values.dtype)
         every = _gather(values, index) + far @ weight.to(values.dtype).T  # [B, k, K, D]
