@@ -94,6 +94,8 @@ def neighbour_max(values: Tensor, colors: Tensor, index: Tensor, mask: Tensor, w
 
 
 class _NeighbourMax(torch.autograd.Function):
+    """:func:`neighbour_max` on CPU through the numba kernels; the winners are kept for backward."""
+
     @staticmethod
     def forward(ctx, values, colors, index, mask, weight):
         def arr(t):
