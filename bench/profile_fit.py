@@ -217,5 +217,6 @@ def main() -> None:
     print(f"| per-pixel scalar loop, libm exp, dense block, every pair blended | {scalar / 1e6:.0f} M | "
           f"{scalar / peak:.2f} |")
 
+
 if __name__ == "__main__":
     main()

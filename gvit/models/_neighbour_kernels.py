@@ -30,9 +30,9 @@ def forward(values, colors, index, mask, weight):
         for i in range(k):
             first = True
             for slot in range(n_near):
-                if not mask[b, i, slot] and not (slot == n_near - 1 and first):
+                stand_in = first and slot == n_near - 1  # no valid neighbour: the last slot's point, finite
+                if not (mask[b, i, slot] or stand_in):
                     continue
-                # (no valid neighbour at all: the last slot's point stands in, a finite value)
                 j = index[b, i, slot]
                 edge[:] = 0.0
                 for m in range(n_ch):

@@ -98,6 +98,16 @@ def _exp(x):
 
 
 @nb.njit(inline="always")
+def _falloff(dx, dy, ca, cb, cc, reject):
+    """``(inside, exp(power))`` of a Gaussian with conic (ca, cb, cc) at offset (dx, dy) from its centre:
+    ``inside`` False where the exponent is below ``reject`` or positive (the pixel is skipped; the
+    exp is then taken of 0, so it stays finite)."""
+    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
+    inside = (power >= reject) & (power <= 0.0)
+    return inside, _exp(power if inside else 0.0)
+
+
+@nb.njit(inline="always")
 def _tile_pixels(ty, tx, tile, height, width, xs, ys):
     """Tile (ty, tx)'s pixel centres, row-major, into xs, ys; returns its first row and column, its
     width and its pixel count."""
@@ -143,10 +153,8 @@ def forward(params, colors, background, tile_offsets, tile_ids, height, width, t
             opacity, reject = params[b, g, 5], params[b, g, 6]
             alive = 0
             for q in range(n):
-                dx, dy = xs[q] - mx, ys[q] - my
-                power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                inside = (power >= reject) & (power <= 0.0)
-                alpha = opacity * _exp(power if inside else 0.0)
+                inside, e = _falloff(xs[q] - mx, ys[q] - my, ca, cb, cc, reject)
+                alpha = opacity * e
                 take = inside & (alpha >= ALPHA_MIN) & (live[q] > 0)
                 if not sum_mode:
                     alpha = min(alpha, ALPHA_MAX)
@@ -224,9 +232,7 @@ def backward(params, colors, background, tile_offsets, tile_ids, height, width, 
                 opacity, reject = params[b, g, 5], params[b, g, 6]
                 for q in range(n):
                     dx, dy = xs[q] - mx, ys[q] - my
-                    power = -0.5 * (ca * dx * dx + cc * dy * dy) - cb * dx * dy
-                    inside = (power >= reject) & (power <= 0.0)
-                    e = _exp(power if inside else 0.0)
+                    inside, e = _falloff(dx, dy, ca, cb, cc, reject)
                     alpha = opacity * e
                     take = inside & (alpha >= ALPHA_MIN) & (p < used[q])
                     dxs[q], dys[q], gauss[q], d_alpha[q] = dx, dy, e, 0.0
