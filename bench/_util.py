@@ -59,10 +59,15 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def train_until_joint_stage(cfg) -> int:
     """The first step of the GViT run ``cfg``'s joint stage; the run in ``cfg.out`` is trained up to
-    it first when that folder holds no checkpoint."""
+    it first when that folder holds no checkpoint, and continued up to it when its checkpoint is
+    earlier (an interrupted prefix)."""
+    import torch
+
     from gvit.train import train
 
     start = cfg.schedule().boundaries(cfg.steps)[-2]
-    if not (Path(cfg.out) / "checkpoint.pt").is_file():
-        train(cfg, stop_after=start, progress=False, log=lambda *_: None)
+    checkpoint = Path(cfg.out) / "checkpoint.pt"
+    done = torch.load(checkpoint, weights_only=True)["step"] if checkpoint.is_file() else 0
+    if done < start:
+        train(cfg, resume=done > 0, stop_after=start - done, progress=False, log=lambda *_: None)
     return start

@@ -25,12 +25,20 @@ def _trials(monkeypatch):
 
 def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path, monkeypatch):
     trials = _trials(monkeypatch)
+    branched_runs = []
     for i, tail in enumerate([dict(gamma=0.2), dict(guidance=False, lambda_cls=0.1)]):
         straight = train(make_config(**SMALL, **tail, out=str(tmp_path / f"straight{i}")), progress=False)
         branched = trials.train_from_shared_prefix(make_config(**SMALL, **tail, out=str(tmp_path / f"branch{i}")),
                                                    tmp_path / "prefix")
+        branched_runs.append(branched)
         assert {k: v for k, v in branched.items() if k != "train_seconds"} == \
             {k: v for k, v in straight.items() if k != "train_seconds"}
+    # a prefix interrupted before the joint stage (its checkpoint at step 2) is continued, not refused
+    train(make_config(**SMALL, gamma=0.2, out=str(tmp_path / "interrupted-prefix")), stop_after=2, progress=False)
+    resumed = trials.train_from_shared_prefix(make_config(**SMALL, gamma=0.2, out=str(tmp_path / "resumed")),
+                                              tmp_path / "interrupted-prefix")
+    assert {k: v for k, v in resumed.items() if k != "train_seconds"} == \
+        {k: v for k, v in branched_runs[0].items() if k != "train_seconds"}
     with pytest.raises(ValueError, match="num_gaussians"):  # a key the steps before the joint stage read
         trials.train_from_shared_prefix(make_config(**{**SMALL, "num_gaussians": 8}, out=str(tmp_path / "other")),
                                         tmp_path / "prefix")
