@@ -61,13 +61,11 @@ def train_until_joint_stage(cfg) -> int:
     """The first step of the GViT run ``cfg``'s joint stage; the run in ``cfg.out`` is trained up to
     it first when that folder holds no checkpoint, and continued up to it when its checkpoint is
     earlier (an interrupted prefix)."""
-    import torch
-
-    from gvit.train import train
+    from gvit.train import load_checkpoint, train
 
     start = cfg.schedule().boundaries(cfg.steps)[-2]
     checkpoint = Path(cfg.out) / "checkpoint.pt"
-    done = torch.load(checkpoint, weights_only=True)["step"] if checkpoint.is_file() else 0
+    done = load_checkpoint(checkpoint)["step"] if checkpoint.is_file() else 0
     if done < start:
         train(cfg, resume=done > 0, stop_after=start - done, progress=False, log=lambda *_: None)
     return start

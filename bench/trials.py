@@ -51,13 +51,11 @@ def train_from_shared_prefix(cfg, prefix: Path) -> dict:
     the joint stage alone."""
     import shutil
 
-    import torch
-
-    from gvit.train import make_config, train
+    from gvit.train import load_checkpoint, make_config, save_checkpoint, train
 
     start_cfg = make_config(**{**cfg.to_dict(), "out": str(prefix)})
     start = train_until_joint_stage(start_cfg)
-    state = torch.load(prefix / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(prefix / "checkpoint.pt")
     changed = {k for k, v in cfg.to_dict().items() if k != "out" and state["config"].get(k) != v}
     if state["step"] != start or not changed <= TAIL_KEYS:
         raise ValueError(f"--share-prefix: the rows differ in {sorted(changed - TAIL_KEYS)}, which the steps "
@@ -65,7 +63,7 @@ def train_from_shared_prefix(cfg, prefix: Path) -> dict:
     out = Path(cfg.out)
     shutil.copytree(prefix, out)
     state["config"] = cfg.to_dict()
-    torch.save(state, out / "checkpoint.pt")
+    save_checkpoint(out / "checkpoint.pt", state)
     marker = json.loads((out / ".gvit.json").read_text())
     marker["settings"] = {k: v for k, v in cfg.to_dict().items() if k != "out"}
     (out / ".gvit.json").write_text(json.dumps(marker))
