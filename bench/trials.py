@@ -40,8 +40,8 @@ COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1)
 
 # keys that act only from the joint stage on (the phases before it, their learning rates and each
 # step's random draws do not read them)
-TAIL_KEYS = {"gamma", "guidance", "guidance_lr", "guidance_every", "guidance_from", "lambda_cls", "joint_lr",
-             "measure_guidance", "eval_split"}  # (the evaluated split: read after training only)
+TAIL_KEYS = {"gamma", "gamma_relative", "guidance", "guidance_lr", "guidance_every", "guidance_from", "lambda_cls",
+             "joint_lr", "measure_guidance", "eval_split"}  # (the evaluated split: read after training only)
 
 
 def train_from_shared_prefix(cfg, prefix: Path) -> dict:

@@ -7,7 +7,8 @@ reconstruction loss against the images, (b) classifier(g) -> cross-entropy again
 Constructive guidance (every ``guidance_every`` steps of the guidance phase): the classifier is
 frozen (no gradient, no optimiser step); the gradients of the reconstruction loss and of the
 classification loss with respect to the encoder's parameters are taken separately and combined as
-``grad_rec + gamma * grad_cls``, then the encoder takes one optimiser step. Stepping along
+``grad_rec + gamma * grad_cls`` (or, with ``gamma_relative``, the class term sized to gamma times the
+reconstruction term's norm), then the encoder takes one optimiser step. Stepping along
 ``-(grad_rec + gamma * grad_cls)`` *descends* the classification loss: the minus sign of the paper's
 equation (1) describes the update direction (the opposite of an adversarial FGSM step), Algorithm 1
 the gradient.
@@ -74,6 +75,10 @@ class Phases(PerceptualSchedule):
     guidance_from: float = setting(0.75, "constructive guidance steps from this fraction of training")
     lambda_cls: float = setting(1.0, "weight of the cross-entropy in joint steps")
     gamma: float = setting(0.1, "guidance strength: encoder gradient = grad_rec + gamma * grad_cls")
+    gamma_relative: bool = setting(False, "gamma sizes the class term against the reconstruction gradient: encoder "
+                                          "gradient = grad_rec + gamma * |grad_rec| / |grad_cls| * grad_cls (L2 norms "
+                                          "over the encoder's parameters, per guidance step); false: the paper's "
+                                          "grad_rec + gamma * grad_cls")
     guidance_every: int = setting(10, "every n-th step of the guidance phase is a guidance step")
     phase_lr: bool = setting(False, "each stage (the encoder alone, classifier pre-training, joint training with its "
                                     "guidance phase) has a learning-rate schedule of its own: warm-up over warmup of "
@@ -185,14 +190,22 @@ def _losses_of(model: nn.Module, g: Tensor, images: Tensor, labels: Tensor | Non
 
 
 def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tensor | None, *, gamma: float,
-                      pixel_loss: str = "bce", lambda_perc: float = 0.0, measure: bool = False) -> BatchLosses:
+                      relative: bool = False, pixel_loss: str = "bce", lambda_perc: float = 0.0,
+                      measure: bool = False) -> BatchLosses:
     """Add grad_rec + gamma * grad_cls to the encoder's ``.grad`` of a :class:`gvit.models.GViT`
     (zero it first) with the classifier frozen (its parameters get no gradient). Non-finite values
     are left for the caller's guard to see.
 
-    With ``measure`` the two parts are pulled back separately (one more encoder backward) and
-    ``losses.stats`` holds the L2 norms over the encoder's parameters of ``grad_rec`` and of
-    ``gamma * grad_cls`` and their cosine (``guide_rec_norm``, ``guide_cls_norm``, ``guide_cos``)."""
+    With ``relative`` the class term is sized against the reconstruction term: grad_rec + gamma *
+    |grad_rec| / |grad_cls| * grad_cls, the norms taken over the encoder's parameters (so the class
+    term's norm is gamma times the reconstruction term's; a zero grad_cls adds nothing). Under AdamW,
+    which normalises the sum, the raw ``gamma * grad_cls`` sets the step's direction whenever
+    grad_cls dwarfs grad_rec, whatever gamma is; ``relative`` keeps gamma a share.
+
+    With ``measure`` ``losses.stats`` holds the L2 norms over the encoder's parameters of ``grad_rec``
+    and of the class term added (``gamma * grad_cls``, rescaled with ``relative``) and their cosine
+    (``guide_rec_norm``, ``guide_cls_norm``, ``guide_cos``). ``relative`` and ``measure`` pull the
+    two parts back separately (one more encoder backward)."""
     frozen = [p for p in model.classifier.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -207,23 +220,27 @@ def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tens
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    if not measure:
+    losses.g = g
+    if not (measure or relative):
         g.backward(d_rec + gamma * d_cls)
-        losses.g = g
         return losses
     params = [p for p in model.encoder.parameters() if p.requires_grad]
     rec = torch.autograd.grad(g, params, d_rec, retain_graph=True, allow_unused=True)
-    cls = torch.autograd.grad(g, params, gamma * d_cls, allow_unused=True)
-    for p, r, c in zip(params, rec, cls):  # accumulate as backward would; untouched parameters keep no grad
-        parts = [x for x in (r, c) if x is not None]
-        if parts:
-            p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
+    cls = torch.autograd.grad(g, params, d_cls, allow_unused=True)
 
     def flat(grads):
         return torch.cat([(torch.zeros_like(p) if x is None else x).flatten().float() for x, p in zip(grads, params)])
 
     rec_flat, cls_flat = flat(rec), flat(cls)
-    losses.stats = {"guide_rec_norm": float(rec_flat.norm()), "guide_cls_norm": float(cls_flat.norm()),
-                    "guide_cos": float(F.cosine_similarity(rec_flat, cls_flat, dim=0))}
-    losses.g = g
+    scale = gamma
+    if relative:
+        cls_norm = float(cls_flat.norm())
+        scale = gamma * float(rec_flat.norm()) / cls_norm if cls_norm > 0 else 0.0
+    for p, r, c in zip(params, rec, cls):  # accumulate as backward would; untouched parameters keep no grad
+        parts = [x for x in (r, None if c is None else scale * c) if x is not None]
+        if parts:
+            p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
+    if measure:
+        losses.stats = {"guide_rec_norm": float(rec_flat.norm()), "guide_cls_norm": float(cls_flat.norm()) * scale,
+                        "guide_cos": float(F.cosine_similarity(rec_flat, cls_flat, dim=0))}
     return losses

@@ -90,6 +90,36 @@ def test_guidance_gradient_is_rec_plus_gamma_cls():
         assert torch.allclose(p0 - p1, gr + 0.3 * gc, atol=1e-6, rtol=1e-5)
 
 
+def test_relative_gamma_sizes_the_class_term_against_the_reconstruction_term():
+    model, images, labels, g0 = _setup(3)
+    params = list(model.encoder.parameters())
+    out = batch_losses(model, images, labels, g0)
+    g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True, allow_unused=True)
+    g_cls = torch.autograd.grad(out.classification, params, allow_unused=True)
+    zero = [torch.zeros_like(p) for p in params]
+    g_rec = [z if g is None else g for g, z in zip(g_rec, zero)]
+    g_cls = [z if g is None else g for g, z in zip(g_cls, zero)]
+    rec_norm = torch.cat([g.flatten() for g in g_rec]).norm()
+    cls_norm = torch.cat([g.flatten() for g in g_cls]).norm()
+    assert cls_norm > 0
+    scale = 0.4 * rec_norm / cls_norm  # by hand: the class term is 0.4 times the reconstruction term's size
+    measured = guidance_backward(model, images, labels, g0, gamma=0.4, relative=True, measure=True)
+    for p, gr, gc in zip(params, g_rec, g_cls):
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert torch.allclose(got, gr + scale * gc, atol=1e-7, rtol=1e-5)
+    assert measured.stats["guide_cls_norm"] == pytest.approx(0.4 * measured.stats["guide_rec_norm"], rel=1e-5)
+    assert measured.stats["guide_rec_norm"] == pytest.approx(float(rec_norm), rel=1e-4)
+    model.encoder.zero_grad(set_to_none=True)  # without measure: the same gradient
+    guidance_backward(model, images, labels, g0, gamma=0.4, relative=True)
+    for p, gr, gc in zip(params, g_rec, g_cls):
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        assert torch.allclose(got, gr + scale * gc, atol=1e-7, rtol=1e-5)
+    model.encoder.zero_grad(set_to_none=True)  # gamma 0: reconstruction alone
+    guidance_backward(model, images, labels, g0, gamma=0.0, relative=True)
+    for p, gr in zip(params, g_rec):
+        assert torch.allclose(torch.zeros_like(p) if p.grad is None else p.grad, gr, atol=1e-7, rtol=1e-5)
+
+
 def test_moving_classifier_from_alone_keeps_pretraining_off():
     names = {Phases(classifier_from=0.5).at(s, 10).name for s in range(10)}
     assert "classifier-pretrain" not in names and Phases(classifier_from=0.5).at(5, 10).name == "joint"

@@ -226,7 +226,8 @@ class GViTStep(ModelStep):
         encoder = self.parts["encoder"][:2]
         encoder[1].zero_grad(set_to_none=True)
         with self.autocast():
-            out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, measure=cfg.measure_guidance, **kw)
+            out = guidance_backward(model, images, labels, g0, gamma=cfg.gamma, relative=cfg.gamma_relative,
+                                    measure=cfg.measure_guidance, **kw)
         metrics = {"loss_rec": as_number(out.reconstruction), "loss_cls": as_number(out.classification)}
         if cfg.guidance_lr is not None:  # the guidance step's own step size (the next step sets the schedule's)
             metrics["lr"] = peak_learning_rate(cfg) * cfg.guidance_lr
