@@ -90,15 +90,19 @@ def test_guidance_gradient_is_rec_plus_gamma_cls():
         assert torch.allclose(p0 - p1, gr + 0.3 * gc, atol=1e-6, rtol=1e-5)
 
 
-def test_relative_gamma_sizes_the_class_term_against_the_reconstruction_term():
-    model, images, labels, g0 = _setup(3)
+def _encoder_gradients(model, images, labels, g0):
+    """The encoder's parameters and, by hand, the gradients of the reconstruction and the
+    classification loss on them (zeros where a parameter gets none)."""
     params = list(model.encoder.parameters())
     out = batch_losses(model, images, labels, g0)
     g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True, allow_unused=True)
     g_cls = torch.autograd.grad(out.classification, params, allow_unused=True)
-    zero = [torch.zeros_like(p) for p in params]
-    g_rec = [z if g is None else g for g, z in zip(g_rec, zero)]
-    g_cls = [z if g is None else g for g, z in zip(g_cls, zero)]
+    return params, *([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in (g_rec, g_cls))
+
+
+def test_relative_gamma_sizes_the_class_term_against_the_reconstruction_term():
+    model, images, labels, g0 = _setup(3)
+    params, g_rec, g_cls = _encoder_gradients(model, images, labels, g0)
     rec_norm = torch.cat([g.flatten() for g in g_rec]).norm()
     cls_norm = torch.cat([g.flatten() for g in g_cls]).norm()
     assert cls_norm > 0
@@ -127,12 +131,9 @@ def test_moving_classifier_from_alone_keeps_pretraining_off():
 
 def test_measured_guidance_gives_the_same_gradient_and_the_norms_of_its_parts():
     model, images, labels, g0 = _setup(2)
-    params = list(model.encoder.parameters())
-    out = batch_losses(model, images, labels, g0)
-    g_rec = torch.autograd.grad(out.reconstruction, params, retain_graph=True, allow_unused=True)
-    g_cls = torch.autograd.grad(out.classification, params, allow_unused=True)
+    params, g_rec, g_cls = _encoder_gradients(model, images, labels, g0)
     def flat(gs):
-        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+        return torch.cat([g.flatten() for g in gs])
 
     rec, cls = flat(g_rec), 0.3 * flat(g_cls)
     plain = guidance_backward(model, images, labels, g0, gamma=0.3)
