@@ -228,19 +228,18 @@ def guidance_backward(model: nn.Module, images: Tensor, labels: Tensor, g0: Tens
     rec = torch.autograd.grad(g, params, d_rec, retain_graph=True, allow_unused=True)
     cls = torch.autograd.grad(g, params, d_cls, allow_unused=True)
 
-    def flat(grads):
-        return torch.cat([(torch.zeros_like(p) if x is None else x).flatten().float() for x, p in zip(grads, params)])
+    def dot(a, b):  # sum over the encoder's parameters, without concatenating them
+        return float(sum((x.float() * y.float()).sum() for x, y in zip(a, b) if x is not None and y is not None))
 
-    rec_flat, cls_flat = flat(rec), flat(cls)
+    rec_norm, cls_norm = dot(rec, rec) ** 0.5, dot(cls, cls) ** 0.5
     scale = gamma
     if relative:
-        cls_norm = float(cls_flat.norm())
-        scale = gamma * float(rec_flat.norm()) / cls_norm if cls_norm > 0 else 0.0
+        scale = gamma * rec_norm / cls_norm if cls_norm > 0 else 0.0
     for p, r, c in zip(params, rec, cls):  # accumulate as backward would; untouched parameters keep no grad
         parts = [x for x in (r, None if c is None else scale * c) if x is not None]
         if parts:
             p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
     if measure:
-        losses.stats = {"guide_rec_norm": float(rec_flat.norm()), "guide_cls_norm": float(cls_flat.norm()) * scale,
-                        "guide_cos": float(F.cosine_similarity(rec_flat, cls_flat, dim=0))}
+        losses.stats = {"guide_rec_norm": rec_norm, "guide_cls_norm": cls_norm * scale,
+                        "guide_cos": dot(rec, cls) / max(rec_norm * cls_norm, 1e-8)}
     return losses
