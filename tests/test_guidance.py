@@ -100,11 +100,15 @@ def _encoder_gradients(model, images, labels, g0):
     return params, *([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in (g_rec, g_cls))
 
 
+def _flat(gradients):
+    """One vector of a list of per-parameter gradients."""
+    return torch.cat([g.flatten() for g in gradients])
+
+
 def test_relative_gamma_sizes_the_class_term_against_the_reconstruction_term():
     model, images, labels, g0 = _setup(3)
     params, g_rec, g_cls = _encoder_gradients(model, images, labels, g0)
-    rec_norm = torch.cat([g.flatten() for g in g_rec]).norm()
-    cls_norm = torch.cat([g.flatten() for g in g_cls]).norm()
+    rec_norm, cls_norm = _flat(g_rec).norm(), _flat(g_cls).norm()
     assert cls_norm > 0
     scale = 0.4 * rec_norm / cls_norm  # by hand: the class term is 0.4 times the reconstruction term's size
     for measure in (True, False):  # measured or not: the same gradient
@@ -130,10 +134,7 @@ def test_moving_classifier_from_alone_keeps_pretraining_off():
 def test_measured_guidance_gives_the_same_gradient_and_the_norms_of_its_parts():
     model, images, labels, g0 = _setup(2)
     params, g_rec, g_cls = _encoder_gradients(model, images, labels, g0)
-    def flat(gs):
-        return torch.cat([g.flatten() for g in gs])
-
-    rec, cls = flat(g_rec), 0.3 * flat(g_cls)
+    rec, cls = _flat(g_rec), 0.3 * _flat(g_cls)
     plain = guidance_backward(model, images, labels, g0, gamma=0.3)
     total = [p.grad.clone() for p in params]
     model.encoder.zero_grad(set_to_none=True)
