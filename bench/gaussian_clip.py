@@ -16,6 +16,10 @@ stage 1, stage 2; the no-stage-1 ablation; the stem ablation) run as N processes
 fitting while the teacher trains (on a GPU, where one small model leaves it mostly idle);
 ``--teacher-set`` passes settings to stage 0 alone (``clip_size=tiny base_lr=4e-3``), ``--set`` to
 every stage (``num_workers=4`` on a GPU, where JPEG decoding bounds the teacher's steps).
+Settings are chosen on a validation split: ``--val-every N --eval-split val`` carves every N-th
+training image of each class out of the teacher's training set and the fitted training Gaussians,
+fits that split instead of test and evaluates every stage on it; the test split is then read once
+with the chosen settings (``--val-every N`` alone).
 
     python bench/gaussian_clip.py                                   # the built-in captioned shapes
     python bench/gaussian_clip.py --data ../shared/data/cifar10 --fit-limit 10000 --num-gaussians 32 \
@@ -24,6 +28,9 @@ every stage (``num_workers=4`` on a GPU, where JPEG decoding bounds the teacher'
     python bench/gaussian_clip.py --data ../shared/data/cifar10 --fit-limit 10000 --num-gaussians 32 \
         --teacher-set clip_size=tiny base_lr=2e-3 steps=3000 \
         --set base_lr=4e-3 captions=attributes unseen_classes=bird,cat,truck   # zero-shot on unseen classes
+    python bench/gaussian_clip.py --data ../shared/data/cifar10 --fit-limit 10000 --num-gaussians 32 \
+        --teacher-set clip_size=tiny base_lr=2e-3 steps=3000 --set base_lr=1e-3 \
+        --val-every 25 --eval-split val --runs runs/gvl_val_lr1e-3   # a stage setting scored on val
 """
 
 from __future__ import annotations
@@ -55,9 +62,15 @@ def main() -> None:
                    help="also stage 1 with these stem poolings on the main k (against the Perceiver)")
     p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE", help="settings of stage 0 alone")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings of every stage")
+    p.add_argument("--val-every", type=int, default=0, help="carve a validation split from the training images "
+                   "(every n-th of each class): the teacher and the Gaussians of every stage leave it out")
+    p.add_argument("--eval-split", default="test", choices=("test", "val"),
+                   help="the split every stage is evaluated on (val, to choose settings: needs --val-every)")
     p.add_argument("--jobs", type=int, default=1, help="variants run side by side (fitting while the teacher trains)")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # K[:TAU][@POOLING], run by --jobs
     a = p.parse_args()
+    if a.eval_split == "val" and a.val_every < 1:
+        p.error("--eval-split val needs --val-every N (N >= 1) to carve the validation split")
 
     import torch
 
@@ -79,6 +92,7 @@ def main() -> None:
     prompt = a.prompt or (shape_prompt if a.data.startswith("shapes") else None)
     common = [f"steps={a.steps}", f"batch_size={a.batch_size}", f"seed={a.seed}", "limit_eval=2000", *a.set]
     teacher_cfg = load_config(None, ["model=clip", f"data={a.data}", *common, *([f"prompt={prompt}"] if prompt else []),
+                                     *(f"val_every={a.val_every}", f"eval_split={a.eval_split}"),
                                      *a.teacher_set, f"out={runs / 'stage0_clip'}"])
     teacher_result = runs / "stage0_clip" / "result.json"
     side_by_side = None
@@ -107,35 +121,36 @@ def main() -> None:
             time.sleep(5)
 
     def variant(k: int, prune_tau: float | None, pooling: str = "perceiver") -> tuple[dict, Path]:
-        """Fit train and test with k (and pruning), train stage 1 and stage 2 on them. On the main k's
+        """Fit train and the evaluated split with k (and pruning), train stage 1 and stage 2 on them. On the main k's
         Gaussians, ``pooling`` "none" trains stage 2 from a new stem (the no-stage-1 ablation), and
         grid or curve stage 1 with that pooling (the stem ablation)."""
         name = f"k{k}" + (f"_prune{prune_tau:g}" if prune_tau is not None else "")
         fit = FitConfig(num_gaussians=k, iters=a.iters, mode="sum", prune_tau=prune_tau)
-        folders = {split: runs / f"gaussians_{name}_{split}" for split in ("train", "test")}
-        for split, limit in (("train", a.fit_limit), ("test", 2000)):
+        folders = {split: runs / f"gaussians_{name}_{split}" for split in ("train", a.eval_split)}
+        for split, limit in (("train", a.fit_limit), (a.eval_split, 2000)):
             if pooling != "perceiver":
                 wait_for(folders[split] / "manifest.json")
             elif not (folders[split] / "manifest.json").is_file():
-                fit_dataset(images, folders[split], fit, split=split, limit=limit, **quiet)
+                fit_dataset(images, folders[split], fit, split=split, val_every=a.val_every, limit=limit, **quiet)
         wait_for(teacher_result)
-        manifest = read_manifest(folders["test"])
-        print(f"Gaussians {name}: {a.iters} iterations, test PSNR {manifest['mean_psnr']:.2f} dB, mean count "
+        manifest = read_manifest(folders[a.eval_split])
+        print(f"Gaussians {name}: {a.iters} iterations, {a.eval_split} PSNR {manifest['mean_psnr']:.2f} dB, mean count "
               f"{manifest['mean_count']:.1f}, {manifest['compression_vs_8bit']:.2f}x vs 8-bit pixels", flush=True)
-        gauss = [f"teacher={ckpt}", f"offline_train={folders['train']}", f"offline_eval={folders['test']}", *common]
+        gauss = [f"teacher={ckpt}", f"offline_train={folders['train']}", f"offline_eval={folders[a.eval_split]}",
+                 *common]
         if pooling == "none":  # the ablation: stage 2 from a new stem
             return {"stage 2 without stage 1": train_or_reuse(load_config(None, [
-                "model=splat_align", *gauss, f"out={runs / 'stage2_only'}"]), **quiet)}, folders["test"]
+                "model=splat_align", *gauss, f"out={runs / 'stage2_only'}"]), **quiet)}, folders[a.eval_split]
         if pooling != "perceiver":
             return {f"stage 1, {pooling} pooling": train_or_reuse(load_config(None, [
                 "model=splat_distill", *gauss, f"stem_pooling={pooling}", f"out={runs / f'{name}_{pooling}' / 'stage1'}"
-            ]), **quiet)}, folders["test"]
+            ]), **quiet)}, folders[a.eval_split]
         rows = {"stage 1 (distill)": train_or_reuse(load_config(None, ["model=splat_distill", *gauss,
                                                                        f"out={runs / name / 'stage1'}"]), **quiet)}
         stage1 = str(runs / name / "stage1" / "checkpoint.pt")
         rows["stage 1 + stage 2"] = train_or_reuse(load_config(None, ["model=splat_align", *gauss, f"stage1={stage1}",
                                                                       f"out={runs / name / 'stage2'}"]), **quiet)
-        return rows, folders["test"]
+        return rows, folders[a.eval_split]
 
     if a.variant is not None:  # one variant, in a process of its own
         spec, _, pooling = a.variant.partition("@")
@@ -144,16 +159,17 @@ def main() -> None:
         return
     if side_by_side is not None:
         side_by_side.result()
-    rows, main_test = variant(*variants[0])
-    sweep = [(runs / f"k{a.num_gaussians}" / "stage2" / "checkpoint.pt", main_test)]
+    rows, main_evaluated = variant(*variants[0])
+    sweep = [(runs / f"k{a.num_gaussians}" / "stage2" / "checkpoint.pt", main_evaluated)]
     for k, tau, pooling in variants[1:]:
-        more, test = variant(k, tau, pooling)
+        more, evaluated = variant(k, tau, pooling)
         if pooling != "perceiver":
             rows |= more
             continue
-        name = test.name.removeprefix("gaussians_").removesuffix("_test")
-        sweep.append((runs / name / "stage2" / "checkpoint.pt", test))
-    print(f"\n{a.data}: {a.steps} steps of batch {a.batch_size} per stage, seed {a.seed}; torch {torch.__version__}, "
+        name = evaluated.name.removeprefix("gaussians_").removesuffix(f"_{a.eval_split}")
+        sweep.append((runs / name / "stage2" / "checkpoint.pt", evaluated))
+    print(f"\n{a.data}: {a.steps} steps of batch {a.batch_size} per stage, seed {a.seed}, evaluated on "
+          f"{a.eval_split}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
     def pct(r: dict, key: str) -> str:
         return f"{100 * r[key]:.1f}" if key in r else "-"
