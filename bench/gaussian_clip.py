@@ -92,7 +92,7 @@ def main() -> None:
     prompt = a.prompt or (shape_prompt if a.data.startswith("shapes") else None)
     common = [f"steps={a.steps}", f"batch_size={a.batch_size}", f"seed={a.seed}", "limit_eval=2000", *a.set]
     teacher_cfg = load_config(None, ["model=clip", f"data={a.data}", *common, *([f"prompt={prompt}"] if prompt else []),
-                                     *(f"val_every={a.val_every}", f"eval_split={a.eval_split}"),
+                                     f"val_every={a.val_every}", f"eval_split={a.eval_split}",
                                      *a.teacher_set, f"out={runs / 'stage0_clip'}"])
     teacher_result = runs / "stage0_clip" / "result.json"
     side_by_side = None
@@ -133,24 +133,24 @@ def main() -> None:
             elif not (folders[split] / "manifest.json").is_file():
                 fit_dataset(images, folders[split], fit, split=split, val_every=a.val_every, limit=limit, **quiet)
         wait_for(teacher_result)
-        manifest = read_manifest(folders[a.eval_split])
+        evaluated = folders[a.eval_split]
+        manifest = read_manifest(evaluated)
         print(f"Gaussians {name}: {a.iters} iterations, {a.eval_split} PSNR {manifest['mean_psnr']:.2f} dB, mean count "
               f"{manifest['mean_count']:.1f}, {manifest['compression_vs_8bit']:.2f}x vs 8-bit pixels", flush=True)
-        gauss = [f"teacher={ckpt}", f"offline_train={folders['train']}", f"offline_eval={folders[a.eval_split]}",
-                 *common]
+        gauss = [f"teacher={ckpt}", f"offline_train={folders['train']}", f"offline_eval={evaluated}", *common]
         if pooling == "none":  # the ablation: stage 2 from a new stem
             return {"stage 2 without stage 1": train_or_reuse(load_config(None, [
-                "model=splat_align", *gauss, f"out={runs / 'stage2_only'}"]), **quiet)}, folders[a.eval_split]
+                "model=splat_align", *gauss, f"out={runs / 'stage2_only'}"]), **quiet)}, evaluated
         if pooling != "perceiver":
             return {f"stage 1, {pooling} pooling": train_or_reuse(load_config(None, [
                 "model=splat_distill", *gauss, f"stem_pooling={pooling}", f"out={runs / f'{name}_{pooling}' / 'stage1'}"
-            ]), **quiet)}, folders[a.eval_split]
+            ]), **quiet)}, evaluated
         rows = {"stage 1 (distill)": train_or_reuse(load_config(None, ["model=splat_distill", *gauss,
                                                                        f"out={runs / name / 'stage1'}"]), **quiet)}
         stage1 = str(runs / name / "stage1" / "checkpoint.pt")
         rows["stage 1 + stage 2"] = train_or_reuse(load_config(None, ["model=splat_align", *gauss, f"stage1={stage1}",
                                                                       f"out={runs / name / 'stage2'}"]), **quiet)
-        return rows, folders[a.eval_split]
+        return rows, evaluated
 
     if a.variant is not None:  # one variant, in a process of its own
         spec, _, pooling = a.variant.partition("@")
