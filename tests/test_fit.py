@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gvit.data import make_shapes
-from gvit.fit import FitConfig, fit_gaussians, gaussians_from_segments, initialize, luminance_contribution
+from gvit.fit import FitConfig, fit_gaussians, fit_raw, gaussians_from_segments, initialize, luminance_contribution
 from gvit.fit.init import split_to_count
 from gvit.gaussians import Gaussians, compact, compression_ratio, decode
 from gvit.losses import psnr
@@ -110,6 +110,19 @@ def test_images_in_a_batch_are_fitted_independently():
     together = fit_gaussians(x, cfg).raw
     alone = torch.cat([fit_gaussians(x[i:i + 1], cfg).raw for i in range(3)])
     assert torch.allclose(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_fit_raw_returns_the_values_fit_gaussians_fits_and_refuses_pruning():
+    x = _images(3, 16, seed=5)
+    start = initialize(x, 24, "grid")
+    cfg = FitConfig(num_gaussians=24, iters=12, loss="mse", warmup=0.0)
+    full = fit_gaussians(x, cfg, init_raw=start)
+    raw = fit_raw(x, cfg, init_raw=start)
+    assert torch.equal(raw, full.raw) and not torch.equal(raw, start)
+    with pytest.raises(ValueError, match="fit_raw: this config prunes or grows"):
+        fit_raw(x, cfg, prune_tau=0.3)
+    with pytest.raises(ValueError, match="fit_raw: this config prunes or grows"):
+        fit_raw(x, cfg, grow_from=0.5)
 
 
 def test_target_psnr_stops_images_early_and_keeps_what_reached_it():

@@ -140,6 +140,22 @@ def test_splat_classifier_ignores_padding_and_trains_its_neighbour_layers(neighb
         GaussianClassifier(8, 3, "micro", neighbours=-1)
 
 
+def test_neighbourhoods_are_unchanged_by_a_flip_so_a_cache_can_hold_them():
+    from gvit.train.data import flip_gaussians
+
+    torch.manual_seed(4)
+    model = GaussianClassifier(16, 3, "micro", features="splat", neighbours=4, neighbour_layers=1).eval()
+    g = torch.randn(5, 16, RAW_DIM)
+    flipped = flip_gaussians(g, torch.tensor([True, False, True, True, False]))
+    hoods = model.neighbourhoods(g)
+    assert all(torch.equal(a, b) for a, b in zip(hoods, model.neighbourhoods(flipped)))
+    assert torch.equal(model(flipped, neighbourhoods=hoods), model(flipped))
+    # the given neighbourhoods are the ones used: another set changes the output
+    other = (hoods[0].roll(1, dims=1), hoods[1])
+    assert not torch.allclose(model(flipped, neighbourhoods=other), model(flipped))
+    assert GaussianClassifier(16, 3, "micro", features="splat").neighbourhoods(g) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_neighbour_max_kernels_match_the_torch_formulation(dtype):
     # the numba kernels (CPU float tensors) against the PyTorch ops every other device uses, with

@@ -246,6 +246,28 @@ def test_cached_phase_resumes_exactly_and_its_cache_holds_the_encoders_gaussians
     assert torch.equal(labels, targets)
 
 
+def test_cached_steps_use_the_neighbourhoods_found_once_with_the_cache(tmp_path):
+    from gvit.train import model_step, step_generator
+    from gvit.train.data import image_collate, image_datasets
+
+    cfg = make_config(**(CACHED | dict(token_features="splat", token_neighbours=3, neighbour_layers=1)),
+                      out=str(tmp_path / "n"))
+    train_ds, _ = image_datasets(cfg)
+    run = model_step(cfg, 6, "cpu")
+    run.attach_training_set(train_ds, image_collate(cfg.image_size))
+    seen = []
+    forward = run.model.classifier.forward
+    run.model.classifier.forward = lambda g, valid=None, **kw: seen.append(kw) or forward(g, valid, **kw)
+    labels = torch.zeros(16, dtype=torch.long)
+    run.step(5, None, labels, step_generator(0, 5), 0, 1)  # a cached classifier step (steps 4-11)
+    index, mask = run.cache_neighbourhoods
+    expected = run.model.classifier.neighbourhoods(run.cache[0])
+    assert torch.equal(index, expected[0]) and torch.equal(mask, expected[1]) and index.shape == (96, 12, 3)
+    assert seen[0]["neighbourhoods"][0].shape == (16, 12, 3)
+    run.step(12, torch.rand(16, 3, 16, 16), labels, step_generator(0, 12), 0, 1)  # the encoder trains again
+    assert run.cache is None and run.cache_neighbourhoods is None
+
+
 def test_classifier_lr_scale_sets_the_classifiers_rate_against_the_encoders(tmp_path):
     from gvit.train import model_step, step_generator
 

@@ -3,9 +3,9 @@
 
 from .budget import grow_schedule, luminance_contribution
 from .core import (PHOTO_PIXELS, PHOTO_SPACING, RECIPES, FitConfig, FitResult, auto_batch_size, check_memory,
-                   fit_gaussians, recipe_values)
+                   fit_gaussians, fit_raw, recipe_values)
 from .init import INITS, gaussians_at_error, gaussians_from_segments, initialize
 
 __all__ = ["INITS", "RECIPES", "PHOTO_PIXELS", "PHOTO_SPACING", "recipe_values", "FitConfig", "FitResult",
-           "fit_gaussians", "initialize", "luminance_contribution", "gaussians_from_segments", "gaussians_at_error",
-           "grow_schedule", "auto_batch_size", "check_memory"]
+           "fit_gaussians", "fit_raw", "initialize", "luminance_contribution", "gaussians_from_segments",
+           "gaussians_at_error", "grow_schedule", "auto_batch_size", "check_memory"]

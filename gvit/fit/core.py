@@ -273,15 +273,55 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
     device in float32 (also inside ``torch.no_grad()`` or autocast); shows a tqdm bar when
     ``progress`` is true.
     """
+    cfg = _resolved(images, config, overrides)
+    with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+        run = _optimise(images.float(), cfg, init_raw, progress)
+    target = images.detach().float()
+    with torch.no_grad():
+        g = decode(run.raw, cfg.scale_factor)
+        g.valid = None if bool(run.valid.all()) and cfg.prune_tau is None else run.valid
+        out = render(g, height=target.shape[-2], width=target.shape[-1], mode=cfg.mode, backend=cfg.backend).clamp(0, 1)
+        final_psnr, final_ssim = psnr(out, target), ssim(out, target)
+    return FitResult(raw=run.raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
+                     iters=run.iters, psnr_before_prune=run.psnr_before_prune, seconds=time.perf_counter() - run.start,
+                     rendered=out, history=run.history, config=cfg)
+
+
+def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
+            **overrides) -> Tensor:
+    """The raw Gaussians ``[B, k, 9]`` :func:`fit_gaussians` fits, without its final render and
+    measures (what a model's test-time fitting steps need: the same values, one render and SSIM
+    fewer). Settings that prune or grow, whose result needs its ``valid`` mask, are refused."""
+    cfg = _resolved(images, config, overrides)
+    if cfg.prune_tau is not None or grow_schedule(cfg.iters, cfg.grow_from, cfg.grow_rounds, cfg.grow_until):
+        raise ValueError("fit_raw: this config prunes or grows Gaussians; use fit_gaussians (its result carries "
+                         "the valid mask)")
+    with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+        return _optimise(images.float(), cfg, init_raw, progress=False).raw
+
+
+def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitConfig:
+    """``config`` (default settings when None) with ``overrides``, checked, for these images' size."""
     cfg = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     cfg.validate()
     check_images(images)
-    cfg = cfg.for_image(*images.shape[-2:])
-    with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        return _fit(images.float(), cfg, init_raw, progress)
+    return cfg.for_image(*images.shape[-2:])
 
 
-def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> FitResult:
+@dataclass
+class _Optimised:
+    """The fitting loop's result, before the final render: raw values, mask, steps per image,
+    PSNR before pruning, the PSNR history and the loop's start time."""
+
+    raw: Tensor
+    valid: Tensor
+    iters: Tensor
+    psnr_before_prune: Tensor
+    history: list
+    start: float
+
+
+def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> _Optimised:
     b, _, h, w = images.shape
     k = cfg.num_gaussians
     check_memory(b, k, h, w, images.device)
@@ -368,12 +408,4 @@ def _fit(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool
         if history and history[-1][0] == step + 1:
             bar.set_postfix(psnr=f"{history[-1][2]:.2f}", active=len(active))
     bar.close()
-
-    with torch.no_grad():
-        g = decode(raw, cfg.scale_factor)
-        g.valid = None if bool(valid.all()) and cfg.prune_tau is None else valid
-        out = render(g, **render_kw).clamp(0, 1)
-        final_psnr, final_ssim = psnr(out, target), ssim(out, target)
-    return FitResult(raw=raw.detach(), gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
-                     iters=steps_taken, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
-                     rendered=out, history=history, config=cfg)
+    return _Optimised(raw.detach(), valid, steps_taken, before_prune, history, start)

@@ -8,7 +8,7 @@ tests) goes through :class:`GViT`: images ``[B, 3, S, S]`` in [0, 1] -> g0 (rand
 
 Test-time fitting (as Instant-GaussianImage initialises per-image fitting with a network): the
 encoder's Gaussians start ``fit_steps`` Adam steps on the MSE against the image with the fast
-rasterizer (:func:`gvit.fit.fit_gaussians`); the classifier reads the result. The steps are not
+rasterizer (:func:`gvit.fit.fit_raw`); the classifier reads the result. The steps are not
 differentiated: the classifier's gradient reaches the encoder straight through (``g + (fitted -
 g).detach()``), so guidance still acts on the Gaussians the classifier sees, and the reconstruction
 loss trains the encoder's own output.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..fit import RECIPES, FitConfig, fit_gaussians
+from ..fit import RECIPES, FitConfig, fit_raw
 from ..gaussians import G0_LAYOUTS, Gaussians, decode, sample_initial
 from ..losses import psnr
 from ..render import render
@@ -94,7 +94,7 @@ class GViT(nn.Module):
         there are none); the gradient passes straight through to ``g``."""
         if not self.fit_steps:
             return g
-        fitted = fit_gaussians(images.detach().float().clamp(0, 1), self.fit_config(), init_raw=g.detach().float()).raw
+        fitted = fit_raw(images.detach().float().clamp(0, 1), self.fit_config(), init_raw=g.detach().float())
         return g + (fitted.to(g.dtype) - g).detach()
 
     def gaussians(self, images: Tensor, g0: Tensor | None = None, *,

@@ -135,7 +135,19 @@ class GaussianClassifier(TokenViT):
         init_weights(self)
         self._init_tokens()
 
-    def forward(self, gaussians: Tensor, valid: Tensor | None = None) -> Tensor:
+    def neighbourhoods(self, gaussians: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+        """Each token's ``neighbours`` nearest Gaussians, ``(index, mask)`` of
+        :func:`gvit.models.neighbours.nearest_neighbours` over the decoded centres; None without a
+        neighbour layer. A left-right flip of the Gaussians leaves them unchanged (distances are), so
+        a cache of Gaussians can hold them once for :meth:`forward`."""
+        if not len(self.local):
+            return None
+        return nearest_neighbours(decode(gaussians, self.scale_factor).means, self.neighbours, valid)
+
+    def forward(self, gaussians: Tensor, valid: Tensor | None = None, *,
+                neighbourhoods: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Logits ``[B, classes]``; ``neighbourhoods``: :meth:`neighbourhoods` of these Gaussians when
+        already known (computed here otherwise)."""
         if gaussians.ndim != 3 or gaussians.shape[1:] != (self.num_gaussians, self.in_dim):
             raise ValueError(f"gaussians: expected [B, {self.num_gaussians}, {self.in_dim}], "
                              f"got {tuple(gaussians.shape)}")
@@ -143,7 +155,9 @@ class GaussianClassifier(TokenViT):
         x = self.embed(x)
         if len(self.local):
             g = decode(gaussians, self.scale_factor)
-            index, mask = nearest_neighbours(g.means, self.neighbours, valid)
+            if neighbourhoods is None:
+                neighbourhoods = nearest_neighbours(g.means, self.neighbours, valid)
+            index, mask = neighbourhoods
             positions = g.means / (2.0 / self.num_gaussians ** 0.5)  # in grid spacings
             for layer in self.local:
                 x = layer(x, positions, g.colors, index, mask)

@@ -111,6 +111,7 @@ class GViTStep(ModelStep):
         self.parts["encoder"] = (self.model.encoder, adamw(cfg, self.model.encoder), "enc_opt")
         self.training_set, self.training_collate = None, None  # attach_training_set
         self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
+        self.cache_neighbourhoods = None  # the classifier's neighbourhoods of the cached Gaussians
         self.before_guidance: dict | None = None  # the encoder's weights when the guidance phase began
 
     def step(self, step, inputs, labels, gen, rank, world):
@@ -163,12 +164,13 @@ class GViTStep(ModelStep):
 
     def attach_training_set(self, dataset, collate) -> None:
         self.training_set, self.training_collate, self.cache = dataset, collate, None
+        self.cache_neighbourhoods = None
 
     def _step(self, step, inputs, labels, flips, gen, rank, world):
         cfg, model, phase = self.cfg, self.model, self.schedule.at(step, self.cfg.steps)
         if not phase.train_encoder and cfg.cache_gaussians:
             return self._cached_classifier_step(flips, gen, rank, world)
-        self.cache = None  # the encoder trains again: cached Gaussians are stale
+        self.cache = self.cache_neighbourhoods = None  # the encoder trains again: cached Gaussians are stale
         images = self._augment(inputs, flips, gen, rank, world)
         g0 = model.sample_g0(cfg.batch_size, gen)
         g0 = None if g0 is None else g0[rank::world]
@@ -194,13 +196,18 @@ class GViTStep(ModelStep):
         """A classifier step on the frozen encoder's Gaussians of ``batch_size`` training images
         drawn from the step's generator (the loader's batch is not used), flipped as the images
         would have been. The whole training set is encoded once, when the phase starts (or resumes:
-        the encoder is frozen, so the cache is the same)."""
+        the encoder is frozen, so the cache is the same), and its neighbourhoods found once with it
+        (a flip does not change them)."""
         if self.cache is None:
             self.cache = self.encode_training_set()
+            raw = self.cache[0]
+            hoods = [self.model.classifier.neighbourhoods(raw[i:i + 1024]) for i in range(0, len(raw), 1024)]
+            self.cache_neighbourhoods = None if hoods[0] is None else tuple(map(torch.cat, zip(*hoods)))
         raw, targets = self.cache
         index = torch.randint(len(targets), (self.cfg.batch_size,), generator=gen)[rank::world].to(raw.device)
         g = flip_gaussians(raw[index], flips.to(raw.device))
-        return self._classifier_step(lambda: self.model.classifier(g), targets[index])
+        hoods = None if self.cache_neighbourhoods is None else tuple(h[index] for h in self.cache_neighbourhoods)
+        return self._classifier_step(lambda: self.model.classifier(g, neighbourhoods=hoods), targets[index])
 
     @torch.no_grad()
     def encode_training_set(self) -> tuple[Tensor, Tensor]:
