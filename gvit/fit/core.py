@@ -275,16 +275,16 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
     """
     cfg = _resolved(images, config, overrides)
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        run = _optimise(images.float(), cfg, init_raw, progress)
+        raw, valid, iters, before_prune, history, start = _optimise(images.float(), cfg, init_raw, progress)
     target = images.detach().float()
     with torch.no_grad():
-        g = decode(run.raw, cfg.scale_factor)
-        g.valid = None if bool(run.valid.all()) and cfg.prune_tau is None else run.valid
+        g = decode(raw, cfg.scale_factor)
+        g.valid = None if bool(valid.all()) and cfg.prune_tau is None else valid
         out = render(g, height=target.shape[-2], width=target.shape[-1], mode=cfg.mode, backend=cfg.backend).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
-    return FitResult(raw=run.raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
-                     iters=run.iters, psnr_before_prune=run.psnr_before_prune, seconds=time.perf_counter() - run.start,
-                     rendered=out, history=run.history, config=cfg)
+    return FitResult(raw=raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
+                     iters=iters, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
+                     rendered=out, history=history, config=cfg)
 
 
 def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
@@ -297,7 +297,7 @@ def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor
         raise ValueError("fit_raw: this config prunes or grows Gaussians; use fit_gaussians (its result carries "
                          "the valid mask)")
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        return _optimise(images.float(), cfg, init_raw, progress=False).raw
+        return _optimise(images.float(), cfg, init_raw, progress=False)[0]
 
 
 def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitConfig:
@@ -308,20 +308,8 @@ def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitC
     return cfg.for_image(*images.shape[-2:])
 
 
-@dataclass
-class _Optimised:
-    """The fitting loop's result, before the final render: raw values, mask, steps per image,
-    PSNR before pruning, the PSNR history and the loop's start time."""
-
-    raw: Tensor
-    valid: Tensor
-    iters: Tensor
-    psnr_before_prune: Tensor
-    history: list
-    start: float
-
-
-def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> _Optimised:
+def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> tuple:
+    """The fitting loop: ``(raw, valid, steps per image, PSNR before pruning, history, start time)``."""
     b, _, h, w = images.shape
     k = cfg.num_gaussians
     check_memory(b, k, h, w, images.device)
@@ -408,4 +396,4 @@ def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress:
         if history and history[-1][0] == step + 1:
             bar.set_postfix(psnr=f"{history[-1][2]:.2f}", active=len(active))
     bar.close()
-    return _Optimised(raw.detach(), valid, steps_taken, before_prune, history, start)
+    return raw.detach(), valid, steps_taken, before_prune, history, start
