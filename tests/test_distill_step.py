@@ -65,6 +65,7 @@ def test_paired_items_are_the_images_the_gaussians_were_fitted_to(stage1):
     other = data[4][0][0]
     assert (rendered.clamp(0, 1) - image).pow(2).mean() < (rendered.clamp(0, 1) - other).pow(2).mean()
     assert label == int(data.targets[3]) and data.classes[0] == "circle"
+    assert (data.split, PairedGaussians(root / "train").split) == ("test", "train")  # the results' eval_split
 
 
 def test_a_run_with_unseen_classes_reads_gaussian_folders_without_them_and_evaluates_them(stage1, tmp_path):

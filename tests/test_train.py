@@ -64,13 +64,14 @@ def test_baselines_train_and_evaluate(tmp_path, model, capsys):
         from gvit.tools.fit_dataset import fit_dataset
         from gvit.fit import FitConfig
 
-        for split in ("train", "test"):
+        for split in ("train", "val"):  # Gaussians of the validation split: the result says so
             fit_dataset("shapes:64", tmp_path / split, FitConfig(num_gaussians=12, iters=20), split=split,
-                        progress=False)
-        extra = dict(offline_train=str(tmp_path / "train"), offline_eval=str(tmp_path / "test"))
+                        val_every=4, progress=False)
+        extra = dict(offline_train=str(tmp_path / "train"), offline_eval=str(tmp_path / "val"))
     cfg = as_kind(make_config(**TINY), model, steps=6, out=str(tmp_path / "run"), **extra)
     result = train(cfg, progress=False)
     assert result["finished"] and result["eval_images"] > 0 and "psnr" not in result
+    assert result["eval_split"] == ("val" if model == "offline" else "test")
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt")]) == 0
     assert f"{100 * result['top1']:.2f}%" in capsys.readouterr().out
 

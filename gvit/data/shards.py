@@ -130,7 +130,8 @@ def load_shards(folder: str | os.PathLike) -> tuple[Gaussians, Tensor, Tensor, d
 
 class ShardDataset(torch.utils.data.Dataset):
     """A finished shard folder as a dataset of ``((raw [k, 9], valid [k]), label)`` (raw: the
-    Gaussians encoded with ``scale_factor``), with ``classes`` and ``targets``."""
+    Gaussians encoded with ``scale_factor``), with ``classes``, ``targets`` and ``split`` (the split of
+    the images it was fitted from, as ``gvit fit-dataset`` recorded it; None when not recorded)."""
 
     def __init__(self, folder: str | os.PathLike, scale_factor: float = 1.0):
         g, labels, _, manifest = load_shards(folder)
@@ -138,6 +139,7 @@ class ShardDataset(torch.utils.data.Dataset):
         self.valid = valid_mask(g)
         self.targets = labels
         self.classes = manifest.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
+        self.split = (manifest.get("settings") or {}).get("split")
 
     def __len__(self) -> int:
         return len(self.targets)

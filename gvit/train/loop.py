@@ -67,6 +67,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     step_kind = kind_of(cfg)
     train_ds, test_ds = step_kind.datasets(cfg)
     split_note = getattr(test_ds, "split_note", None)  # a folder without a split: its held-out part
+    eval_split = getattr(test_ds, "split", None) or cfg.eval_split  # Gaussian folders know their own split
     if split_note and rank == 0:
         log(f"data: {split_note}")
     train_ds, test_ds = limit(train_ds, cfg.limit_train), limit(test_ds, cfg.limit_eval)
@@ -130,7 +131,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     if split_note:
         result["split_note"] = split_note
     if test_ds is not None and rank == 0:
-        result.update(evaluate(run, test_ds, collate), eval_split=cfg.eval_split)
+        result.update(evaluate(run, test_ds, collate), eval_split=eval_split)
     if cfg.val_every and cfg.eval_split != "val" and rank == 0:  # the carved validation images too
         _, val_ds = step_kind.datasets(replace(cfg, eval_split="val"))
         val = evaluate(run, limit(val_ds, cfg.limit_eval), collate)

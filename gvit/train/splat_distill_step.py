@@ -80,11 +80,12 @@ class PairedGaussians(torch.utils.data.Dataset):
     with ``captions="attributes"`` each image's attribute caption (:class:`gvit.data.AttributeCaptions`
     with ``prompt``; ``class_texts`` the classes' descriptions), else "" for every item (the steps then
     caption by class prompt); ``held_out`` marks the attribute pairs training never showed (None where
-    the dataset has no such marks)."""
+    the dataset has no such marks); ``split`` the split the images come from."""
 
     def __init__(self, folder, *, captions: str = "prompt", prompt: str = DEFAULT_PROMPT):
         g, labels, indices, manifest = load_shards(folder)
         settings = manifest["settings"]
+        self.split = settings["split"]
         self.images = open_dataset(settings["data"], settings["split"], val_every=settings.get("val_every", 0))
         g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
