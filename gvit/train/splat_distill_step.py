@@ -86,7 +86,7 @@ class PairedGaussians(torch.utils.data.Dataset):
         g, labels, indices, manifest = load_shards(folder)
         settings = manifest["settings"]
         self.split = settings["split"]
-        self.images = open_dataset(settings["data"], settings["split"], val_every=settings.get("val_every", 0))
+        self.images = open_dataset(settings["data"], self.split, val_every=settings.get("val_every", 0))
         g.valid = valid_mask(g)
         self.gaussians, self.targets, self.indices = g, labels, indices.tolist()
         self.classes = manifest.get("classes") or list(getattr(self.images, "classes", []))
