@@ -40,11 +40,12 @@ def test_nearest_neighbours_match_a_sorted_loop_and_skip_invalid_points():
         nearest_neighbours(points, 0)
 
 
+@pytest.mark.parametrize("pool", ["point", "edge"])
 @pytest.mark.parametrize("count", [3, 6])
-def test_neighbour_layer_matches_a_float64_per_point_reference(count):
+def test_neighbour_layer_matches_a_float64_per_point_reference(count, pool):
     # count 6 with one invalid point of 7: every point has only 5 neighbours (masked slots)
     torch.manual_seed(1)
-    layer = NeighbourLayer(8).double()
+    layer = NeighbourLayer(8, pool).double()
     raw = torch.randn(2, 7, RAW_DIM, dtype=torch.float64)
     g = decode(raw)
     x = torch.randn(2, 7, 8, dtype=torch.float64)
@@ -63,7 +64,10 @@ def test_neighbour_layer_matches_a_float64_per_point_reference(count):
                 dc = g.colors[n, j] - g.colors[n, i]
                 e = torch.cat([(g.means[n, j] - g.means[n, i]) / 0.5, dc, dc.abs()])
                 pre.append(b_w @ (h[n, j] - h[n, i]) + layer.edge.weight @ e)
-            hidden = F.gelu(a_w @ h[n, i] + a_b + torch.stack(pre).amax(0))
+            if pool == "point":  # the max before the activation
+                hidden = F.gelu(a_w @ h[n, i] + a_b + torch.stack(pre).amax(0))
+            else:  # the max over per-edge activations
+                hidden = torch.stack([F.gelu(a_w @ h[n, i] + a_b + e) for e in pre]).amax(0)
             ref = x[n, i] + layer.out.weight @ hidden + layer.out.bias
             assert torch.allclose(out[n, i], ref, atol=1e-12)
 
@@ -100,6 +104,22 @@ def test_neighbour_layer_gradients_match_the_dense_per_edge_formulation():
     for a, b in zip(fast, dense):
         assert torch.allclose(a, b, atol=1e-10)
     assert dense[1].abs().sum() > 0  # the Gaussians get a gradient through positions and colours
+
+
+def test_per_edge_pooling_passes_gradcheck_and_differs_from_per_point_pooling():
+    torch.manual_seed(5)
+    layer = NeighbourLayer(4, "edge").double()
+    g = decode(torch.randn(1, 6, RAW_DIM, dtype=torch.float64))
+    index, mask = nearest_neighbours(g.means, 3)
+    x = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t, g.means / 0.5, g.colors, index, mask), (x,))
+    point = NeighbourLayer(4, "point").double()
+    point.load_state_dict(layer.state_dict())  # the same weights: the pooling order alone differs
+    with torch.no_grad():
+        assert not torch.allclose(layer(x, g.means / 0.5, g.colors, index, mask),
+                                  point(x, g.means / 0.5, g.colors, index, mask))
+    with pytest.raises(ValueError, match="pool"):
+        NeighbourLayer(4, "mean")
 
 
 def test_neighbour_layer_is_permutation_equivariant_and_a_lone_point_passes_through():

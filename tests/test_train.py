@@ -251,10 +251,11 @@ def test_cached_steps_use_the_neighbourhoods_found_once_with_the_cache(tmp_path)
     from gvit.train import model_step, step_generator
     from gvit.train.data import image_collate, image_datasets
 
-    cfg = make_config(**(CACHED | dict(token_features="splat", token_neighbours=3, neighbour_layers=1)),
-                      out=str(tmp_path / "n"))
+    cfg = make_config(**(CACHED | dict(token_features="splat", token_neighbours=3, neighbour_layers=1,
+                                       neighbour_pool="edge")), out=str(tmp_path / "n"))
     train_ds, _ = image_datasets(cfg)
     run = model_step(cfg, 6, "cpu")
+    assert run.model.classifier.local[0].pool == "edge"  # the setting reaches the layer
     run.attach_training_set(train_ds, image_collate(cfg.image_size))
     seen = []
     forward = run.model.classifier.forward

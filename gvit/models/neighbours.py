@@ -14,8 +14,10 @@ One layer, for token features x ``[B, k, D]`` and the neighbour set N(i)::
     h = LayerNorm(x)
     x_i <- x_i + W2 gelu(A h_i - B h_i + max_{j in N(i)} (B h_j + E e_ij))
 
-(the max before the activation and the output map after it, so both run once per point rather
-than per edge; as accurate on the demo's shapes as the max over per-edge activations, and faster).
+(``pool="point"``: the max before the activation and the output map after it, so both run once
+per point rather than per edge). ``pool="edge"`` takes the max over per-edge activations, as DGCNN
+does, ``W2 max_{j in N(i)} gelu(A h_i + B (h_j - h_i) + E e_ij)``, building the per-edge tensor
+``[B, k, K, D]`` (the ablation of that choice; the two differ only where gelu is not increasing).
 
 with the edge features e_ij = ((mu_j - mu_i) / spacing, c_j - c_i, |c_j - c_i|) (c: colour).
 
@@ -135,10 +137,14 @@ def neighbour_max_torch(values: Tensor, colors: Tensor, index: Tensor, mask: Ten
 class NeighbourLayer(nn.Module):
     """One EdgeConv layer (see the module docstring): ``x [B, k, D]`` -> ``[B, k, D]``, given the
     centres in spacing units ``positions [B, k, 2]``, ``colors [B, k, 3]`` and the neighbourhoods
-    ``index``, ``mask`` of :func:`nearest_neighbours`."""
+    ``index``, ``mask`` of :func:`nearest_neighbours`; ``pool``: ``"point"`` or ``"edge"`` (the
+    module docstring)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, pool: str = "point"):
         super().__init__()
+        if pool not in ("point", "edge"):
+            raise ValueError(f"pool must be 'point' or 'edge', got {pool!r}")
+        self.pool = pool
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.node = nn.Linear(dim, 2 * dim)
         self.edge = nn.Linear(EDGE_DIM, dim, bias=False)  # E, over e_ij = (relative centre, dc, |dc|)
@@ -148,7 +154,13 @@ class NeighbourLayer(nn.Module):
         centre, other = self.node(self.norm(x)).chunk(2, -1)
         w_pos, w_col, w_abs = self.edge.weight.split((2, 3, 3), dim=1)
         own = positions.to(x.dtype) @ w_pos.T + colors.to(x.dtype) @ w_col.T  # o: E e_ij = o_j - o_i + E_abs |dc|
-        pooled = neighbour_max(other + own, colors, index, mask, w_abs) - own
         has = mask.any(-1, keepdim=True)  # a point with no valid neighbour gets no message
-        hidden = F.gelu(centre - other + torch.where(has, pooled, torch.zeros_like(pooled)))
+        if self.pool == "edge":
+            far = (_gather(colors, index) - colors[:, :, None]).abs().to(x.dtype)
+            edges = (centre - other - own)[:, :, None] + _gather(other + own, index) + far @ w_abs.T
+            hidden = F.gelu(edges).masked_fill(~mask[..., None], float("-inf")).amax(2)
+            hidden = torch.where(has, hidden, torch.zeros_like(hidden))
+        else:
+            pooled = neighbour_max(other + own, colors, index, mask, w_abs) - own
+            hidden = F.gelu(centre - other + torch.where(has, pooled, torch.zeros_like(pooled)))
         return x + torch.where(has, self.out(hidden), torch.zeros_like(hidden))

@@ -107,14 +107,15 @@ class GaussianClassifier(TokenViT):
     the centre, log-covariance, colour, opacity; decoded with ``scale_factor``), so tokens start
     from geometry and appearance rather than raw values.
     ``neighbours`` > 0: ``neighbour_layers`` EdgeConv layers (:mod:`gvit.models.neighbours`) give
-    each token its ``neighbours`` nearest Gaussians before the transformer (local shape first).
+    each token its ``neighbours`` nearest Gaussians before the transformer (local shape first),
+    pooling per point or per edge (``neighbour_pool``).
     Invalid slots are masked out of attention, neighbourhoods and pooling, so padding does not
     change the output.
     """
 
     def __init__(self, num_gaussians: int, num_classes: int, size: str | ViTSize = "tiny", pool: str = "cls",
                  in_dim: int = RAW_DIM, *, features: str = "raw", frequencies: int = 6, scale_factor: float = 1.0,
-                 neighbours: int = 0, neighbour_layers: int = 2):
+                 neighbours: int = 0, neighbour_layers: int = 2, neighbour_pool: str = "point"):
         size = get_size(size)
         super().__init__(num_gaussians, num_classes, size, pool)
         if features not in ("raw", "splat"):
@@ -131,7 +132,8 @@ class GaussianClassifier(TokenViT):
         else:
             self.embed = Mlp(splat_feature_dim(frequencies), size.width, size.width)
         self.neighbours = neighbours
-        self.local = nn.ModuleList(NeighbourLayer(size.width) for _ in range(neighbour_layers if neighbours else 0))
+        layers = neighbour_layers if neighbours else 0
+        self.local = nn.ModuleList(NeighbourLayer(size.width, neighbour_pool) for _ in range(layers))
         init_weights(self)
         self._init_tokens()
 

@@ -201,6 +201,8 @@ class GaussianTokenSettings:
     token_neighbours: int = setting(0, "Gaussian classifier: each token first reads its n nearest Gaussians through "
                                        "neighbour_layers EdgeConv layers (0: off)")
     neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
+    neighbour_pool: str = setting("point", "EdgeConv: max over neighbours before the activation (once per point) "
+                                           "or over per-edge activations (DGCNN's order)", ("point", "edge"))
 
     def check(self) -> None:
         super().check()

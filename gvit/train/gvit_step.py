@@ -350,6 +350,7 @@ def build_gvit(cfg: GViTConfig, num_classes: int) -> GViT:
 def gaussian_classifier(cfg, num_classes: int) -> GaussianClassifier:
     return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
                               features=cfg.token_features, scale_factor=cfg.scale_factor,
-                              neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers)
+                              neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers,
+                              neighbour_pool=cfg.neighbour_pool)
 
 
