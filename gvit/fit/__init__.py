@@ -1,10 +1,11 @@
-"""Fitting Gaussians to images: :mod:`~gvit.fit.init` (initialisations) and :mod:`~gvit.fit.core`
-(``FitConfig`` and its recipes, batched optimisation, pruning, the adaptive budget)."""
+"""Fitting Gaussians to images: :mod:`~gvit.fit.init` (initialisations), :mod:`~gvit.fit.core`
+(``FitConfig`` and its recipes, batched optimisation, pruning, the adaptive budget) and
+:mod:`~gvit.fit.memory` (batch sizes that fit in memory)."""
 
 from .budget import grow_schedule, luminance_contribution
-from .core import (PHOTO_PIXELS, PHOTO_SPACING, RECIPES, FitConfig, FitResult, auto_batch_size, check_memory,
-                   fit_gaussians, fit_raw, recipe_values)
+from .core import PHOTO_PIXELS, PHOTO_SPACING, RECIPES, FitConfig, FitResult, fit_gaussians, fit_raw, recipe_values
 from .init import INITS, gaussians_at_error, gaussians_from_segments, initialize
+from .memory import auto_batch_size, check_memory
 
 __all__ = ["INITS", "RECIPES", "PHOTO_PIXELS", "PHOTO_SPACING", "recipe_values", "FitConfig", "FitResult",
            "fit_gaussians", "fit_raw", "initialize", "luminance_contribution", "gaussians_from_segments",

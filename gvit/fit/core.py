@@ -27,9 +27,9 @@ as in the rest of gvit.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,9 +41,10 @@ from ..progress import progress_bar
 from ..settings import setting, validate_fields
 from .budget import GROW_WIDTH, grow_round, grow_schedule, prune_weak
 from .init import INITS, check_images, initialize
+from .memory import check_memory
 
 __all__ = ["RECIPES", "PHOTO_PIXELS", "PHOTO_SPACING", "recipe_values", "FitConfig", "FitResult", "fit_gaussians",
-           "auto_batch_size", "check_memory"]
+           "fit_raw"]
 
 # The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
 # figure was measured with; "photo" was chosen on 3 CBSD68 photos (33 trials, docs/fitting.md).
@@ -230,40 +231,6 @@ def _per_image_psnr(out: Tensor, target: Tensor) -> Tensor:
     return psnr(out.detach().clamp(0, 1), target)
 
 
-def _bytes_per_image(k: int, height: int, width: int) -> int:
-    """A fit's memory per image: raw values, gradients, two Adam moments and the learning rates
-    (k x 9 float32 each), and about eight image-sized float32 buffers (target, render, loss terms)."""
-    return k * RAW_DIM * 4 * 6 + height * width * 3 * 4 * 8
-
-
-def _free_bytes(device) -> int | None:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no such query here
-        return None
-
-
-def auto_batch_size(height: int, width: int, k: int, device="cpu", *, most: int = 256) -> int:
-    """How many images of ``height x width`` to fit together with ``k`` Gaussians: as many as use a
-    quarter of the free memory, at most ``most`` (the CPU kernels gain little beyond), at least 1."""
-    free = _free_bytes(device)
-    if free is None:
-        return min(most, 16)
-    return max(1, min(most, free // 4 // _bytes_per_image(k, height, width)))
-
-
-def check_memory(batch: int, k: int, height: int, width: int, device) -> None:
-    """Refuse a fit whose parameters alone (values, gradients, two Adam moments, render buffers)
-    would not fit in the memory there is, naming ``num_gaussians`` and the batch (before any work)."""
-    need, have = batch * _bytes_per_image(k, height, width), _free_bytes(device)
-    if have is not None and need > have:
-        raise ValueError(f"num_gaussians={k} for a batch of {batch} images of {height}x{width} needs at least "
-                         f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB free; use fewer Gaussians or "
-                         f"a smaller batch")
-
-
 def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
                   progress: bool = False, **overrides) -> FitResult:
     """Fit ``config.num_gaussians`` Gaussians to each image of ``images`` ``[B, 3, H, W]``.
@@ -275,16 +242,16 @@ def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: 
     """
     cfg = _resolved(images, config, overrides)
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        raw, valid, iters, before_prune, history, start = _optimise(images.float(), cfg, init_raw, progress)
+        fit = _optimise(images.float(), cfg, init_raw, progress)
     target = images.detach().float()
     with torch.no_grad():
-        g = decode(raw, cfg.scale_factor)
-        g.valid = None if bool(valid.all()) and cfg.prune_tau is None else valid
+        g = decode(fit.raw, cfg.scale_factor)
+        g.valid = None if bool(fit.valid.all()) and cfg.prune_tau is None else fit.valid
         out = render(g, height=target.shape[-2], width=target.shape[-1], mode=cfg.mode, backend=cfg.backend).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
-    return FitResult(raw=raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
-                     iters=iters, psnr_before_prune=before_prune, seconds=time.perf_counter() - start,
-                     rendered=out, history=history, config=cfg)
+    return FitResult(raw=fit.raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
+                     iters=fit.iters, psnr_before_prune=fit.psnr_before_prune,
+                     seconds=time.perf_counter() - fit.start, rendered=out, history=fit.history, config=cfg)
 
 
 def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
@@ -297,7 +264,7 @@ def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor
         raise ValueError("fit_raw: this config prunes or grows Gaussians; use fit_gaussians (its result carries "
                          "the valid mask)")
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        return _optimise(images.float(), cfg, init_raw, progress=False)[0]
+        return _optimise(images.float(), cfg, init_raw, progress=False).raw
 
 
 def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitConfig:
@@ -308,8 +275,19 @@ def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitC
     return cfg.for_image(*images.shape[-2:])
 
 
-def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> tuple:
-    """The fitting loop: ``(raw, valid, steps per image, PSNR before pruning, history, start time)``."""
+class _Optimised(NamedTuple):
+    """What the fitting loop leaves: the raw values, the valid mask, steps per image, PSNR before
+    pruning, the PSNR history and the loop's start time (``time.perf_counter``)."""
+    raw: Tensor
+    valid: Tensor
+    iters: Tensor
+    psnr_before_prune: Tensor
+    history: list
+    start: float
+
+
+def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> _Optimised:
+    """The fitting loop (the module docstring)."""
     b, _, h, w = images.shape
     k = cfg.num_gaussians
     check_memory(b, k, h, w, images.device)
@@ -396,4 +374,4 @@ def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress:
         if history and history[-1][0] == step + 1:
             bar.set_postfix(psnr=f"{history[-1][2]:.2f}", active=len(active))
     bar.close()
-    return raw.detach(), valid, steps_taken, before_prune, history, start
+    return _Optimised(raw.detach(), valid, steps_taken, before_prune, history, start)
