@@ -114,7 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .train import load_trained
 
     trained = load_trained(args.checkpoint, args.overrides)
-    print(f"{args.checkpoint}: {trained.kind.describe(trained.evaluate())}")
+    result = trained.evaluate()
+    print(f"{args.checkpoint} ({result['eval_split']} split): {trained.kind.describe(result)}")
     return 0
 
 

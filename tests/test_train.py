@@ -73,7 +73,11 @@ def test_baselines_train_and_evaluate(tmp_path, model, capsys):
     assert result["finished"] and result["eval_images"] > 0 and "psnr" not in result
     assert result["eval_split"] == ("val" if model == "offline" else "test")
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt")]) == 0
-    assert f"{100 * result['top1']:.2f}%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{100 * result['top1']:.2f}%" in out and f"({result['eval_split']} split)" in out
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "limit_eval=8"]) == 0
+    out = capsys.readouterr().out  # the split is named through a limit too (an offline folder's own)
+    assert f"({result['eval_split']} split)" in out and "on 8 images" in out
 
 
 def test_nan_guard_skips_and_then_stops(tmp_path, monkeypatch):

@@ -196,7 +196,11 @@ class TrainedRun:
         return limit(test, self.cfg.limit_eval), self.kind.collate(self.cfg)
 
     def evaluate(self) -> dict:
-        return evaluate(self.step, *self.test_data())
+        """The run's measures on its evaluation split, with ``eval_split``: the split's name (a
+        Gaussian folder's own, else the config's ``eval_split``)."""
+        test, collate = self.test_data()
+        split = getattr(getattr(test, "dataset", test), "split", None) or self.cfg.eval_split  # through a limit
+        return evaluate(self.step, test, collate) | {"eval_split": split}
 
 
 def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, device=None) -> TrainedRun:
