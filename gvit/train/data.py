@@ -20,7 +20,7 @@ from ..data.shards import ShardDataset
 from ..data.transforms import resize_square
 from ..gaussians import ANGLE, POS
 
-__all__ = ["StepBatches", "step_generator", "image_collate", "limit", "image_datasets", "shard_datasets",
+__all__ = ["StepBatches", "step_generator", "image_collate", "limit", "split_name", "image_datasets", "shard_datasets",
            "flip_gaussians", "CaptionItems", "caption_datasets", "caption_collate", "dataset_captions",
            "hold_out_classes", "with_captions", "class_texts", "unseen_classes"]
 
@@ -69,6 +69,12 @@ def limit(ds, n: int | None):
     if ds is None or n is None or n >= len(ds):
         return ds
     return Subset(ds, spread_indices(len(ds), n))
+
+
+def split_name(ds, default: str) -> str:
+    """The split ``ds`` holds, seen through a :func:`limit`: a Gaussian folder's own (its ``split``),
+    else ``default`` (the config's ``eval_split``)."""
+    return getattr(ds, "split", None) or getattr(getattr(ds, "dataset", None), "split", None) or default
 
 
 def image_datasets(cfg) -> tuple:

@@ -28,7 +28,7 @@ from ..progress import progress_bar
 from .base import ModelStep
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import StepBatches, limit, step_generator
+from .data import StepBatches, limit, split_name, step_generator
 from .kinds import config_from_dict, kind_of, model_step, with_overrides
 
 __all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
@@ -67,7 +67,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     step_kind = kind_of(cfg)
     train_ds, test_ds = step_kind.datasets(cfg)
     split_note = getattr(test_ds, "split_note", None)  # a folder without a split: its held-out part
-    eval_split = getattr(test_ds, "split", None) or cfg.eval_split  # Gaussian folders know their own split
+    eval_split = split_name(test_ds, cfg.eval_split)  # Gaussian folders know their own split
     if split_note and rank == 0:
         log(f"data: {split_note}")
     train_ds, test_ds = limit(train_ds, cfg.limit_train), limit(test_ds, cfg.limit_eval)
@@ -199,8 +199,7 @@ class TrainedRun:
         """The run's measures on its evaluation split, with ``eval_split``: the split's name (a
         Gaussian folder's own, else the config's ``eval_split``)."""
         test, collate = self.test_data()
-        split = getattr(getattr(test, "dataset", test), "split", None) or self.cfg.eval_split  # through a limit
-        return evaluate(self.step, test, collate) | {"eval_split": split}
+        return evaluate(self.step, test, collate) | {"eval_split": split_name(test, self.cfg.eval_split)}
 
 
 def load_trained(path: str | os.PathLike, overrides: list[str] | None = None, device=None) -> TrainedRun:
