@@ -1,47 +1,98 @@
 """Files gvit writes: atomically (each appears whole under its final name or not at all), safetensors
 files read back without running code (:func:`read_safetensors`), settings
 records that refuse to mix two experiments in one folder, and output folders that know what they
-hold (:func:`output_folder`: a marker naming the job and its settings, and a lock while it writes)."""
+hold (:func:`output_folder`: a marker naming the job and its settings, and a lock while it writes).
+
+A write that fails for want of space or permission raises :class:`WriteError`, a one-line ValueError
+naming the file and its folder (what finished before stays). Text files are valid UTF-8 whatever the file
+names they hold: a byte of a name that is not text (Python's surrogate escape ``\\udcNN``) is written as
+the six characters ``\\udcNN``, and :func:`original_name` turns such text back into the name."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import socket
 import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text", "readable_text", "write_json", "read_safetensors", "settings_diff",
-           "check_settings", "record_settings", "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
+__all__ = ["WriteError", "write_fault", "original_name", "append_line", "atomic_path", "write_text", "readable_text",
+           "write_json", "read_safetensors", "settings_diff", "check_settings", "record_settings", "check_output",
+           "output_folder", "remove_temporaries", "MARKER", "LOCK"]
+
+
+class WriteError(ValueError):
+    """A file could not be written (no space, no permission, a read-only disk): one line naming it."""
+
+
+_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system"}
+
+
+def write_fault(exc: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """The :class:`WriteError` an OSError writing ``path`` stands for (None for other errors)."""
+    if isinstance(exc, OSError) and exc.errno in _FAULTS:
+        path = Path(path)
+        return WriteError(f"cannot write {readable_text(path.name)} in {readable_text(str(path.parent))}: "
+                          f"{_FAULTS[exc.errno]} (finished outputs are kept; free space or fix the permissions "
+                          f"and rerun to resume)")
+    return None
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; on success it is renamed to ``path`` (atomic on
-    POSIX), on any error it is removed. Creates the parent folder."""
+    POSIX), on any error it is removed. Creates the parent folder. Running out of space or
+    permission raises :class:`WriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise (write_fault(exc, path) or exc) from None
     umask = os.umask(0)
     os.umask(umask)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files (and some writers recreate them): the usual ones
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        fault = write_fault(exc, path)
+        if fault is not None:
+            raise fault from None
         raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, as UTF-8. A file name that is not valid text (bytes
-    Python holds as surrogate escapes) is written back as its own bytes, so a reader that opens the
-    file with ``errors="surrogateescape"`` gets the same name."""
+    """Write ``text`` to ``path`` atomically as valid UTF-8 (the bytes of a file name that are not text
+    as ``\\udcNN``; :func:`original_name`)."""
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8", errors="surrogateescape")
+        Path(tmp).write_text(text, encoding="utf-8", errors="backslashreplace")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to a log file (valid UTF-8, as :func:`write_text`); a full disk or a
+    missing permission raises :class:`WriteError`."""
+    try:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        raise (write_fault(exc, path) or exc) from None
+
+
+_ESCAPED = re.compile(r"\\udc([89a-fA-F][0-9a-fA-F])")
+
+
+def original_name(text: str) -> str:
+    """A name as :func:`write_text` wrote it, back as Python holds it (``\\udcNN`` -> the surrogate escape
+    of byte NN, so ``os.fsencode`` gives the name's bytes)."""
+    return _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
 def readable_text(text: str) -> str:
@@ -55,8 +106,8 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_safetensors(path: str | os.PathLike, *, file_format: str, what: str) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of a safetensors file whose metadata says ``format: file_format``
+def read_safetensors(path: str | os.PathLike, *, file_format: str | tuple[str, ...], what: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file whose metadata says ``format: file_format`` (or one of them)
     (reading runs no code); FileNotFoundError or a ValueError naming the file otherwise. ``what``
     names the kind of file in messages ("Gaussian file", "token file")."""
     from safetensors import SafetensorError
@@ -75,7 +126,7 @@ def read_safetensors(path: str | os.PathLike, *, file_format: str, what: str) ->
             tensors, meta = load(data), _safetensors_metadata(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{readable_text(str(path))}: not a readable safetensors file ({exc})") from None
-    if meta.get("format") != file_format:
+    if meta.get("format") not in ((file_format,) if isinstance(file_format, str) else file_format):
         raise ValueError(f"{path}: not a gvit {what} (format={meta.get('format')!r})")
     return tensors, meta
 

@@ -337,6 +337,15 @@ def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     check raises ValueError naming the file and the field.
     """
     tensors, meta = read_safetensors(path, file_format=FILE_FORMAT, what="Gaussian file")
+    g, labels = gaussians_from_tensors(tensors, source=str(path), dtype=dtype)
+    return g, labels, meta
+
+
+def gaussians_from_tensors(tensors: dict[str, Tensor], *, source: str, dtype: torch.dtype = torch.float32):
+    """``(gaussians, labels)`` from the tensors of a Gaussian file or of decoded sets (``means``,
+    ``scales``, ``angles``, ``colors``, ``opacities``, optional ``valid`` and ``labels``), checked as
+    :func:`load_gaussians` checks a file (ValueError naming ``source`` and the field)."""
+    path = source
     missing = [name for name in _FIELDS if name not in tensors]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
@@ -352,7 +361,7 @@ def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     if labels is not None and (labels.shape != (g.batch_size,) or not integer):
         raise ValueError(f"{path}: labels must be integers of shape ({g.batch_size},), got {labels.dtype} "
                          f"{tuple(labels.shape)}")
-    return g, labels, meta
+    return g, labels
 
 
 def validate_gaussians(g: Gaussians, *, source: str = "gaussians") -> None:

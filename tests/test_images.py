@@ -183,3 +183,10 @@ def test_a_file_name_that_is_not_valid_text_costs_no_image_its_result(tmp_path, 
     g, _, meta = load_gaussians(out / f"{bad}.gaussians.safetensors")
     assert g.num_gaussians == 8 and "\ufffd" in meta["source"]  # stored as valid text
     assert main(args) == 0 and "2 already done" in capsys.readouterr().out  # the rerun finds both done
+    import csv
+
+    from gvit.files import original_name
+
+    text = (out / "metrics.csv").read_bytes().decode("utf-8")  # valid UTF-8: csv and pandas read it as it is
+    names = [row["name"] for row in csv.DictReader(text.splitlines())]
+    assert "bad\\udcff\\udcfename" in names and os.fsencode(original_name(names[0])) == b"bad\xff\xfename"

@@ -317,3 +317,72 @@ def test_a_demo_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pa
     assert not (out / "run" / "checkpoint.pt").exists() and (out / "run" / MARKER).is_file()
     summary = run_demo(out, overrides, resume=True, baseline=False, progress=False, log=lambda *a: None)
     assert summary["top1"] >= 0 and (out / "run" / "result.json").is_file()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 160 KB tmpfs (root only; skipped where mounting is not allowed), grown to 16 MB by ``grow()``."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root); the monkeypatched fault tests cover the same paths")
+
+    def grow():
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
+
+    yield mount, grow
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_fit_is_one_line_and_a_rerun_finishes(tmp_path, tiny_disk, capsys):
+    mount, grow = tiny_disk
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    out = mount / "fitted"
+    args = ["fit", str(photos), "--out", str(out), "--num-gaussians", "64", "--iters", "5", "--batch-size", "1",
+            "--quiet"]
+    assert main(args) == 2
+    err = _error(capsys, "no space left", str(out))
+    assert "rerun" in err
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as f:  # what finished is listed and whole
+        done = [row["name"] for row in csv.DictReader(f)]
+    from gvit.gaussians import load_gaussians
+
+    for name in done:
+        load_gaussians(out / f"{name}.gaussians.safetensors")
+    assert len(done) < 6 and not list(out.glob(".*.tmp"))
+    grow()
+    assert main(args) == 0 and f"{len(done)} already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fault", [28, 13])  # ENOSPC, EACCES
+def test_write_faults_of_every_job_are_one_line_naming_the_folder(tmp_path, capsys, monkeypatch, fault):
+    import errno
+
+    import gvit.files
+
+    real = os.replace
+    state = {"calls": 0}
+
+    def failing_replace(src, dst):  # the first write of a job's outputs after its folder marker fails
+        if not str(dst).endswith((MARKER, ".json")) or "result" in str(dst) or "manifest" in str(dst):
+            raise OSError(fault, os.strerror(fault))
+        state["calls"] += 1
+        return real(src, dst)
+
+    photos = _images(tmp_path / "photos")
+    what = {errno.ENOSPC: "no space left", errno.EACCES: "permission denied"}[fault]
+    monkeypatch.setattr(gvit.files.os, "replace", failing_replace)
+    jobs = {"fit": ["fit", str(photos), "--out", str(tmp_path / "f"), *QUICK],
+            "encode": ["encode", str(photos), "--out", str(tmp_path / "e"), "--num-gaussians", "8", "--quiet"],
+            "fit-dataset": ["fit-dataset", "--data", "shapes:16", "--out", str(tmp_path / "d"), *QUICK],
+            "train": ["train", *TRAIN, f"out={tmp_path / 't'}", "--quiet"]}
+    for job, args in jobs.items():
+        assert main(args) == 2, job
+        _error(capsys, what, tmp_path)
+    monkeypatch.setattr(gvit.files.os, "replace", real)
+    assert main(jobs["encode"]) == 0  # nothing half-written stood in the way

@@ -112,6 +112,18 @@ def read_image(path: str | os.PathLike, *, min_size: int = 1) -> Tensor:
     return decode_image(Path(path), str(path), min_size=min_size)
 
 
+def read_or_skip(path: str | os.PathLike, skip_bad: bool, skipped: list[str]) -> Tensor | None:
+    """:func:`read_image`, or for an unreadable file with ``skip_bad`` None, its error appended to
+    ``skipped`` (without ``skip_bad`` the :class:`ImageReadError` is raised)."""
+    try:
+        return read_image(path)
+    except ImageReadError as exc:
+        if not skip_bad:
+            raise
+        skipped.append(str(exc))
+        return None
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """``<root>/<class>/<image>`` as a dataset of ``(image [3, H, W], label)``; root is a
     directory or a .zip archive. Safe to use with DataLoader workers (each opens its own zip

@@ -3,36 +3,44 @@ encoder's Gaussians, and offline training reads. One writer, one reader, one man
 
 A folder holds ``shard-NNNNN.safetensors`` files (Gaussian files of :mod:`gvit.gaussians` with
 labels; Gaussians padded to the shard's largest count with a ``valid`` mask when sets differ in
-size) and, once every shard exists, ``manifest.json``. Each shard's metadata records the dataset
-indices it holds, per-image PSNR, skipped images and the image size.
+size; or, with ``dtype="gvc"``, every image's ``.gvc`` coded bytes of :mod:`gvit.codec` end to end,
+with their offsets and the labels) and, once every shard exists, ``manifest.json``. Each shard's
+metadata records the dataset indices it holds, per-image PSNR, skipped images and the image size.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..files import write_json
-from ..gaussians import (Gaussians, compact, compression_ratio, concat, encode, load_gaussians, pad, save_gaussians,
-                         valid_mask)
+from ..codec import CodecError, encode_gaussians
+from ..codec import decode as decode_coded
+from ..files import atomic_path, read_safetensors, readable_text, write_json
+from ..gaussians import (FILE_FORMAT, Gaussians, compact, concat, encode, gaussians_from_tensors, pad,
+                         save_gaussians, valid_mask)
 
-__all__ = ["SHARD_FORMAT", "DTYPES", "storage_dtype", "shard_name", "shard_done", "write_shard", "read_shard",
-           "write_manifest", "read_manifest", "load_shards", "ShardDataset"]
+__all__ = ["SHARD_FORMAT", "CODED_FORMAT", "CODED", "DTYPES", "storage_dtype", "shard_name", "shard_done",
+           "write_shard", "read_shard", "write_manifest", "read_manifest", "load_shards", "ShardDataset"]
 
 SHARD_FORMAT, SHARD_VERSION = "gvit.gaussian-shards", "1"
-DTYPES = {"float32": (torch.float32, 4), "float16": (torch.float16, 2)}
+CODED_FORMAT = "gvit.coded-shard"  # a shard of .gvc coded images
+CODED = "gvc"
+DTYPES = {"float32": (torch.float32, 4), "float16": (torch.float16, 2), CODED: (None, None)}
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def storage_dtype(name: str) -> tuple[torch.dtype, int]:
-    """``(torch dtype, bytes per value)`` of a storage dtype name (ValueError naming the allowed ones)."""
+def storage_dtype(name: str) -> tuple[torch.dtype | None, int | None]:
+    """``(torch dtype, bytes per value)`` of a storage dtype name (ValueError naming the allowed ones);
+    ``(None, None)`` for ``gvc``, the coded form."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
@@ -47,13 +55,50 @@ def write_shard(folder: str | os.PathLike, index: int, gaussians: Gaussians, lab
     meta = {"height": height, "width": width, "shard": index, "indices": json.dumps([int(i) for i in indices]),
             "skipped": json.dumps(skipped or []), "psnr": json.dumps([round(float(v), 3) for v in psnr]),
             "scale_factor": scale_factor, **metadata}
-    save_gaussians(path, compact(gaussians), labels=labels, dtype=storage_dtype(dtype)[0], metadata=meta)
+    if dtype != CODED:
+        save_gaussians(path, compact(gaussians), labels=labels, dtype=storage_dtype(dtype)[0], metadata=meta)
+        return path
+    from safetensors.torch import save_file
+
+    blobs = [encode_gaussians(compact(gaussians[i]), height, width) for i in range(gaussians.batch_size)]
+    offsets = torch.tensor([0, *map(len, blobs)], dtype=torch.int64).cumsum(0)
+    tensors = {"coded": torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy()), "offsets": offsets,
+               "labels": labels.detach().to("cpu", torch.int64).contiguous()}
+    meta = {"format": CODED_FORMAT, "version": "1"} | {readable_text(str(k)): readable_text(
+        v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return path
+
+
+def _read_coded(path, tensors: dict) -> tuple[Gaussians, Tensor]:
+    """The Gaussians (padded, with ``valid``) and labels of a coded shard."""
+    coded, offsets, labels = (tensors.get(k) for k in ("coded", "offsets", "labels"))
+    if coded is None or offsets is None or labels is None or offsets.ndim != 1 or len(offsets) != len(labels) + 1 \
+            or int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()) or int(offsets[-1]) != len(coded):
+        raise ValueError(f"{path}: not a coded shard (coded bytes, offsets or labels missing or inconsistent)")
+    data = coded.numpy().tobytes()
+    sets = []
+    for i in range(len(labels)):
+        try:
+            sets.append(decode_coded(data[int(offsets[i]):int(offsets[i + 1])]))
+        except CodecError as exc:
+            raise ValueError(f"{path}: image {i}: {exc}") from None
+    if not sets:
+        return Gaussians(*(torch.zeros(0, 0, *s) for s in ((2,), (2,), (), (3,), ()))), labels
+    kmax = max(max(g.num_gaussians for g in sets), 1)
+    g = concat([pad(s, kmax) for s in sets])
+    return gaussians_from_tensors({"means": g.means, "scales": g.scales, "angles": g.angles, "colors": g.colors,
+                                   "opacities": g.opacities, "valid": g.valid, "labels": labels}, source=str(path))
 
 
 def read_shard(path: str | os.PathLike) -> tuple[Gaussians, Tensor, dict]:
     """``(gaussians, labels, metadata)`` of one shard, with ``indices``, ``psnr`` and ``skipped`` parsed."""
-    g, labels, meta = load_gaussians(path)
+    tensors, meta = read_safetensors(path, file_format=(FILE_FORMAT, CODED_FORMAT), what="Gaussian shard")
+    if meta["format"] == CODED_FORMAT:
+        g, labels = _read_coded(path, tensors)
+    else:
+        g, labels = gaussians_from_tensors(tensors, source=str(path))
     for key in ("indices", "psnr", "skipped"):
         meta[key] = json.loads(meta.get(key, "[]"))
     if labels is None or len(meta["indices"]) != g.batch_size:
@@ -73,12 +118,14 @@ def shard_done(path: str | os.PathLike) -> bool:
     return True
 
 
-def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *, dtype: str,
+def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *,
                    classes: list[str] | None, **extra) -> dict:
     """Summarise the finished shards ``0 .. num_shards - 1`` of ``folder`` into ``manifest.json``
-    (counts, PSNR, compression against 8-bit pixels, skipped images, the settings); returns it."""
+    (counts, PSNR, the shard files' bytes per image and compression against 8-bit pixels, measured on disk,
+    skipped images, the settings); returns it."""
     folder = Path(folder)
     counts, psnrs, skipped = [], [], []
+    stored = sum((folder / shard_name(s)).stat().st_size for s in range(num_shards))  # measured file bytes
     for s in range(num_shards):
         g, _, meta = read_shard(folder / shard_name(s))
         counts.append(g.counts())
@@ -89,8 +136,8 @@ def write_manifest(folder: str | os.PathLike, num_shards: int, settings: dict, *
     manifest = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "shards": [shard_name(s) for s in range(num_shards)],
                 "num_images": int(len(counts)), "height": h, "width": w, "classes": classes,
                 "mean_count": float(counts.mean()), "mean_psnr": sum(psnrs) / len(psnrs),
-                "compression_vs_8bit": float(compression_ratio(counts, h, w,
-                                                               bytes_per_value=storage_dtype(dtype)[1]).mean()),
+                "bytes_per_image": stored / max(len(counts), 1),
+                "compression_vs_8bit": 3.0 * h * w * len(counts) / max(stored, 1),
                 "skipped": skipped, "settings": settings, **extra}
     write_json(folder / "manifest.json", manifest)
     return manifest
@@ -130,16 +177,25 @@ def load_shards(folder: str | os.PathLike) -> tuple[Gaussians, Tensor, Tensor, d
 
 class ShardDataset(torch.utils.data.Dataset):
     """A finished shard folder as a dataset of ``((raw [k, 9], valid [k]), label)`` (raw: the
-    Gaussians encoded with ``scale_factor``), with ``classes``, ``targets`` and ``split`` (the split of
-    the images it was fitted from, as ``gvit fit-dataset`` recorded it; None when not recorded)."""
+    Gaussians encoded with ``scale_factor``), with ``classes``, ``targets``, ``indices`` (the dataset
+    indices of its images), ``manifest`` and ``split`` (the split of the images it was fitted from, as
+    ``gvit fit-dataset`` recorded it; None when not recorded)."""
 
     def __init__(self, folder: str | os.PathLike, scale_factor: float = 1.0):
-        g, labels, _, manifest = load_shards(folder)
+        g, labels, indices, manifest = load_shards(folder)
         self.raw = encode(g, scale_factor=scale_factor)
         self.valid = valid_mask(g)
-        self.targets = labels
+        self.targets, self.indices, self.manifest = labels, indices.tolist(), manifest
         self.classes = manifest.get("classes") or [str(i) for i in range(int(labels.max()) + 1)]
         self.split = (manifest.get("settings") or {}).get("split")
+
+    def select(self, indices: list[int]) -> "ShardDataset":
+        """The items at ``indices`` (positions in this dataset)."""
+        out = copy.copy(self)
+        index = torch.as_tensor(indices, dtype=torch.long)
+        out.raw, out.valid, out.targets = self.raw[index], self.valid[index], self.targets[index]
+        out.indices = [self.indices[i] for i in indices]
+        return out
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -17,6 +17,8 @@ initialisations):
   and, in ``grow_rounds`` rounds up to ``grow_until``, moves the ones that contribute little
   (``grow_prune``) and adds the rest at the pixels where the render is most wrong, in front
   (Image-GS's error-driven placement), so the budget goes where the image needs it;
+* optional projection (:data:`Projection`, e.g. :mod:`gvit.codec`'s quantiser) from ``project_from`` x the
+  iterations on: the end of the fit optimises exactly the values and the order that will be stored;
 * two recipes fill the settings a config leaves unset (:data:`RECIPES`): ``small`` (CIFAR-sized
   images) and ``photo``; ``recipe="auto"`` picks by the image's pixel count.
 
@@ -29,49 +31,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..gaussians import ANGLE, COLOR, OPACITY, POS, RAW_DIM, SCALE, Gaussians, decode
+from ..gaussians import ANGLE, COLOR, OPACITY, POS, RAW_DIM, SCALE, Gaussians, decode, take, take_sets
 from ..losses import RECONSTRUCTION_LOSSES, psnr, reconstruction_loss, ssim
 from ..render import BACKENDS, MODES, render
 from ..progress import progress_bar
 from ..settings import setting, validate_fields
 from .budget import GROW_WIDTH, grow_round, grow_schedule, prune_weak
+from .recipes import PHOTO_PIXELS, PHOTO_SPACING, RECIPES, recipe_values
 from .init import INITS, check_images, initialize
 from .memory import check_memory
 
-__all__ = ["RECIPES", "PHOTO_PIXELS", "PHOTO_SPACING", "recipe_values", "FitConfig", "FitResult", "fit_gaussians",
-           "fit_raw"]
-
-# The recipes: the values of the settings a config leaves unset. "small" is the recipe every CIFAR-sized
-# figure was measured with; "photo" was chosen on 3 CBSD68 photos (33 trials, docs/fitting.md).
-RECIPES = {
-    "small": dict(iters=500, lr_position=0.1, lr_scale=0.05, lr_angle=0.05, lr_color=0.05, lr_opacity=0.05,
-                  warmup=0.02, final_lr_fraction=0.01, grow_from=1.0),
-    "photo": dict(iters=160, lr_position=1.0, lr_scale=0.1, lr_angle=0.1, lr_color=0.1, lr_opacity=0.1,
-                  warmup=0.0, final_lr_fraction=0.05, grow_from=0.2),
-}
-PHOTO_PIXELS = 256 * 256  # recipe "auto": images with at least this many pixels are fitted as photos
-# "photo" was chosen at 4-5 pixels between Gaussians (k = 5,500-9,000 on 481x321); a denser budget
-# takes smaller position steps and more of them, both in proportion to PHOTO_SPACING / spacing
-# (chosen on the same 3 photos at k = 30,000, docs/fitting.md)
-PHOTO_SPACING = 4.0
-
-
-def recipe_values(name: str, height: int, width: int, num_gaussians: int) -> dict:
-    """The settings recipe ``name`` gives a ``height x width`` image with ``num_gaussians``: :data:`RECIPES`,
-    and for ``photo`` with a mean spacing sqrt(H W / k) under :data:`PHOTO_SPACING` pixels, the
-    iterations times PHOTO_SPACING / spacing and the position step divided by it."""
-    values = dict(RECIPES[name])
-    spacing = math.sqrt(height * width / num_gaussians)
-    if name == "photo" and spacing < PHOTO_SPACING:
-        denser = PHOTO_SPACING / spacing
-        values.update(iters=int(round(values["iters"] * denser)), lr_position=values["lr_position"] / denser)
-    return values
-
+__all__ = ["FitConfig", "FitResult", "Projection", "fit_gaussians", "fit_raw"]
 
 @dataclass
 class FitConfig:
@@ -231,25 +206,38 @@ def _per_image_psnr(out: Tensor, target: Tensor) -> Tensor:
     return psnr(out.detach().clamp(0, 1), target)
 
 
+Projection = Callable[[Gaussians], "tuple[Gaussians, Tensor]"]
+"""``project(g) -> (projected, order)``: Gaussians ``[B, k]`` to the values kept (straight-through gradients;
+``valid`` False for slots it drops) and the order ``[B, k]`` to keep them in (dropped slots last). Every
+projected step renders the projected values, with parameters and optimiser state put in that order."""
+
+
 def fit_gaussians(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor | None = None,
-                  progress: bool = False, **overrides) -> FitResult:
+                  progress: bool = False, project: Projection | None = None, project_from: float = 0.75,
+                  **overrides) -> FitResult:
     """Fit ``config.num_gaussians`` Gaussians to each image of ``images`` ``[B, 3, H, W]``.
 
     ``config`` fields can be overridden by keyword (``fit_gaussians(x, iters=200)``).
-    ``init_raw`` ``[B, k, 9]`` replaces the configured initialisation. Runs on the images'
-    device in float32 (also inside ``torch.no_grad()`` or autocast); shows a tqdm bar when
-    ``progress`` is true.
+    ``init_raw`` ``[B, k, 9]`` replaces the configured initialisation. With ``project``, the result holds the
+    projected Gaussians in the projection's order (``raw`` in the same order). Runs on the images' device
+    in float32 (also inside ``torch.no_grad()`` or autocast); shows a tqdm bar when ``progress`` is true.
     """
     cfg = _resolved(images, config, overrides)
+    if not 0 <= project_from <= 1:
+        raise ValueError(f"project_from must be in [0, 1], got {project_from!r}")
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        fit = _optimise(images.float(), cfg, init_raw, progress)
+        fit = _optimise(images.float(), cfg, init_raw, progress, project, project_from)
     target = images.detach().float()
+    raw = fit.raw
     with torch.no_grad():
-        g = decode(fit.raw, cfg.scale_factor)
-        g.valid = None if bool(fit.valid.all()) and cfg.prune_tau is None else fit.valid
+        g = decode(raw, cfg.scale_factor)
+        g.valid = None if bool(fit.valid.all()) and cfg.prune_tau is None and project is None else fit.valid
+        if project is not None:
+            g, order = project(g)
+            g, raw = take_sets(g, order), take(raw, order)
         out = render(g, height=target.shape[-2], width=target.shape[-1], mode=cfg.mode, backend=cfg.backend).clamp(0, 1)
         final_psnr, final_ssim = psnr(out, target), ssim(out, target)
-    return FitResult(raw=fit.raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
+    return FitResult(raw=raw, gaussians=g, psnr=final_psnr.detach().cpu(), ssim=final_ssim.detach().cpu(),
                      iters=fit.iters, psnr_before_prune=fit.psnr_before_prune,
                      seconds=time.perf_counter() - fit.start, rendered=out, history=fit.history, config=cfg)
 
@@ -264,7 +252,7 @@ def fit_raw(images: Tensor, config: FitConfig | None = None, *, init_raw: Tensor
         raise ValueError("fit_raw: this config prunes or grows Gaussians; use fit_gaussians (its result carries "
                          "the valid mask)")
     with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
-        return _optimise(images.float(), cfg, init_raw, progress=False).raw
+        return _optimise(images.float(), cfg, init_raw, False, None, 1.0).raw
 
 
 def _resolved(images: Tensor, config: FitConfig | None, overrides: dict) -> FitConfig:
@@ -286,7 +274,8 @@ class _Optimised(NamedTuple):
     start: float
 
 
-def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool) -> _Optimised:
+def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress: bool,
+              project: Projection | None, project_from: float) -> _Optimised:
     """The fitting loop (the module docstring)."""
     b, _, h, w = images.shape
     k = cfg.num_gaussians
@@ -319,6 +308,7 @@ def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress:
     coarse_size = (-(-h // 2), -(-w // 2))
     coarse_target = torch.nn.functional.interpolate(target, size=coarse_size, mode="area") if coarse_steps else None
     generator = torch.Generator().manual_seed(cfg.seed + 1)
+    project_step = int(round(project_from * cfg.iters)) if project is not None else cfg.iters + 1
 
     bar = progress_bar(cfg.iters, desc=f"fit {b} x {k} Gaussians ({h}x{w})", unit="step", enabled=progress, leave=False)
     for step in range(cfg.iters):
@@ -337,9 +327,17 @@ def _optimise(images: Tensor, cfg: FitConfig, init_raw: Tensor | None, progress:
                 grow_round(raw, valid, (exp_avg, exp_sq, age), active, target, grow_at[step],
                            scale_factor=cfg.scale_factor, prune_tau=cfg.grow_prune, render_kw=render_kw,
                            generator=generator, width=cfg.grow_width)
+        projecting = step >= project_step
+        if projecting:
+            with torch.no_grad():
+                order = project(replace(decode(raw[active], cfg.scale_factor), valid=valid[active]))[1]
+                for state in (raw, valid, exp_avg, exp_sq, *(() if age is None else (age,))):
+                    state[active] = take(state[active], order)
         x = raw[active].requires_grad_(True)
         g = decode(x, cfg.scale_factor)
         g.valid = valid[active]
+        if projecting:
+            g = project(g)[0]
         coarse = step < coarse_steps  # normalised coordinates: the same Gaussians at half the resolution
         out = render(g, **(render_kw | dict(zip(("height", "width"), coarse_size)) if coarse else render_kw))
         tgt = (coarse_target if coarse else target)[active]

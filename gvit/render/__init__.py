@@ -64,7 +64,8 @@ def rasterize(
         angles: ``[B, k]`` radians, turning the Gaussian's x-axis from +x toward +y.
         colors: ``[B, k, C]`` for any C >= 1.
         opacities: ``[B, k]`` in [0, 1].
-        height, width: output size in pixels.
+        height: output height in pixels.
+        width: output width in pixels.
         background: ``[C]`` or ``[B, C]``; default zeros.
         mode: ``"alpha"`` (front-to-back compositing) or ``"sum"`` (order-free sum).
         backend: one of :data:`BACKENDS`.

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data import ImageReadError, read_image
+from ..data import read_or_skip
 from ..data.transforms import resize_square
 from ..explain import explain_images
 from ..files import output_folder, write_json
@@ -92,12 +92,8 @@ def _explain(trained, checkpoint, jobs, out: Path, target, grid: int, batch_size
     for start in range(0, len(jobs), batch_size):
         batch, names = [], []
         for path, name in jobs[start:start + batch_size]:
-            try:
-                img = read_image(path)
-            except ImageReadError as exc:
-                if not skip_bad:
-                    raise
-                skipped.append(str(exc))
+            img = read_or_skip(path, skip_bad, skipped)
+            if img is None:
                 continue
             original = tuple(img.shape[-2:])
             batch.append(resize_square(img, size))

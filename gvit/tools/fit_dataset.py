@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..data import ImageReadError, open_dataset, spread_indices
-from ..data.shards import shard_done, shard_name, storage_dtype, write_manifest, write_shard
+from ..codec import PROJECT_FROM, BitDepths, project
+from ..data.shards import CODED, shard_done, shard_name, storage_dtype, write_manifest, write_shard
 from ..distributed import barrier, device_for, launched_world, share_threads
 from ..files import output_folder, record_settings
 from ..fit import FitConfig, fit_gaussians
@@ -35,6 +36,8 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
     are recorded in ``settings.json`` and a rerun with different settings into the same folder is
     refused. Under ``torchrun`` each process takes every WORLD_SIZE-th shard and rank 0 writes
     ``manifest.json`` once all shards exist.
+    With ``dtype="gvc"`` every image is stored as ``.gvc`` bytes (:mod:`gvit.codec`), fitted in one stage
+    with the codec's quantisation over the second half of the steps.
     Unreadable images raise (naming the file), or with ``skip_bad`` are left out and listed in
     their shard's metadata and the manifest. Returns the manifest (rank 0) or a per-rank summary.
     """
@@ -58,6 +61,12 @@ def fit_dataset(data: str | os.PathLike, out: str | os.PathLike, config: FitConf
                                               overwrite=overwrite))
         return _convert(dataset, data, order, out, config, settings, split, shard_size, batch_size, dtype, skip_bad,
                         where, progress, log, (rank, world, local_world))
+
+
+def _coded_projection(height: int, width: int):
+    """The codec's projection for coded shards: the fit ends on the values the .gvc bytes hold."""
+    bits = BitDepths()
+    return lambda g: project(g, height, width, bits)
 
 
 def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict, split: str, shard_size: int,
@@ -93,8 +102,10 @@ def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict,
             raise ValueError(f"dataset {data}: shard {s} mixes image sizes {sizes}; fit-dataset needs "
                              "one size per dataset (use gvit fit for folders of photos)")
         parts = []
+        projection = _coded_projection(*images[0].shape[1:]) if dtype == CODED and images else None
         for b in range(0, len(images), batch_size):
-            res = fit_gaussians(torch.stack(images[b:b + batch_size]).to(device), config, progress=False).to("cpu")
+            res = fit_gaussians(torch.stack(images[b:b + batch_size]).to(device), config, progress=False,
+                                project=projection, project_from=PROJECT_FROM).to("cpu")
             parts.append(res)
             bar.update(len(res.psnr))
             bar.set_postfix(shard=s, psnr=f"{float(res.psnr.mean()):.2f}")
@@ -117,7 +128,7 @@ def _convert(dataset, data, order, out: Path, config: FitConfig, settings: dict,
         return {"rank": rank, "shards": len(mine), "seconds": seconds}
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:10]} are missing after this run")
-    manifest = write_manifest(out, n_shards, settings, dtype=dtype,
+    manifest = write_manifest(out, n_shards, settings,
                               classes=list(getattr(dataset, "classes", [])) or None, seconds_this_run=seconds)
     for item in manifest["skipped"]:
         log(f"skipped image {item['index']}: {item['error']}")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image
+from ..data import IMAGE_EXTENSIONS, ImageReadError, image_size, read_or_skip
 from ..data.shards import storage_dtype
 from ..distributed import device_for
 from ..fit import FitConfig, auto_batch_size, fit_gaussians
-from ..files import output_folder
-from ..gaussians import compact, compression_ratio, load_gaussians, save_gaussians
+from ..files import original_name, output_folder
+from ..gaussians import compact, load_gaussians, save_gaussians
 from ..progress import progress_bar
 from ..viz import draw_ellipses, save_png, to_uint8
 from .artifacts import write_csv
@@ -62,8 +62,8 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[tuple[Path, str]]:
 def _read_metrics(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:  # names as write_text wrote them
-        return {row["name"]: row for row in csv.DictReader(f) if row.get("name")}
+    with open(path, newline="", encoding="utf-8") as f:  # names as write_text wrote them
+        return {original_name(row["name"]): row for row in csv.DictReader(f) if row.get("name")}
 
 
 def _write_metrics(path: Path, rows: dict[str, dict]) -> None:
@@ -85,7 +85,9 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
     summary instead. Images whose Gaussian file exists are skipped unless ``overwrite``. Returns a
     summary dict (counts, mean PSNR, skipped files, seconds).
     """
-    torch_dtype, nbytes = storage_dtype(dtype)
+    torch_dtype = storage_dtype(dtype)[0]
+    if torch_dtype is None:
+        raise ValueError(f"dtype {dtype!r}: gvit fit stores float32 or float16; use gvit encode for coded images")
     where = device_for(device, "--device")
     out = Path(out)
     jobs = collect_images(inputs)
@@ -95,7 +97,7 @@ def fit_files(inputs: list[str | os.PathLike], out: str | os.PathLike, config: F
         )
     settings = {"fit": config.to_dict(), "dtype": dtype}
     with output_folder(out, "fit", settings=settings, inputs=inputs, overwrite=overwrite, continues=True):
-        return _fit_files(jobs, out, config, torch_dtype, nbytes, batch_size, skip_bad, overwrite, pictures,
+        return _fit_files(jobs, out, config, torch_dtype, batch_size, skip_bad, overwrite, pictures,
                           where, progress, log)
 
 
@@ -111,7 +113,7 @@ def _finished(out: Path, name: str, rows: dict[str, dict]) -> bool:
     return True
 
 
-def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dtype, nbytes: int, pictures: bool,
+def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dtype, pictures: bool,
                  rows: dict, metrics_path: Path) -> None:
     """One fitted batch's files: pictures and Gaussian files, then its metrics rows (the only
     writer of ``rows`` and metrics.csv while the job runs)."""
@@ -124,17 +126,17 @@ def _write_batch(out: Path, x, res, names, sources, config: FitConfig, torch_dty
         if pictures:
             save_png(out / f"{name}.recon.png", to_uint8(res.rendered[i]))
             save_png(out / f"{name}.overlay.png", draw_ellipses(x[i], g))
-        save_gaussians(out / f"{name}.gaussians.safetensors", g, dtype=torch_dtype, metadata=meta)
+        path = out / f"{name}.gaussians.safetensors"
+        save_gaussians(path, g, dtype=torch_dtype, metadata=meta)
+        stored = path.stat().st_size  # measured: the file's bytes, header and metadata included
         rows[name] = {"name": name, "file": str(sources[name]), "height": h, "width": w, "count": count,
                       "psnr": f"{float(res.psnr[i]):.3f}", "ssim": f"{float(res.ssim[i]):.5f}",
-                      "bytes": count * 9 * nbytes,
-                      "compression": "%.3f" % float(compression_ratio(torch.tensor([count]), h, w,
-                                                                      bytes_per_value=nbytes)),
+                      "bytes": stored, "compression": f"{3 * h * w / stored:.3f}",
                       "seconds": f"{res.seconds / len(names):.3f}", "iters": int(res.iters[i])}
     _write_metrics(metrics_path, rows)
 
 
-def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, batch_size: int | None, skip_bad: bool,
+def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, batch_size: int | None, skip_bad: bool,
                overwrite: bool, pictures: bool, device: torch.device, progress: bool, log) -> dict:
     bad: list[str] = []
     done = 0
@@ -165,20 +167,17 @@ def _fit_files(jobs, out: Path, config: FitConfig, torch_dtype, nbytes: int, bat
         for batch in batches:
             pixels, names, sources = [], [], {}
             for path, name in batch:
-                try:
-                    pixels.append(read_image(path))
-                except ImageReadError as exc:
-                    if not skip_bad:
-                        raise
-                    bad.append(str(exc))
+                image = read_or_skip(path, skip_bad, bad)
+                if image is None:
                     continue
+                pixels.append(image)
                 names.append(name)
                 sources[name] = path
             if not names:
                 continue
             x = torch.stack(pixels)
             res = fit_gaussians(x.to(device), config, progress=progress).to("cpu")
-            pending.append(writer.submit(_write_batch, out, x, res, names, sources, config, torch_dtype, nbytes,
+            pending.append(writer.submit(_write_batch, out, x, res, names, sources, config, torch_dtype,
                                          pictures, rows, metrics_path))
             fitted += names
             bar.update(len(batch))

@@ -77,7 +77,7 @@ def encode_like(checkpoint: str | os.PathLike, like: str | os.PathLike, out: str
                     data=str(source), source="encoder")
         bar.update(1)
     bar.close()
-    return write_manifest(out, len(shards), settings, dtype="float32", classes=manifest.get("classes"))
+    return write_manifest(out, len(shards), settings, classes=manifest.get("classes"))
 
 
 _RUNS = {  # name -> (trained on, classifier input)

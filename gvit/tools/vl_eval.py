@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from ..data.shards import read_manifest
-from ..files import output_folder, write_json, write_text
+from ..files import append_line, output_folder, write_json, write_text
 from ..progress import progress_bar
 from ..train import load_trained
 from ..train.data import limit as limit_dataset
@@ -78,8 +78,7 @@ def _vl_eval(pairs, out: Path, limit, progress: bool, log) -> dict:
             loaded = {checkpoint: _load_stage(checkpoint)}  # one model in memory at a time
         step = loaded[checkpoint]
         row = evaluate_folder(step, checkpoint, folder, limit)
-        with open(done_path, "a") as f:  # appended whole lines: a killed run keeps every finished row
-            f.write(json.dumps(row) + "\n")
+        append_line(done_path, json.dumps(row))  # appended whole lines: a killed run keeps every finished row
         rows.append(row)
         bar.update(1)
     bar.close()

@@ -1,195 +1,14 @@
-"""The ``gvit`` command line: argparse and printing only; each command calls one job of
-:mod:`gvit.tools` or :mod:`gvit.train` (demo, fit-demo, fit, fit-dataset, train, finetune, eval, explain,
-report, sweep, leakage, interpret, vl-eval, tokens)."""
+"""The ``gvit`` argument parser: one subcommand per job, each set to its handler in
+:mod:`gvit.cli.commands`."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-from .fit import FitConfig
-from .settings import add_arguments, from_arguments
+from . import commands
+from .commands import add_fit_options
 
-
-def _add_fit_options(parser: argparse.ArgumentParser, **defaults) -> None:
-    """One ``--option`` per :class:`~gvit.fit.FitConfig` field (as declared there), and ``--device``."""
-    add_arguments(parser, FitConfig, title="fitting", **defaults)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU if any")
-
-
-def _fit_config(args: argparse.Namespace) -> FitConfig:
-    return from_arguments(FitConfig, args)
-
-
-def _score(result: dict, model: str) -> str:
-    """One line of an evaluation result, as the run's kind words it."""
-    from .train import kind_of
-
-    return kind_of(model).describe(result)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .tools.demo import demo_lines, run_demo
-
-    summary = run_demo(args.out, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                       baseline=not args.no_baseline, progress=not args.quiet)
-    if "top1" in summary:
-        print("\n".join(demo_lines(summary, args.out)))
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from .tools.report import training_report
-
-    summary = training_report(args.checkpoint, args.out, num_examples=args.examples, overrides=args.overrides,
-                              overwrite=args.overwrite)
-    print(f"{_score(summary, summary['model'])} -> {Path(args.out) / 'report.html'}")
-    return 0
-
-
-def _explain(args: argparse.Namespace) -> int:
-    from .tools.explain import explain_files
-
-    summary = explain_files(args.checkpoint, args.inputs, args.out, target=args.target, grid=args.grid,
-                            batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
-                            progress=not args.quiet)
-    print(f"explained {len(summary['images'])} image(s), {len(summary['skipped'])} unreadable skipped "
-          f"-> {Path(args.out) / 'index.html'}")
-    return 0
-
-
-def _fit_demo(args: argparse.Namespace) -> int:
-    from .tools.demo import run_fit_demo
-
-    print(run_fit_demo(args.out, _fit_config(args), images=args.images, size=args.size, seed=args.seed,
-                       overwrite=args.overwrite, device=args.device, progress=not args.quiet))
-    outdir = Path(args.out)
-    print(f"wrote {outdir / 'reconstructions.png'} (image | Gaussians | 2-sigma ellipses), "
-          f"{outdir / 'gaussians.safetensors'}, {outdir / 'report.md'}")
-    return 0
-
-
-def _fit(args: argparse.Namespace) -> int:
-    from .tools.fit_files import fit_files
-
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    summary = fit_files(args.inputs, args.out, _fit_config(args), batch_size=args.batch_size, dtype=args.dtype,
-                        skip_bad=args.skip_bad, overwrite=args.overwrite, pictures=not args.no_pictures,
-                        device=args.device, progress=not args.quiet)
-    print(f"fitted {summary['fitted']} image(s) in {summary['seconds']:.1f} s, mean PSNR {summary['mean_psnr']:.2f} dB"
-          f"; {summary['already_done']} already done; {len(summary['skipped_bad'])} unreadable skipped"
-          f" -> {summary['out']}/metrics.csv")
-    return 0
-
-
-def _fit_dataset(args: argparse.Namespace) -> int:
-    from .tools.fit_dataset import fit_dataset
-
-    result = fit_dataset(args.data, args.out, _fit_config(args), split=args.split, val_every=args.val_every,
-                         shard_size=args.shard_size,
-                         batch_size=args.batch_size, limit=args.limit, dtype=args.dtype, skip_bad=args.skip_bad,
-                         overwrite=args.overwrite, device=args.device, progress=not args.quiet)
-    if "num_images" in result:
-        print(f"{result['num_images']} images in {len(result['shards'])} shard(s): mean PSNR "
-              f"{result['mean_psnr']:.2f} dB, mean count {result['mean_count']:.1f}, "
-              f"{result['compression_vs_8bit']:.2f}x vs 8-bit pixels, {len(result['skipped'])} skipped "
-              f"-> {args.out}/manifest.json")
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from .train import load_config, train
-
-    overrides = list(args.overrides) + ([f"finetune_from={args.checkpoint}"] if args.command == "finetune" else [])
-    cfg = load_config(args.config, overrides, as_model=args.as_model)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    if result.get("finished") and "eval_images" in result:
-        print(f"{cfg.model}: {_score(result, cfg.model)} -> {cfg.out}/result.json")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from .train import load_trained
-
-    trained = load_trained(args.checkpoint, args.overrides)
-    result = trained.evaluate()
-    print(f"{args.checkpoint} ({result['eval_split']} split): {trained.kind.describe(result)}")
-    return 0
-
-
-def _tokens(args: argparse.Namespace) -> int:
-    from .tools.tokens import decode_tokens, encode_tokens, tokenizer_report
-    from .train.tokenizer_step import TokenizerStep
-
-    if args.action == "encode":
-        summary = encode_tokens(args.checkpoint, args.out, overrides=args.overrides, limit=args.limit,
-                                overwrite=args.overwrite, progress=not args.quiet)
-        print(f"{summary['images']} images -> {Path(args.out) / 'tokens.safetensors'} "
-              f"({summary['num_tokens']} tokens, {summary['bits_per_image']:.0f} bits per image)")
-    elif args.action == "decode":
-        if not args.tokens:
-            raise ValueError("gvit tokens decode needs --tokens FILE (written by gvit tokens encode)")
-        result = decode_tokens(args.checkpoint, args.tokens, args.out, limit=args.limit, overwrite=args.overwrite)
-        print(f"{result['images']} images -> {Path(args.out) / 'decoded.safetensors'} (decoded.png)")
-    else:
-        checkpoints = [args.checkpoint] + list(args.also or [])
-        result = tokenizer_report(checkpoints, args.out, names=args.names, overwrite=args.overwrite)
-        for row in result["tokenizers"]:
-            print(f"{row['name']}: {TokenizerStep.describe(row)}")
-        print(f"-> {Path(args.out) / 'report.html'}")
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from .tools.sweep import parse_grid, run_sweep
-
-    rows = run_sweep(args.config, parse_grid(args.grid), args.out, overrides=args.overrides, nproc=args.nproc,
-                     overwrite=args.overwrite)
-    print(f"{len(rows)} variant(s) finished -> {Path(args.out) / 'results.md'} (results.csv, plot_*.png)")
-    return 0
-
-
-def _leakage(args: argparse.Namespace) -> int:
-    from .tools.leakage import run_leakage
-
-    f = run_leakage(args.checkpoint, args.sgd_train, args.sgd_test, args.out, overrides=args.overrides,
-                    data=args.data, overwrite=args.overwrite, progress=not args.quiet)
-    m, r = f["cross_training"], f["rasterisation"]
-    print(f"cross-training top-1 (trained -> evaluated): SGD->SGD {100 * m['sgd']['sgd']:.1f}%, SGD->learned "
-          f"{100 * m['sgd']['learned']:.1f}%, learned->learned {100 * m['learned']['learned']:.1f}%, learned->SGD "
-          f"{100 * m['learned']['sgd']:.1f}%; renders: SGD {100 * r['sgd']['renders']:.1f}%, learned "
-          f"{100 * r['learned']['renders']:.1f}% -> {Path(args.out) / 'leakage.md'}")
-    return 0
-
-
-def _interpret(args: argparse.Namespace) -> int:
-    from .tools.interpret import saliency_statistics
-
-    f = saliency_statistics(args.checkpoint, args.out, limit=args.limit, batch_size=args.batch_size,
-                            overrides=args.overrides, overwrite=args.overwrite, progress=not args.quiet)
-    line = (f"{f['images']} images: Spearman(log det Sigma, CDAM) {f['det_cdam_spearman']['mean']:+.3f}, "
-            f"with |CDAM| {f['det_abs_cdam_spearman']['mean']:+.3f}")
-    if "cdam_mass_inside" in f:
-        m = f["cdam_mass_inside"]
-        line += (f"; positive CDAM mass on the object {100 * m['inside']['mean']:.1f}% (Gaussians there "
-                 f"{100 * m['gaussians_inside']['mean']:.1f}%, object area {100 * m['area']['mean']:.1f}%)")
-    print(line + f" -> {Path(args.out) / 'interpret.md'}")
-    return 0
-
-
-def _vl_eval(args: argparse.Namespace) -> int:
-    from .tools.vl_eval import vl_eval
-
-    rows = vl_eval(args.checkpoint, args.gaussians, args.out, limit=args.limit, overwrite=args.overwrite,
-                   progress=not args.quiet)["rows"]
-    for r in rows:
-        print(f"{r['gaussians']}: k={r['k']} {r['compression']:.2f}x, "
-              f"zero-shot {100 * r.get('top1', float('nan')):.1f}% "
-              f"(teacher {100 * r.get('teacher_top1', float('nan')):.1f}%), cosine {r['cosine']:.3f}")
-    print(f"-> {Path(args.out) / 'vl_eval.md'}")
-    return 0
+__all__ = ["build_parser", "OVERWRITE"]
 
 
 OVERWRITE = ("write into a folder that holds other files, another job's outputs or work made with other settings "
@@ -214,15 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     demo.add_argument("--no-baseline", action="store_true", help="skip the patch ViT trained with the same budget")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=commands.demo)
 
     fdemo = sub.add_parser("fit-demo", parents=job,
                            help="fit Gaussians to a few built-in shapes images and write a report")
     fdemo.add_argument("--images", type=int, default=8)
     fdemo.add_argument("--size", type=int, default=32)
     fdemo.add_argument("--out", default="runs/fit-demo")
-    _add_fit_options(fdemo, num_gaussians=128, iters=300, dssim_weight=0.2)
-    fdemo.set_defaults(func=_fit_demo)
+    add_fit_options(fdemo, num_gaussians=128, iters=300, dssim_weight=0.2)
+    fdemo.set_defaults(func=commands.fit_demo)
 
     fit = sub.add_parser("fit", parents=[quiet], help="fit Gaussians to image files or folders of images",
                          description="Writes per image NAME.gaussians.safetensors, NAME.recon.png, "
@@ -238,8 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true",
                      help="refit every image, also in a folder holding other files or work made with other settings")
     fit.add_argument("--no-pictures", action="store_true", help="write no PNGs")
-    _add_fit_options(fit)
-    fit.set_defaults(func=_fit)
+    add_fit_options(fit)
+    fit.set_defaults(func=commands.fit)
+
+    from ..codec import BitDepths
+
+    enc = sub.add_parser("encode", parents=job, help="code images as .gvc files (quantised, entropy-coded Gaussians)",
+                         description="Writes NAME.gvc per image and codec.csv (bytes, bpp, PSNR and SSIM of the "
+                                     "decoded image, seconds). Resumable. Format: docs/codec.md.")
+    enc.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    enc.add_argument("--out", required=True)
+    rate = enc.add_mutually_exclusive_group()
+    rate.add_argument("--bpp", type=float, default=None,
+                      help="target bits per pixel; each file stays under it (default 0.5)")
+    rate.add_argument("--num-gaussians", type=int, default=None, help="a fixed Gaussian budget instead of a rate")
+    depths = BitDepths()
+    for field, what in (("position", "sub-pixel bits of positions"), ("scale", "log2 steps per octave of scales"),
+                        ("angle", "bits of the angle"), ("color", "bits per colour channel"),
+                        ("opacity", "bits of opacity")):
+        enc.add_argument(f"--{field}-bits", type=int, default=getattr(depths, field),
+                         help=f"{what} (default %(default)s)")
+    enc.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
+    enc.set_defaults(func=commands.encode)
+
+    dec = sub.add_parser("decode", parents=job, help="render .gvc files to PNGs at any resolution")
+    dec.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    dec.add_argument("--out", required=True)
+    dec.add_argument("--scale", type=float, default=1.0, help="output size as a multiple of the coded image's")
+    dec.set_defaults(func=commands.decode)
 
     ds = sub.add_parser("fit-dataset", parents=job,
                         help="convert a whole dataset into sharded Gaussian files plus labels",
@@ -254,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--shard-size", type=int, default=1024)
     ds.add_argument("--batch-size", type=int, default=256)
     ds.add_argument("--limit", type=int, default=None, help="convert only the first N images")
-    ds.add_argument("--dtype", choices=("float32", "float16"), default="float16")
+    ds.add_argument("--dtype", choices=("float32", "float16", "gvc"), default="float16",
+                    help="how the Gaussians are stored: floats, or gvc (quantised and entropy-coded, about 4-5 bytes "
+                         "a Gaussian; docs/codec.md)")
     ds.add_argument("--skip-bad", action="store_true")
-    _add_fit_options(ds)
-    ds.set_defaults(func=_fit_dataset)
+    add_fit_options(ds)
+    ds.set_defaults(func=commands.fit_dataset)
 
     tr = sub.add_parser("train", parents=job, help="train GViT or a baseline (config file + key=value overrides)",
                         description="Keys and defaults: the core (gvit.train.TrainConfig) and the chosen model kind's "
@@ -268,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "shares (a baseline from a GViT recipe); the rest are dropped")
     tr.add_argument("overrides", nargs="*", metavar="key=value")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    tr.set_defaults(func=_train)
+    tr.set_defaults(func=commands.train)
 
     ft = sub.add_parser("finetune", parents=job,
                         help="transfer a GViT checkpoint: frozen encoder, classifier with layer-wise "
@@ -278,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(as_model=None)
     ft.add_argument("overrides", nargs="*", metavar="key=value")
     ft.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    ft.set_defaults(func=_train)
+    ft.set_defaults(func=commands.train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its evaluation split")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
-    ev.set_defaults(func=_eval)
+    ev.set_defaults(func=commands.evaluate)
 
     ex = sub.add_parser("explain", parents=job,
                         help="per image: reconstruction, Gaussian ellipses, det(Sigma) map, CDAM map and "
@@ -296,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--grid", type=int, default=16, help="CDAM grid cells per side (default 16, as the paper)")
     ex.add_argument("--batch-size", type=int, default=32)
     ex.add_argument("--skip-bad", action="store_true", help="skip (and list) unreadable images instead of failing")
-    ex.set_defaults(func=_explain)
+    ex.set_defaults(func=commands.explain)
 
     sw = sub.add_parser("sweep", parents=[overwrite],
                         help="train every combination of a grid of config values; resumable; writes a "
@@ -307,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="sweep folder (one subfolder per variant)")
     sw.add_argument("--nproc", type=int, default=1, help="processes per variant (torchrun when > 1)")
     sw.add_argument("overrides", nargs="*", metavar="key=value", help="settings shared by every variant")
-    sw.set_defaults(func=_sweep)
+    sw.set_defaults(func=commands.sweep)
 
     lk = sub.add_parser("leakage", parents=job,
                         help="the paper's leakage tests: cross-training on SGD-fitted vs learned Gaussians, "
@@ -320,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--out", required=True)
     lk.add_argument("--data", help="read the images from here instead of the dataset recorded in the SGD folders")
     lk.add_argument("overrides", nargs="*", metavar="key=value", help="classifier training settings, e.g. steps=400")
-    lk.set_defaults(func=_leakage)
+    lk.set_defaults(func=commands.leakage)
 
     it = sub.add_parser("interpret", parents=job,
                         help="interpretability in numbers over a test set: det(Sigma)-CDAM rank "
@@ -330,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--limit", type=int, default=512, help="test images, spread over the split (default 512)")
     it.add_argument("--batch-size", type=int, default=128)
     it.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... eval_split=test")
-    it.set_defaults(func=_interpret)
+    it.set_defaults(func=commands.interpret)
 
     vl = sub.add_parser("vl-eval", parents=job,
                         help="splat-stage checkpoints (model=splat_distill / splat_align) on fitted test "
@@ -340,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     vl.add_argument("--gaussians", required=True, nargs="+", help="gvit fit-dataset folders of test images")
     vl.add_argument("--out", required=True)
     vl.add_argument("--limit", type=int, default=None, help="test items per folder, spread over it (default: all)")
-    vl.set_defaults(func=_vl_eval)
+    vl.set_defaults(func=commands.vl_eval)
 
     tk = sub.add_parser("tokens", parents=job,
                         help="a trained tokenizer (model=tokenizer): encode its evaluation split to a token "
@@ -353,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--names", nargs="*", help="report: a name per checkpoint (default: the run folders' names)")
     tk.add_argument("--limit", type=int, default=None, help="encode / decode at most this many images")
     tk.add_argument("overrides", nargs="*", metavar="key=value", help="encode: e.g. data=... eval_split=train")
-    tk.set_defaults(func=_tokens)
+    tk.set_defaults(func=commands.tokens)
 
     rep = sub.add_parser("report", parents=[overwrite],
                          help="evaluate a checkpoint and write report.html with examples and curves")
@@ -361,33 +208,5 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", required=True)
     rep.add_argument("--examples", type=int, default=8, help="test images shown")
     rep.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data=... limit_eval=1000")
-    rep.set_defaults(func=_report)
+    rep.set_defaults(func=commands.report)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .data import ImageReadError
-
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        # key=value settings may follow flags (``gvit train --quiet out=x``): argparse stops taking positionals there
-        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # --help, or argparse's own usage error (exit status 2)
-        return int(exc.code or 0)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ImageReadError, FloatingPointError, ChildProcessError) as exc:
-        print(f"gvit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"gvit {args.command}: interrupted; finished outputs are kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

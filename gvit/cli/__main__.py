@@ -1,0 +1,7 @@
+"""``python -m gvit.cli``: the ``gvit`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
