@@ -1,9 +1,11 @@
 """How well each Gaussian encoder carries the image, beside per-image fitting, in one run.
 
 Trains each encoder on the reconstruction loss alone (MSE, Adam, warm-up + cosine) on the training
-images and reports the PSNR of its renders on held-out test images, next to the PSNR of the
-structured start (grid cells with their colours) and of per-image fitting with ``gvit.fit`` at the
-same k. Every row runs in this process one after the other; nothing else should run meanwhile.
+images and reports the PSNR of its renders on held-out val images (every ``--val-every``-th training
+image of each class, left out of training; ``--eval-split test`` for a reported figure, read once), next
+to the PSNR of the structured start (grid cells with their colours) and of per-image fitting with
+``gvit.fit`` at the same k: encoders are compared, and chosen, on val. Every row runs in this process
+one after the other; nothing else should run meanwhile.
 
     python bench/encoder.py                                   # built-in shapes, k = 64
     python bench/encoder.py --data ../shared/data/cifar10      # CIFAR-10 (32x32)
@@ -36,7 +38,7 @@ def train_encoder(model, images, steps: int, batch: int, lr: float, seed: int) -
     return time.perf_counter() - t0
 
 
-def test_psnr(model, images) -> float:
+def eval_psnr(model, images) -> float:
     import torch
 
     model.eval()
@@ -55,7 +57,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-images", type=int, default=8192)
-    p.add_argument("--test-images", type=int, default=512)
+    p.add_argument("--eval-images", type=int, default=512)
+    p.add_argument("--eval-split", choices=("val", "test"), default="val",
+                   help="val (carved from train, what encoders are chosen on) or test (a reported figure)")
+    p.add_argument("--val-every", type=int, default=16, help="every n-th training image of each class is val")
     p.add_argument("--size", default="tiny", help="encoder size (refine: width and heads per round)")
     p.add_argument("--fit-iters", type=int, nargs="*", default=[100, 200])
     p.add_argument("--encoders", nargs="*", default=["refine", "refine-nores", "denoise"],
@@ -72,26 +77,26 @@ def main() -> None:
     from gvit.gaussians import decode
 
     def load(split, n):
-        ds = open_dataset(a.data if a.data != "shapes" else f"shapes:{max(n, 1024)}", split)
+        ds = open_dataset(a.data if a.data != "shapes" else f"shapes:{max(n, 1024)}", split, val_every=a.val_every)
         idx = spread_indices(len(ds), n)
         return torch.stack([ds[i][0] for i in idx])
 
-    train, test = load("train", a.train_images), load("test", a.test_images)
+    train, held_out = load("train", a.train_images), load(a.eval_split, a.eval_images)
     size = train.shape[-1]
-    print(f"{a.data}: {len(train)} train / {len(test)} test images ({size}x{size}), k = {a.k}, torch "
+    print(f"{a.data}: {len(train)} train / {len(held_out)} {a.eval_split} images ({size}x{size}), k = {a.k}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; encoders: {a.steps} steps of batch {a.batch}, "
           f"MSE, lr {a.lr}\n")
-    print("| method | test PSNR (dB) | seconds | note |")
+    print(f"| method | {a.eval_split} PSNR (dB) | seconds | note |")
     print("|---|---|---|---|")
-    start = decode(initialize(test, a.k, "grid"))
-    start_psnr = float(psnr(render(start, height=size, width=size).clamp(0, 1), test).mean())
+    start = decode(initialize(held_out, a.k, "grid"))
+    start_psnr = float(psnr(render(start, height=size, width=size).clamp(0, 1), held_out).mean())
     print(f"| grid start (cell colours, no learning) | {start_psnr:.2f} | - | the refiner's round-0 input |")
     for iters in a.fit_iters:
         t0 = time.perf_counter()
-        res = fit_gaussians(test, FitConfig(num_gaussians=a.k, iters=iters), progress=False)
+        res = fit_gaussians(held_out, FitConfig(num_gaussians=a.k, iters=iters), progress=False)
         print(f"| per-image fitting, {iters} iterations | {float(res.psnr.mean()):.2f} "
               f"| {time.perf_counter() - t0:.0f} "
-              f"| {len(test) / (time.perf_counter() - t0):.1f} images/s |", flush=True)
+              f"| {len(held_out) / (time.perf_counter() - t0):.1f} images/s |", flush=True)
     for name in a.encoders:
         torch.manual_seed(0)
         if name.startswith("refine"):
@@ -104,7 +109,7 @@ def main() -> None:
         model = GViT(encoder, GaussianClassifier(a.k, 2, "micro"), g0_layout=layout)
         params = sum(p.numel() for p in encoder.parameters())
         seconds = train_encoder(model, train, a.steps, a.batch, a.lr, seed=0)
-        print(f"| encoder={name} ({a.size}, {params / 1e6:.2f} M parameters) | {test_psnr(model, test):.2f} "
+        print(f"| encoder={name} ({a.size}, {params / 1e6:.2f} M parameters) | {eval_psnr(model, held_out):.2f} "
               f"| {seconds:.0f} | {a.steps * a.batch / seconds:.0f} train images/s |", flush=True)
 
 

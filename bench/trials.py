@@ -70,6 +70,17 @@ def train_from_shared_prefix(cfg, prefix: Path) -> dict:
     return train(cfg, resume=True, progress=False, log=lambda *_: None)
 
 
+def chosen_on(result: dict) -> float:
+    """The val top-1 a trial is chosen on; a run that did not evaluate a val split is refused."""
+    from gvit.train import val_top1
+
+    value = val_top1(result)
+    if value is None:
+        raise SystemExit(f"trials: refusing a figure evaluated on {result.get('eval_split')!r}, not on val "
+                         f"(a Gaussian folder needs val_every or a val folder as offline_eval)")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=[""], help="each a quoted list of key=value overrides ('' = as is)")
@@ -110,7 +121,7 @@ def main() -> None:
                 else:
                     result = train(cfg, progress=False, log=lambda *_: None)
                 if not a.test and "top1" in result:  # evaluated on val alone: its measures are the val ones
-                    result = {**{k: v for k, v in result.items() if k != "top1"}, "val_top1": result["top1"]}
+                    result = {**{k: v for k, v in result.items() if k != "top1"}, "val_top1": chosen_on(result)}
                 results.setdefault(row, []).append(result)
                 print(f"[{row or 'as is'}] seed {seed}: " + ", ".join(
                     f"{c[1]} {result[c[0]] * c[2]:.{c[3]}f}" for c in COLUMNS if result.get(c[0]) is not None)

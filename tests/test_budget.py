@@ -48,6 +48,13 @@ def test_grow_schedule_rises_evenly_to_the_full_budget():
     assert grow_schedule(100, 0.5, 2, 0.2) == {10: 0.75, 20: 1.0}
     assert grow_schedule(160, 0.25, 3, 0.3) == {16: 0.5, 32: 0.75, 48: 1.0}
     assert grow_schedule(100, 1.0, 4, 0.5) == {}
+    assert grow_schedule(160, 0.2, 2, 1.0) == pytest.approx({80: 0.6, 159: 1.0})  # the last round runs (grow_until 1)
+
+
+def test_a_fit_growing_until_its_last_step_ends_with_the_whole_budget():
+    res = fit_gaussians(torch.rand(1, 3, 16, 16), FitConfig(num_gaussians=20, iters=10, grow_from=0.2,
+                                                            grow_until=1.0, grow_prune=0.0))
+    assert int(res.gaussians.counts()[0]) == 20
 
 
 def _state(target, k=8, first=4):

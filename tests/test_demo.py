@@ -81,8 +81,13 @@ def test_report_command_for_a_patch_vit(tmp_path, capsys):
     assert main(["report", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "rep"),
                  "--examples", "3"]) == 0
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert report["model"] == "patch_vit" and "psnr" not in report
+    assert report["model"] == "patch_vit" and "psnr" not in report and report["eval_split"] == "test"
+    assert "of 16 test images" in (tmp_path / "rep" / "report.html").read_text()
     assert (tmp_path / "rep" / "examples.png").is_file()
+    assert main(["report", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "rv"),
+                 "--examples", "1", "eval_split=val", "val_every=4"]) == 0  # the split it evaluated, named
+    assert json.loads((tmp_path / "rv" / "report.json").read_text())["eval_split"] == "val"
+    assert " val images" in (tmp_path / "rv" / "report.html").read_text()
     assert main(["report", "--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.pt" in capsys.readouterr().err
 

@@ -2,6 +2,8 @@
 kind of dataset, disjoint from train and test, deterministic, of the expected size; a folder's own
 val/ is used as it is; training reports the val measures beside the evaluation split's."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,84 @@ def test_shapes_are_generated_once_per_process_and_equal_make_shapes():
     assert torch.equal(first.images, images) and torch.equal(first.targets, labels) and torch.equal(first.masks, masks)
     assert open_dataset("shapes:40").images is first.images  # the same tensors, not generated again
     assert 0 < len(again) < 40 and not torch.equal(open_dataset("shapes:40", "test").images[:10], images[:10])
+
+
+@pytest.fixture(scope="module")
+def gaussian_folders(tmp_path_factory):
+    """A Gaussian folder of the whole shapes:48 train split and one of its test split."""
+    from gvit.fit import FitConfig
+    from gvit.tools.fit_dataset import fit_dataset
+
+    root = tmp_path_factory.mktemp("folders")
+    quiet = dict(progress=False, log=lambda *_: None)
+    for split in ("train", "test"):
+        fit_dataset("shapes:48", root / split, FitConfig(num_gaussians=8, iters=2), split=split, **quiet)
+    fit_dataset("shapes:48", root / "carved", FitConfig(num_gaussians=8, iters=2), split="train", val_every=4,
+                **quiet)
+    return root
+
+
+def _offline(root, tmp_path, **kw):
+    from gvit.train import make_config
+
+    return make_config(model="offline", offline_train=str(root / "train"), offline_eval=str(root / "test"),
+                       classifier_size="micro", num_gaussians=8, steps=2, batch_size=8, out=str(tmp_path / "run"), **kw)
+
+
+def test_a_gaussian_folder_run_carves_its_val_split_from_offline_train(gaussian_folders, tmp_path):
+    from gvit.train.data import shard_datasets
+
+    train_ds, val_ds = shard_datasets(_offline(gaussian_folders, tmp_path, val_every=4, eval_split="val"))
+    # the same images as the image dataset's val split, and none of them left in training
+    assert val_ds.split == "val" and sorted(val_ds.indices) == _carved_indices("shapes:48", 4)
+    assert len(val_ds) == len(open_dataset("shapes:48", "val", val_every=4))
+    assert not set(val_ds.indices) & set(train_ds.indices) and len(train_ds) + len(val_ds) == 48
+    _, test_ds = shard_datasets(_offline(gaussian_folders, tmp_path, val_every=4))
+    assert test_ds.split == "test" and len(test_ds) == 48
+    train_only, _ = shard_datasets(_offline(gaussian_folders, tmp_path, val_every=4))
+    assert train_only.indices == train_ds.indices  # val_every leaves the val images out of training
+
+
+def _carved_indices(path, every):
+    from gvit.data.datasets import every_nth_of_each_class
+
+    labels = dataset_labels(open_dataset(path, "train")).tolist()
+    return [i for i, v in enumerate(every_nth_of_each_class(labels, every)) if v]
+
+
+def test_a_run_on_gaussian_folders_reports_val_from_val_images(gaussian_folders, tmp_path):
+    from gvit.train import train, val_top1
+
+    result = train(_offline(gaussian_folders, tmp_path, val_every=4), progress=False)
+    assert result["eval_split"] == "test" and result["val_eval_split"] == "val"
+    assert result["val_eval_images"] == len(_carved_indices("shapes:48", 4)) and val_top1(result) == result["val_top1"]
+
+
+def test_eval_split_val_without_val_images_is_a_clear_error(gaussian_folders, tmp_path):
+    from gvit.train.data import shard_datasets
+
+    with pytest.raises(ValueError, match="eval_split=val.*val_every"):
+        shard_datasets(_offline(gaussian_folders, tmp_path, eval_split="val"))
+    carved = _offline(gaussian_folders, tmp_path, eval_split="val", val_every=4)
+    with pytest.raises(ValueError, match="val_every 4"):  # already carved when fitted: a val folder is needed
+        shard_datasets(replace(carved, offline_train=str(gaussian_folders / "carved")))
+
+
+def test_choosers_refuse_a_figure_not_measured_on_val(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from gvit.tools.sweep import chosen_on_val
+    from gvit.train import val_top1
+
+    test_as_val = {"top1": 0.9, "eval_split": "test", "val_top1": 0.8, "val_eval_split": "test"}
+    assert val_top1(test_as_val) is None and val_top1({"top1": 0.7, "eval_split": "val"}) == 0.7
+    assert val_top1({"top1": 0.9, "eval_split": "test", "val_top1": 0.6, "val_eval_split": "val"}) == 0.6
+    path = Path(__file__).resolve().parents[1] / "bench" / "trials.py"
+    monkeypatch.syspath_prepend(str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_trials_refusal", path)
+    trials = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trials)
+    with pytest.raises(SystemExit, match="refusing a figure evaluated on 'test'"):
+        trials.chosen_on(test_as_val)
+    assert chosen_on_val([{"variant": "a", "val_top1": val_top1(test_as_val), "top1": 0.9}]) is None

@@ -53,13 +53,16 @@ def prune_weak(g: Gaussians, valid: Tensor, tau: float, render_kw: dict) -> Tens
 
 def grow_schedule(iters: int, grow_from: float, rounds: int, until: float) -> dict[int, float]:
     """The adaptive budget's rounds: step -> share of the k slots in use from that step on, rising
-    evenly from ``grow_from`` to 1 over ``rounds`` rounds, the last at ``until`` x ``iters``
-    (none when ``grow_from`` >= 1)."""
+    evenly from ``grow_from`` to 1 over ``rounds`` rounds, the last at ``until`` x ``iters`` (at the
+    last step at the latest, so every round runs; none when ``grow_from`` >= 1)."""
     if grow_from >= 1:
         return {}
     last = until * iters
-    return {max(1, int(round(last * r / rounds))): grow_from + (1 - grow_from) * r / rounds
-            for r in range(1, rounds + 1)}
+    schedule: dict[int, float] = {}
+    for r in range(1, rounds + 1):  # rounds that fall on the same step merge into the later share
+        step = min(max(1, int(round(last * r / rounds))), max(iters - 1, 0))
+        schedule[step] = grow_from + (1 - grow_from) * r / rounds
+    return schedule
 
 
 def grow_round(raw: Tensor, valid: Tensor, states: tuple[Tensor, ...], active: Tensor, target: Tensor, share: float,

@@ -32,6 +32,7 @@ from ..files import output_folder, write_json
 from ..fit import FitConfig, fit_gaussians
 from ..models import GViT
 from ..train import evaluate, load_trained
+from ..train.data import split_name
 from ..viz import draw_ellipses
 from .artifacts import html_page, html_table, pyplot, save_figure
 
@@ -145,8 +146,9 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
     summary = {"checkpoint": str(checkpoint), "model": cfg.model, "data": cfg.data, "classes": classes}
     if evaluation is not None and not overrides:  # the run's measures, less its bookkeeping and val ones
         summary.update({k: v for k, v in evaluation.items() if k not in _RUN_KEYS and not k.startswith("val_")})
+        summary["eval_split"] = evaluation.get("eval_split") or split_name(test_ds, cfg.eval_split)
     else:
-        summary.update(evaluate(trained.step, test_ds, collate))
+        summary.update(evaluate(trained.step, test_ds, collate), eval_split=split_name(test_ds, cfg.eval_split))
     n = min(num_examples, len(test_ds))
     files = {}
     if n and trained.step.reads_images:
@@ -191,7 +193,7 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
 
 def _html(path: Path, summary: dict, cfg) -> None:
     rows = [("model", summary["model"]), ("data", summary["data"]),
-            ("top-1", f"{100 * summary['top1']:.2f}% of {summary['eval_images']} test images")]
+            ("top-1", f"{100 * summary['top1']:.2f}% of {summary['eval_images']} {summary['eval_split']} images")]
     if "val_top1" in summary:
         rows.append(("top-1 on val", f"{100 * summary['val_top1']:.2f}% of {summary['val_eval_images']} validation "
                                      "images (carved from the training images; what settings are chosen on)"))
@@ -211,7 +213,7 @@ def _html(path: Path, summary: dict, cfg) -> None:
         def val(r):
             return f"{100 * r['val_top1']:.2f}%" if "val_top1" in r else "-"
 
-        table = [("run", "top-1 (test)", "top-1 (val)", "PSNR", "training")]
+        table = [("run", f"top-1 ({summary['eval_split']})", "top-1 (val)", "PSNR", "training")]
         table.append((f"this run ({summary['model']})", f"{100 * summary['top1']:.2f}%", val(summary),
                       f"{summary['psnr']:.2f} dB" if "psnr" in summary else "-",
                       f"{summary.get('train_seconds', float('nan')):.0f} s"))

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ..files import check_settings, output_folder, write_json, write_text
-from ..train import kind_of, load_config
+from ..train import kind_of, load_config, val_top1
 from .artifacts import markdown_table, pyplot, save_figure, write_csv
 
 __all__ = ["parse_grid", "grid_variants", "variant_name", "run_sweep", "plot_sweep", "chosen_on_val"]
@@ -164,8 +164,7 @@ def _rows(out: Path, plan) -> list[dict]:
         path = out / name / "result.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            val = r.get("top1") if r.get("eval_split") == "val" else r.get("val_top1")
-            rows.append({"variant": name, **values, "val_top1": val, "top1": r.get("top1"),
+            rows.append({"variant": name, **values, "val_top1": val_top1(r), "top1": r.get("top1"),
                          "eval_split": r.get("eval_split"), "psnr": r.get("psnr"),
                          "eval_images": r.get("eval_images"), "train_seconds": r.get("train_seconds"),
                          "bad_steps": r.get("bad_steps")})

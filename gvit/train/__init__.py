@@ -29,10 +29,10 @@ from .kinds import (
     model_step,
     with_overrides,
 )
-from .loop import TrainedRun, evaluate, evaluate_checkpoint, load_gvit, load_trained, train, train_or_reuse
+from .loop import TrainedRun, evaluate, evaluate_checkpoint, load_gvit, load_trained, train, train_or_reuse, val_top1
 from .optim import learning_rate, param_groups
 
 __all__ = ["TrainConfig", "GViTConfig", "KINDS", "MODELS", "kind_of", "make_config", "load_config", "config_from_dict",
            "with_overrides", "as_kind", "train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained",
            "load_gvit", "TrainedRun", "load_checkpoint", "save_checkpoint", "step_generator", "learning_rate",
-           "param_groups", "model_step", "build_gvit"]
+           "param_groups", "model_step", "build_gvit", "val_top1"]

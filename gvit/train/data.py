@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 
 from ..data import AttributeCaptions, CaptionFile, ClassCaptions, Subset, open_dataset, spread_indices
+from ..data.datasets import every_nth_of_each_class
 from ..data.shards import ShardDataset
 from ..data.transforms import resize_square
 from ..gaussians import ANGLE, POS
 
 __all__ = ["StepBatches", "step_generator", "image_collate", "limit", "split_name", "image_datasets", "shard_datasets",
+           "folder_splits", "carve_folder",
            "flip_gaussians", "CaptionItems", "caption_datasets", "caption_collate", "dataset_captions",
            "hold_out_classes", "with_captions", "class_texts", "unseen_classes"]
 
@@ -90,10 +92,50 @@ def image_datasets(cfg) -> tuple:
 
 
 def shard_datasets(cfg) -> tuple:
-    """``(train, test or None)`` Gaussian shard folders of an offline run."""
-    train = ShardDataset(cfg.offline_train, cfg.scale_factor)
-    test = ShardDataset(cfg.offline_eval, cfg.scale_factor) if cfg.offline_eval else None
-    return train, test
+    """``(train, evaluation or None)`` Gaussian shard folders of an offline run (:func:`folder_splits`)."""
+    return folder_splits(cfg, lambda folder, train: ShardDataset(folder, cfg.scale_factor))
+
+
+def folder_splits(cfg, open_folder) -> tuple:
+    """``(train, evaluation or None)`` of a run on Gaussian folders (``offline_train``, ``offline_eval``).
+
+    ``open_folder(folder, train)`` opens one as a dataset with ``targets``, ``indices`` (dataset
+    indices), ``split``, ``manifest`` and ``select(positions)``. With ``val_every`` > 0 and an
+    ``offline_train`` fitted from the whole train split, every ``val_every``-th image of each class (in
+    dataset order, as image datasets carve theirs) is the val split and leaves training. ``eval_split=val``
+    evaluates on ``offline_eval`` when that folder holds val images, else on that carved part; with neither,
+    it is a ValueError. Otherwise the evaluation is ``offline_eval`` as it is.
+    """
+    train = open_folder(cfg.offline_train, True)
+    settings = train.manifest.get("settings") or {}
+    carvable = cfg.val_every > 0 and settings.get("split") == "train" and not settings.get("val_every")
+    if carvable:
+        train = carve_folder(train, "train", cfg.val_every)
+    if cfg.eval_split == "val":
+        evaluation = open_folder(cfg.offline_eval, False) if cfg.offline_eval else None
+        if evaluation is not None and evaluation.split == "val":
+            return train, evaluation
+        if not carvable:
+            raise ValueError(f"config: eval_split=val, but offline_eval is not a folder of val images and "
+                             f"offline_train ({cfg.offline_train}, split {settings.get('split')!r}"
+                             f"{', val_every ' + str(settings['val_every']) if settings.get('val_every') else ''}) "
+                             f"cannot be carved: set val_every > 0 with a folder fitted from the whole train split, "
+                             f"or fit a val folder (gvit fit-dataset --split val --val-every N) as offline_eval")
+        return train, carve_folder(open_folder(cfg.offline_train, False), "val", cfg.val_every)
+    return train, open_folder(cfg.offline_eval, False) if cfg.offline_eval else None
+
+
+def carve_folder(ds, split: str, every: int):
+    """``val``: every ``every``-th image of each class of a Gaussian folder's dataset ``ds``, in dataset-index
+    order; ``train``: the others. Its ``split`` says which."""
+    order = sorted(range(len(ds)), key=lambda i: ds.indices[i])
+    marks = every_nth_of_each_class([int(ds.targets[i]) for i in order], every)
+    chosen = sorted(i for i, is_val in zip(order, marks) if is_val == (split == "val"))
+    if not chosen:
+        raise ValueError(f"Gaussian folder: no {split} images after holding out every {every}th image of each class")
+    out = ds.select(chosen)
+    out.split = split
+    return out
 
 
 def flip_gaussians(raw: Tensor, flip: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import device_for, init_process_group, rank_world
-from ..files import atomic_path, check_settings, output_folder, settings_diff, write_json
+from ..files import append_line, atomic_path, check_settings, output_folder, settings_diff, write_json
 from ..progress import progress_bar
 from .base import ModelStep
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -31,7 +31,17 @@ from .config import TrainConfig
 from .data import StepBatches, limit, split_name, step_generator
 from .kinds import config_from_dict, kind_of, model_step, with_overrides
 
-__all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun"]
+__all__ = ["train", "train_or_reuse", "evaluate", "evaluate_checkpoint", "load_trained", "load_gvit", "TrainedRun",
+           "val_top1"]
+
+
+def val_top1(result: dict) -> float | None:
+    """The top-1 of a run's ``result`` measured on a val split, or None when it has none: its ``top1`` when
+    the run evaluated val (``eval_split``), else its ``val_top1`` when that was measured on val
+    (``val_eval_split``). What a chooser may choose on."""
+    if result.get("eval_split") == "val":
+        return result.get("top1")
+    return result.get("val_top1") if result.get("val_eval_split") == "val" else None
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -110,8 +120,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
                 continue
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or run.logs_step(step)):
                 metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), bad_steps=bad_steps)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_line(out / "metrics.jsonl", json.dumps(metrics))
             bar.update(1)
             if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
                 save_checkpoint(ckpt_path, _state(run, cfg, step + 1, bad_steps, classes))
@@ -134,7 +143,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
         result.update(evaluate(run, test_ds, collate), eval_split=eval_split)
     if cfg.val_every and cfg.eval_split != "val" and rank == 0:  # the carved validation images too
         _, val_ds = step_kind.datasets(replace(cfg, eval_split="val"))
-        val = evaluate(run, limit(val_ds, cfg.limit_eval), collate)
+        val = evaluate(run, limit(val_ds, cfg.limit_eval), collate) | {"eval_split": split_name(val_ds, "val")}
         result.update({f"val_{key}": value for key, value in val.items()})
     if rank == 0:
         write_json(out / "result.json", result)

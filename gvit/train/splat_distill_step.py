@@ -37,7 +37,7 @@ from ..models.splat_stem import STEM_POOLINGS, SplatStem, splat_set_features, sp
 from ..settings import setting
 from .base import ModelStep, as_number
 from .config import GaussianFolders, PromptSettings, TrainConfig, model_setting, require
-from .data import class_texts, dataset_captions, hold_out_classes, limit, unseen_classes
+from .data import class_texts, dataset_captions, folder_splits, hold_out_classes, limit, unseen_classes
 from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_measures
 from .optim import adamw, apply_gradients
 from .teacher import load_teacher
@@ -155,8 +155,7 @@ class DistillStep(ModelStep):
 
     @staticmethod
     def datasets(cfg: TrainConfig) -> tuple:
-        train = PairedGaussians.for_run(cfg.offline_train, cfg, train=True)
-        return train, PairedGaussians.for_run(cfg.offline_eval, cfg, train=False) if cfg.offline_eval else None
+        return folder_splits(cfg, lambda folder, train: PairedGaussians.for_run(folder, cfg, train=train))
 
     @staticmethod
     def collate(cfg: TrainConfig):
