@@ -23,7 +23,7 @@ from _util import spread
 # name -> (overrides, what it is)
 VARIANTS = {
     # A's learning rate chosen on val (1,000 val images, 300 steps: 1e-3 22.75 dB, 2e-3 23.03, 5e-4 22.12),
-    # two trials as B's head got two (dense or deformable attention, the scales' start); docs/gaussiantoken.md
+    # two trials as B's head got two (dense or deformable attention, the scales' start); docs/results/gaussiantoken.md
     "A": (["tokenizer=vq", "base_lr=2e-3"], "plain VQ, 64 tokens on the 8x8 grid, from B's query head at fixed "
           "grid centres; its lr tuned on val"),
     "B": (["tokenizer=gaussian"], "GaussianToken, 64 Gaussian tokens (geometry as float32)"),

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from .losses import reconstruction_loss
 from .settings import setting
 
-__all__ = ["PerceptualSchedule", "Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward"]
+__all__ = ["PerceptualSchedule", "Phases", "Phase", "BatchLosses", "batch_losses", "guidance_backward", "stage_start",
+           "check_stage"]
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,24 @@ class Phase:
 class PerceptualSchedule:
     """When D-SSIM joins a reconstruction loss, and its weight (GViT's encoder and the tokenizer)."""
 
-    perceptual_from: float = setting(0.1, "D-SSIM joins the reconstruction loss from this fraction of training")
+    perceptual_from: float = setting(0.1, "D-SSIM joins the reconstruction loss from this step (a whole number "
+                                          "above 1) or fraction of training (up to 1)")
     lambda_perc: float = setting(0.1, "weight of D-SSIM in the reconstruction loss")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.perceptual_from <= 1 or self.lambda_perc < 0:
-            raise ValueError(f"phases: perceptual_from must lie in [0, 1] and lambda_perc be >= 0, got "
-                             f"{self.perceptual_from}, {self.lambda_perc}")
+        check_stage("perceptual_from", self.perceptual_from)
+        if self.lambda_perc < 0:
+            raise ValueError(f"phases: lambda_perc must be >= 0, got {self.lambda_perc}")
 
     def perceptual_weight(self, step: int, total: int) -> float:
         """The D-SSIM weight of 0-based ``step`` out of ``total`` steps."""
-        return self.lambda_perc if step / total >= self.perceptual_from else 0.0
+        return self.lambda_perc if step >= stage_start(self.perceptual_from, total) else 0.0
 
 
 @dataclass
 class Phases(PerceptualSchedule):
-    """GViT's phase schedule as fractions of training (Appendix A; all values in [0, 1]).
+    """GViT's phase schedule (Appendix A): each boundary a step (a whole number above 1) or a fraction of
+    training (up to 1; :func:`stage_start`).
 
     [0, classifier_from): the encoder alone on the reconstruction loss, with D-SSIM weighted by
     ``lambda_perc`` from ``perceptual_from`` on; [classifier_from, pretrain_until): the classifier alone on
@@ -69,10 +72,11 @@ class Phases(PerceptualSchedule):
     step with ``gamma``. The fields are settings (:mod:`gvit.settings`); GViT's run settings extend them.
     """
 
-    classifier_from: float = setting(0.25, "the classifier trains from this fraction of training")
-    pretrain_until: float | None = setting(None, "classifier alone on frozen Gaussians until this fraction "
+    classifier_from: float = setting(0.25, "the classifier trains from this step (above 1) or fraction of training")
+    pretrain_until: float | None = setting(None, "classifier alone on frozen Gaussians until this step or fraction "
                                                  "(none: no pre-training)")
-    guidance_from: float = setting(0.75, "constructive guidance steps from this fraction of training")
+    guidance_from: float = setting(0.75, "constructive guidance steps from this step (above 1) or fraction of "
+                                         "training")
     lambda_cls: float = setting(1.0, "weight of the cross-entropy in joint steps")
     gamma: float = setting(0.1, "guidance strength: encoder gradient = grad_rec + gamma * grad_cls")
     gamma_relative: bool = setting(False, "gamma sizes the class term against the reconstruction gradient: encoder "
@@ -89,16 +93,25 @@ class Phases(PerceptualSchedule):
 
     def __post_init__(self) -> None:
         PerceptualSchedule.__post_init__(self)
-        stages = (0.0, self.classifier_from, self.pretrain_end, self.guidance_from, 1.0)
-        if not all(0 <= v <= 1 for v in stages):
-            raise ValueError(f"phases: fractions must lie in [0, 1], got {self}")
-        if list(stages) != sorted(stages):
-            raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
-                             f"{self.classifier_from}, {self.pretrain_end}, {self.guidance_from}")
+        for name in ("classifier_from", "pretrain_until", "guidance_from"):
+            if getattr(self, name) is not None:
+                check_stage(name, getattr(self, name))
+        stages = (self.classifier_from, self.pretrain_end, self.guidance_from)
+        if all(v <= 1 for v in stages) or all(v > 1 for v in stages):  # one unit: the order shows without a total
+            self.check_order(None)
         if not 0 < self.joint_lr <= 1:
             raise ValueError(f"phases: joint_lr must be in (0, 1], got {self.joint_lr}")
         if self.guidance_every < 1 or self.gamma < 0 or self.lambda_cls < 0:
             raise ValueError(f"phases: guidance_every must be >= 1 and gamma, lambda_cls >= 0, got {self}")
+
+    def check_order(self, total: int | None) -> None:
+        """Refuse stages out of order (in steps of a ``total``-step run; None: as the values are written)."""
+        stages = [self.classifier_from, self.pretrain_end, self.guidance_from]
+        starts = stages if total is None else [stage_start(v, total) for v in stages]
+        if starts != sorted(starts):
+            raise ValueError("phases: need classifier_from <= pretrain_until <= guidance_from, got "
+                             f"{self.classifier_from}, {self.pretrain_end}, {self.guidance_from}"
+                             + ("" if total is None else f" (steps {starts} of {total})"))
 
     @property
     def pretrain_end(self) -> float:
@@ -106,18 +119,18 @@ class Phases(PerceptualSchedule):
 
     def classifier_start(self, total: int) -> int:
         """The first step (0-based, of ``total``) at which the classifier trains."""
-        return _first_step(self.classifier_from, total)
+        return stage_start(self.classifier_from, total)
 
     def guidance_start(self, total: int) -> int | None:
         """The first step of the guidance phase, or None when the run has none."""
-        start = _first_step(self.guidance_from, total)
+        start = stage_start(self.guidance_from, total)
         return start if start < total else None
 
     def boundaries(self, total: int) -> list[int]:
         """``[0, ..., total]`` with the first step of each stage that has steps between: the encoder
         alone, classifier pre-training, joint training (its guidance phase included: guidance
         continues the joint training, as in the paper's last epochs)."""
-        starts = {_first_step(f, total) for f in (self.classifier_from, self.pretrain_end)}
+        starts = {stage_start(f, total) for f in (self.classifier_from, self.pretrain_end)}
         return [0, *sorted(s for s in starts if 0 < s < total), total]
 
     def span(self, step: int, total: int) -> tuple[int, int]:
@@ -132,21 +145,31 @@ class Phases(PerceptualSchedule):
         """The phase of 0-based ``step`` out of ``total`` steps."""
         if total < 1 or not 0 <= step < total:
             raise ValueError(f"phases: step {step} outside a run of {total} steps")
-        t = step / total
         perc = self.perceptual_weight(step, total)
-        if t < self.classifier_from:
+        if step < stage_start(self.classifier_from, total):
             return Phase("encoder", True, False, perc, 0.0, False)
-        if t < self.pretrain_end:
+        if step < stage_start(self.pretrain_end, total):
             return Phase("classifier-pretrain", False, True, perc, self.lambda_cls, False)
-        if t >= self.guidance_from:
-            first = _first_step(self.guidance_from, total)
+        first = stage_start(self.guidance_from, total)
+        if step >= first:
             if (step - first) % self.guidance_every == self.guidance_every - 1:
                 return Phase("guidance", True, False, perc, self.lambda_cls, True)
         return Phase("joint", True, True, perc, self.lambda_cls, False)
 
 
-def _first_step(fraction: float, total: int) -> int:
-    """The smallest step s with s / total >= fraction (the comparison :meth:`Phases.at` makes)."""
+def check_stage(name: str, value: float) -> None:
+    """Refuse a stage boundary that is neither a fraction in [0, 1] nor a step (a whole number above 1)."""
+    if not (0 <= value <= 1 or (value > 1 and float(value).is_integer())):
+        raise ValueError(f"phases: {name} must be a fraction of training in [0, 1] or a step (a whole number above "
+                         f"1), got {value}")
+
+
+def stage_start(value: float, total: int) -> int:
+    """The first step (0-based) of a stage that starts at ``value`` in a run of ``total`` steps: the step
+    ``value`` itself when it is above 1 (at most ``total``), else the smallest s with s / total >= ``value``."""
+    if value > 1:
+        return min(int(value), total)
+    fraction = value
     s = math.ceil(fraction * total)
     while s > 0 and (s - 1) / total >= fraction:
         s -= 1

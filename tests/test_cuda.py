@@ -2,7 +2,7 @@
 reference, a GViT run with bf16 autocast, and the collectives over an NCCL process group.
 
 These need a GPU and are skipped without one (CI has none); the CPU counterparts of the same code are
-tested in the other files. docs/gpu.md records where and when they last ran.
+tested in the other files. docs/results/gpu.md records where and when they last ran.
 """
 
 import math

@@ -31,6 +31,25 @@ def test_phase_schedule_as_fractions_of_training():
         Phases().at(10, 10)
 
 
+def test_phase_boundaries_in_steps_give_the_same_schedule_as_their_fractions():
+    total = 6860
+    in_steps = Phases(perceptual_from=343, classifier_from=800, pretrain_until=6800, guidance_from=6830,
+                      guidance_every=1)
+    as_fractions = Phases(perceptual_from=0.05, classifier_from=0.116618, pretrain_until=0.991253,
+                          guidance_from=0.995626, guidance_every=1)
+    assert [in_steps.at(s, total) for s in range(total)] == [as_fractions.at(s, total) for s in range(total)]
+    assert in_steps.classifier_start(1715) == 800 and as_fractions.classifier_start(1715) == 200  # steps hold
+    assert in_steps.guidance_start(1000) is None  # beyond a shorter run: no guidance phase
+    for bad in (dict(classifier_from=2.5), dict(guidance_from=-3),
+                dict(classifier_from=900, pretrain_until=800, guidance_from=1000)):
+        with pytest.raises(ValueError, match="phases"):
+            Phases(**bad)
+    mixed = Phases(classifier_from=800, guidance_from=0.5)  # in order or not depends on the run's length
+    with pytest.raises(ValueError, match="steps"):
+        mixed.check_order(1000)
+    mixed.check_order(6860)
+
+
 def guidance_step(model, encoder_optimizer, images, labels, g0, *, gamma):
     """One constructive-guidance step: guidance_backward, then the encoder's optimiser step."""
     encoder_optimizer.zero_grad(set_to_none=True)

@@ -62,9 +62,9 @@ DEMO_SETTINGS = {
     # term gamma times the reconstruction gradient's size (gamma_relative; 0.2, chosen on val over 3 seeds
     # among none and 0.025 / 0.05 / 0.1 / 0.2: 83.6% against 82.2% for 0.1 and 83.3% none, within noise).
     # (1,560 steps, not 2,290, for at most 4 minutes on 2 cores: 3 min 26-52 s with the lighter encoder
-    # above; fewer steps scored 53-63% on val over 3 seeds against 81.7%; docs/training.md.)
+    # above; fewer steps scored 53-63% on val over 3 seeds against 81.7%; docs/results/training.md.)
     # Each stage has its own warm-up and cosine (phase_lr). The tail was chosen on val over 3 seeds (with
-    # the encoder before) among those whose guidance acts (docs/training.md): gamma 0.1 81.7% (0.3: 81.6%,
+    # the encoder before) among those whose guidance acts (docs/results/training.md): gamma 0.1 81.7% (0.3: 81.6%,
     # 1.0: 80.4%), the earlier inert tail 82.2%; guidance steps after joint steps with the class loss on
     # the encoder cost 7-8 points
     "phase_lr": True,
@@ -84,7 +84,7 @@ DEMO_SETTINGS = {
 }
 
 # The patch ViT's own settings, on top of GViT's data, steps, batch, size and seed, tuned on val in 45
-# trials of its own knobs, as many as GViT's demo settings got (docs/training.md): 27 at the demo's
+# trials of its own knobs, as many as GViT's demo settings got (docs/results/training.md): 27 at the demo's
 # earlier 2,290 steps (warm-up 0.02 against 0 / 0.05 / 0.15; crops, patch 2 / 8, mean pooling, weight
 # decay 0 / 0.1, a floor, layer decay, beta2, clipping and no flips scored lower), 4 at 1,900 steps:
 # learning rate 0.5x the base (against 0.35 / 0.25), warm-up 0.02 (against 0.05); then 6 at 1,560

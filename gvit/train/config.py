@@ -108,8 +108,8 @@ class TrainConfig:
     log_every: int = setting(20, "steps between metric lines (every guidance step gets one too)")
     checkpoint_every: int = setting(200, "steps between checkpoints")
     device: str = setting("auto", "device", ("auto", "cpu", "cuda"))
-    precision: str = setting("fp32", "arithmetic on CUDA: plain fp32 (measured the accurate choice, docs/gpu.md) "
-                                     "or bf16 autocast (CPU is always fp32)", ("fp32", "bf16"))
+    precision: str = setting("fp32", "arithmetic on CUDA: plain fp32 (measured the accurate choice, "
+                                     "docs/results/gpu.md) or bf16 autocast (CPU is always fp32)", ("fp32", "bf16"))
 
     def __post_init__(self) -> None:
         if self.kind is None:

@@ -71,6 +71,7 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
     def check(self) -> None:
         super().check()
         check_schedule(self, Phases)
+        self.schedule().check_order(self.steps)  # boundaries in steps and fractions, ordered in this run
         require(self, positive=("refine_rounds", "refine_depth", "refine_features", "fit_lr"),
                 non_negative=("fit_steps",), optional_positive=("guidance_lr",))
         if self.encoder_patch is not None and (self.encoder_patch < 1 or self.image_size % self.encoder_patch):
