@@ -30,3 +30,93 @@ def test_seeded_crops_are_reproducible():
     boxes = [crop_boxes(64, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in (3, 3, 4)]
     a, b, c = (resized_crop(x, box, (8, 8)) for box in boxes)
     assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, c)
+
+
+def _gaussians(b=2, k=40, seed=0, dtype=torch.float64):
+    from gvit.gaussians import Gaussians
+
+    g = torch.Generator().manual_seed(seed)
+    return Gaussians(torch.rand(b, k, 2, generator=g, dtype=dtype) * 2 - 1,
+                     torch.rand(b, k, 2, generator=g, dtype=dtype) * 0.2 + 0.02,
+                     torch.rand(b, k, generator=g, dtype=dtype) * 6 - 3, torch.rand(b, k, 3, generator=g, dtype=dtype),
+                     torch.rand(b, k, generator=g, dtype=dtype) * 0.8 + 0.2)
+
+
+def test_rendering_cropped_gaussians_equals_the_crop_of_the_render():
+    from gvit.data.transforms import crop_gaussians
+    from gvit.render import render
+
+    g = _gaussians()
+    h, w = 12, 16
+    # a crop of half the width and a quarter of the height (the aspect changes): render at (4h, 2w) and slice
+    boxes = torch.tensor([[-0.5, -0.25, 0.5, 0.25], [0.0, -1.0, 1.0, -0.5]], dtype=torch.float64)
+    big = render(g, height=4 * h, width=2 * w)
+    rows = [(int(round((b[1] + 1) / 2 * 4 * h)), int(round((b[3] + 1) / 2 * 4 * h))) for b in boxes.tolist()]
+    cols = [(int(round((b[0] + 1) / 2 * 2 * w)), int(round((b[2] + 1) / 2 * 2 * w))) for b in boxes.tolist()]
+    expected = torch.stack([big[i, :, r0:r1, c0:c1] for i, ((r0, r1), (c0, c1)) in enumerate(zip(rows, cols))])
+    got = render(crop_gaussians(g, boxes), height=h, width=w)
+    assert expected.shape == got.shape and torch.allclose(got, expected, atol=1e-9)
+
+
+def test_cropped_covariances_are_the_affine_map_of_the_originals():
+    from gvit.data.transforms import crop_gaussians
+    from gvit.gaussians import covariance
+
+    g = _gaussians(seed=3)
+    boxes = torch.tensor([[-0.9, -0.3, 0.1, 0.9], [-0.2, -0.6, 0.4, 0.2]], dtype=torch.float64)
+    out = crop_gaussians(g, boxes)
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2
+    d = torch.diag_embed(1 / half)[:, None]  # [B, 1, 2, 2]
+    assert torch.allclose(covariance(out.scales, out.angles), d @ covariance(g.scales, g.angles) @ d, atol=1e-12)
+    assert torch.allclose(out.means, (g.means - (boxes[:, None, :2] + boxes[:, None, 2:]) / 2) / half[:, None])
+    assert (out.scales[..., 0] >= out.scales[..., 1]).all()
+
+
+def test_gaussian_augmentation_is_seeded_keeps_a_gaussian_and_is_off_by_default():
+    from gvit.data.transforms import augment_gaussians
+    from gvit.gaussians import decode, encode
+
+    raw = encode(_gaussians(b=4, k=30, dtype=torch.float32))
+    same = augment_gaussians(raw, None, generator=torch.Generator())
+    assert same[0] is raw and same[1] is None
+    kw = dict(crop_scale_min=0.3, drop=0.3, color_jitter=0.2, noise=0.01)
+    a = augment_gaussians(raw, None, generator=torch.Generator().manual_seed(5), **kw)
+    b = augment_gaussians(raw, None, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].any(1).all()
+    assert 0.3 < 1 - float(a[1].float().mean()) < 0.9  # crop and dropout both take Gaussians away
+    kept = decode(a[0])
+    assert torch.isfinite(a[0]).all() and (kept.colors >= 0).all() and (kept.colors <= 1).all()
+    dropped = augment_gaussians(raw, torch.ones(4, 30, dtype=torch.bool), generator=torch.Generator(), drop=0.99)
+    assert (dropped[1].sum(1) >= 1).all()  # no set is left empty
+    jitter = augment_gaussians(raw, None, generator=torch.Generator().manual_seed(1), color_jitter=0.5)
+    ratio = decode(jitter[0]).colors / decode(raw).colors
+    assert jitter[1].all() and not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
+
+
+def test_training_on_cached_and_saved_gaussians_with_augmentation(tmp_path):
+    from gvit.fit import FitConfig
+    from gvit.tools.fit_dataset import fit_dataset
+    from gvit.train import make_config, train
+
+    aug = dict(gaussian_crop_min=0.5, token_drop=0.2, color_jitter=0.1, gaussian_noise=0.01)
+    cached = make_config(model="gvit", data="shapes:48", limit_eval=8, image_size=16, steps=4, batch_size=8,
+                         encoder="refine", encoder_size="micro", classifier_size="micro", num_gaussians=8,
+                         refine_features=8, cache_gaussians=True, crop_scale_min=1.0, classifier_from=0.25,
+                         pretrain_until=1.0, guidance_from=1.0, token_neighbours=3, neighbour_layers=1,
+                         out=str(tmp_path / "g"), **aug)
+    assert 0 <= train(cached, progress=False)["top1"] <= 1
+    from dataclasses import replace
+
+    from gvit.train import load_checkpoint
+
+    plain = replace(cached, gaussian_crop_min=1.0, token_drop=0.0, color_jitter=0.0, gaussian_noise=0.0,
+                    out=str(tmp_path / "plain"))
+    train(plain, progress=False)
+    weights = [load_checkpoint(tmp_path / name / "checkpoint.pt")["classifier"] for name in ("g", "plain")]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])  # the augmentation acted
+    fit_dataset("shapes:48", tmp_path / "gs", FitConfig(num_gaussians=8, iters=2), split="train",
+                progress=False, log=lambda *_: None)
+    offline = make_config(model="offline", offline_train=str(tmp_path / "gs"), offline_eval=str(tmp_path / "gs"),
+                          classifier_size="micro", num_gaussians=8, steps=2, batch_size=8, out=str(tmp_path / "o"),
+                          **aug)
+    assert 0 <= train(offline, progress=False)["top1"] <= 1

@@ -1,4 +1,6 @@
-"""Image transforms in torch: batched random resized crops (training augmentation) and square resizing.
+"""Image transforms in torch: batched random resized crops (training augmentation) and square resizing;
+and the same augmentation in Gaussian space (crops as the affine map of means and covariances, token
+dropout, colour jitter, parameter noise) for models that read Gaussians.
 
 Images are ``[B, C, H, W]`` float; every image of the batch gets its own random crop / flip from
 the given generator, so a seeded generator makes a batch's augmentation reproducible.
@@ -7,12 +9,15 @@ the given generator, so a seeded generator makes a batch's augmentation reproduc
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["crop_boxes", "resized_crop", "resize_square"]
+from ..gaussians import Gaussians, covariance, decode, encode
+
+__all__ = ["crop_boxes", "resized_crop", "resize_square", "crop_gaussians", "gaussian_crop_boxes", "augment_gaussians"]
 
 
 def crop_boxes(n: int, height: int, width: int, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
@@ -56,3 +61,65 @@ def resize_square(image: Tensor, size: int) -> Tensor:
         return image
     return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
                          align_corners=False)[0].clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- augmentation in Gaussian space
+
+
+def crop_gaussians(g: Gaussians, boxes: Tensor) -> Gaussians:
+    """The Gaussians of each set as the crop ``boxes`` ``[B, 4]`` (x0, y0, x1, y1 in normalised coordinates)
+    stretched to the whole image shows them: the affine map x -> (x - centre) / half-size of the box applied
+    to means and covariances (Sigma' = D Sigma D, D = diag(1 / half-width, 1 / half-height); scales and
+    angle read back from Sigma'). Rendering the result equals resampling the crop of the render (tested
+    against a render at twice the size). Means may leave [-1, 1]; ``valid`` is kept."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2
+    if (half <= 0).any():
+        raise ValueError("crop_gaussians: every box needs x1 > x0 and y1 > y0")
+    means = (g.means - centre[:, None]) / half[:, None]
+    cov = covariance(g.scales, g.angles) / (half[:, None, :, None] * half[:, None, None, :])
+    a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+    mid, radius = (a + c) / 2, torch.sqrt(((a - c) / 2).square() + b.square())
+    scales = torch.stack([mid + radius, (mid - radius).clamp_min(1e-20)], -1).sqrt()
+    angles = 0.5 * torch.atan2(2 * b, a - c)  # the direction of the larger eigenvalue
+    return replace(g, means=means, scales=scales, angles=angles)
+
+
+def gaussian_crop_boxes(n: int, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
+                        generator: torch.Generator | None = None) -> Tensor:
+    """Random crop boxes ``[n, 4]`` (x0, y0, x1, y1, normalised) as :func:`crop_boxes` draws them for a
+    square image: ``scale`` of the area, aspect ratio log-uniform in ``ratio``, uniform position."""
+    x0, y0, w, h = (crop_boxes(n, 1024, 1024, scale=scale, ratio=ratio, generator=generator) / 512).unbind(-1)
+    return torch.stack([x0 - 1, y0 - 1, x0 + w - 1, y0 + h - 1], -1).float()
+
+
+def augment_gaussians(raw: Tensor, valid: Tensor | None, *, generator: torch.Generator, scale_factor: float = 1.0,
+                      crop_scale_min: float = 1.0, drop: float = 0.0, color_jitter: float = 0.0,
+                      noise: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Training augmentation of raw Gaussian sets ``[B, k, 9]`` (valid ``[B, k]`` or None): a random resized
+    crop (:func:`crop_gaussians`; Gaussians whose centre leaves the crop are dropped) when
+    ``crop_scale_min`` < 1, a random share ``drop`` of the Gaussians dropped (token dropout; each set keeps
+    at least one), colours scaled by ``1 + color_jitter * u`` per set and channel (u uniform in [-1, 1],
+    brightness and colour balance) and Gaussian noise of std ``noise`` on every raw value. Returns
+    ``(raw, valid)``; with every setting at its default, the inputs themselves (``valid`` None stays None)."""
+    b, k, _ = raw.shape
+    if crop_scale_min >= 1 and drop <= 0 and color_jitter <= 0 and noise <= 0:
+        return raw, valid
+    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device) if valid is None else valid.clone()
+    g = decode(raw.float(), scale_factor)
+    if crop_scale_min < 1:
+        boxes = gaussian_crop_boxes(b, scale=(crop_scale_min, 1.0), generator=generator).to(raw.device)
+        g = crop_gaussians(g, boxes)
+        valid &= (g.means.abs() < 1).all(-1)
+    if drop > 0:
+        valid &= torch.rand(b, k, generator=generator).to(raw.device) >= drop
+    if color_jitter > 0:
+        factor = 1 + color_jitter * (torch.rand(b, 1, g.channels, generator=generator) * 2 - 1)
+        g = replace(g, colors=(g.colors * factor.to(raw.device)).clamp(0, 1))
+    empty = ~valid.any(1)  # keep each set's first Gaussian rather than leave it empty
+    valid[empty, 0] = True
+    g = replace(g, means=g.means.clamp(-1, 1), scales=g.scales.clamp(max=scale_factor))
+    out = encode(g, scale_factor).to(raw.dtype)
+    if noise > 0:
+        out = out + noise * torch.randn(out.shape, generator=generator).to(out)
+    return out, valid

@@ -203,10 +203,31 @@ class GaussianTokenSettings:
     neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
     neighbour_pool: str = setting("point", "EdgeConv: max over neighbours before the activation (once per point) "
                                            "or over per-edge activations (DGCNN's order)", ("point", "edge"))
+    gaussian_crop_min: float = setting(1.0, "classifier steps on cached or saved Gaussians: random resized crops in "
+                                            "Gaussian space keep at least this fraction of the area (1: none)")
+    token_drop: float = setting(0.0, "classifier steps on cached or saved Gaussians: drop this share of the "
+                                     "Gaussians at random (token dropout)")
+    color_jitter: float = setting(0.0, "classifier steps on cached or saved Gaussians: scale colours by 1 + this x "
+                                       "u, u uniform in [-1, 1] per image and channel")
+    gaussian_noise: float = setting(0.0, "classifier steps on cached or saved Gaussians: Gaussian noise of this std "
+                                         "on every raw value")
 
     def check(self) -> None:
         super().check()
-        require(self, positive=("num_gaussians", "scale_factor"), non_negative=("token_neighbours", "neighbour_layers"))
+        require(self, positive=("num_gaussians", "scale_factor"), non_negative=("token_neighbours", "neighbour_layers",
+                                                                                "color_jitter", "gaussian_noise"))
+        if not 0 < self.gaussian_crop_min <= 1 or not 0 <= self.token_drop < 1:
+            raise ValueError(f"config: gaussian_crop_min must be in (0, 1] and token_drop in [0, 1), got "
+                             f"{self.gaussian_crop_min}, {self.token_drop}")
+
+    def augments_gaussians(self) -> bool:
+        """Whether any augmentation in Gaussian space is on."""
+        return self.gaussian_crop_min < 1 or self.token_drop > 0 or self.color_jitter > 0 or self.gaussian_noise > 0
+
+    def gaussian_augmentation(self) -> dict:
+        """The keywords of :func:`gvit.data.transforms.augment_gaussians` these settings ask for."""
+        return dict(scale_factor=self.scale_factor, crop_scale_min=self.gaussian_crop_min, drop=self.token_drop,
+                    color_jitter=self.color_jitter, noise=self.gaussian_noise)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from ..models import SIZES, GaussianClassifier, GaussianEncoder, GViT, Refinemen
 from ..settings import setting
 from .base import ModelStep, as_number
 from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, check_schedule, model_setting, require
+from ..data.transforms import augment_gaussians
 from .data import flip_gaussians
 from .optim import adamw, apply_gradients, peak_learning_rate, set_learning_rate
 
@@ -206,9 +207,12 @@ class GViTStep(ModelStep):
             self.cache_neighbourhoods = None if hoods[0] is None else tuple(map(torch.cat, zip(*hoods)))
         raw, targets = self.cache
         index = torch.randint(len(targets), (self.cfg.batch_size,), generator=gen)[rank::world].to(raw.device)
-        g = flip_gaussians(raw[index], flips.to(raw.device))
+        g, valid = flip_gaussians(raw[index], flips.to(raw.device)), None
         hoods = None if self.cache_neighbourhoods is None else tuple(h[index] for h in self.cache_neighbourhoods)
-        return self._classifier_step(lambda: self.model.classifier(g, neighbourhoods=hoods), targets[index])
+        if self.cfg.augments_gaussians():  # augmented Gaussians have neighbourhoods of their own
+            g, valid = augment_gaussians(g, None, generator=gen, **self.cfg.gaussian_augmentation())
+            hoods = None if hoods is None else self.model.classifier.neighbourhoods(g, valid)
+        return self._classifier_step(lambda: self.model.classifier(g, valid, neighbourhoods=hoods), targets[index])
 
     @torch.no_grad()
     def encode_training_set(self) -> tuple[Tensor, Tensor]:

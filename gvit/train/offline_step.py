@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..data.shards import ShardDataset
+from ..data.transforms import augment_gaussians
 from ..gaussians import decode
 from ..models import PatchViT
 from ..render import render
@@ -70,7 +71,8 @@ class OfflineStep(ModelStep):
 
     def _step(self, step, inputs, labels, flips, gen, rank, world):
         raw, valid = inputs
-        raw = flip_gaussians(raw, flips)
+        raw, valid = augment_gaussians(flip_gaussians(raw, flips), valid, generator=gen,
+                                       **self.cfg.gaussian_augmentation())
         return self._classifier_step(lambda: self.logits(raw, valid), labels)
 
     def evaluate_batch(self, inputs, gen):
