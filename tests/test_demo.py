@@ -49,6 +49,7 @@ def test_gvit_demo_trains_beside_a_patch_vit_and_writes_the_report(tmp_path, cap
     assert main(["demo", *args, "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "top-1" in printed and "patch ViT" in printed and printed.count("(val ") == 2  # GViT's and the baseline's
+    assert printed.count(", train ") == 2  # and their top-1 on training images
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "gvit" and report["eval_images"] == 24 and 0 <= report["top1"] <= 1
     assert report["psnr"] > 5 and report["steps"] == 8 and 0 <= report["val_top1"] <= 1
@@ -82,7 +83,8 @@ def test_report_command_for_a_patch_vit(tmp_path, capsys):
                  "--examples", "3"]) == 0
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["model"] == "patch_vit" and "psnr" not in report and report["eval_split"] == "test"
-    assert "of 16 test images" in (tmp_path / "rep" / "report.html").read_text()
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "of 16 test images" in page and "top-1 on training images" in page and report["train_eval_images"] == 16
     assert (tmp_path / "rep" / "examples.png").is_file()
     assert main(["report", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "rv"),
                  "--examples", "1", "eval_split=val", "val_every=4"]) == 0  # the split it evaluated, named

@@ -88,6 +88,9 @@ def test_a_run_trains_without_its_val_images_and_reports_them(tmp_path):
     assert len(train_ds) == 96 - len(open_dataset("shapes:96", "val", val_every=4))
     result = train(cfg, progress=False)
     assert result["eval_split"] == "test" and 0 <= result["val_top1"] <= 1 and result["val_eval_images"] > 0
+    # the same measures on as many training images, and the loss beside top-1 on each split
+    assert result["train_eval_images"] == result["eval_images"] == 24 and 0 <= result["train_top1"] <= 1
+    assert result["train_loss"] > 0 and result["loss"] > 0 and result["val_loss"] > 0
 
 
 def test_shapes_are_generated_once_per_process_and_equal_make_shapes():

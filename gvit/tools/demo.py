@@ -136,8 +136,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
 def demo_lines(summary: dict, out: str | Path) -> list[str]:
     """What ``gvit demo`` prints of :func:`run_demo`'s summary: each run's test (and val) top-1,
     what the guidance phase did, and the files written."""
-    def val(r):
-        return f" (val {100 * r['val_top1']:.2f}%)" if "val_top1" in r else ""
+    def val(r):  # the val split's top-1, and the training images' (the train-eval gap)
+        seen = f", train {100 * r['train_top1']:.2f}%" if "train_top1" in r else ""
+        return f" (val {100 * r['val_top1']:.2f}%{seen})" if "val_top1" in r else ""
 
     lines = [f"{summary['model']} on {summary['data']}: {kind_of(summary['model']).describe(summary)}{val(summary)}, "
              f"trained in {summary['train_seconds']:.0f} s"]

@@ -177,14 +177,16 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
             summary["steps"] = metrics[-1]["step"]
     summary["files"] = files
     result_path = checkpoint.parent / "result.json"
-    if result_path.is_file():  # the run's own evaluation: its val measures, when it carved a val split
+    if result_path.is_file():  # the run's own evaluation: its val measures (when it carved a val split) and train ones
         recorded = json.loads(result_path.read_text())
-        summary |= {k: v for k, v in recorded.items() if k.startswith("val_") and k not in summary}
+        summary |= {k: v for k, v in recorded.items() if k not in summary and (
+            k.startswith("val_") or k in ("train_top1", "train_loss", "train_eval_images"))}
     if "guidance_shift_px" in summary:  # what the guidance phase did to the encoder's Gaussians on these images
         summary["guidance"] = {"shift_px": summary["guidance_shift_px"], "lr_share": summary["guidance_lr_share"]} | {
             key: summary[key] for key in ("object_share", "object_share_no_guidance") if key in summary}
     if compare:
-        summary["compare"] = {name: {k: r[k] for k in ("top1", "val_top1", "psnr", "train_seconds", "step") if k in r}
+        summary["compare"] = {name: {k: r[k] for k in ("top1", "val_top1", "train_top1", "loss", "train_loss", "psnr",
+                                                      "train_seconds", "step") if k in r}
                               for name, r in compare.items()}
     write_json(out / "report.json", summary)
     _html(out / "report.html", summary, cfg)
@@ -197,6 +199,10 @@ def _html(path: Path, summary: dict, cfg) -> None:
     if "val_top1" in summary:
         rows.append(("top-1 on val", f"{100 * summary['val_top1']:.2f}% of {summary['val_eval_images']} validation "
                                      "images (carved from the training images; what settings are chosen on)"))
+    if "train_top1" in summary:
+        rows.append(("top-1 on training images",
+                     f"{100 * summary['train_top1']:.2f}% of {summary['train_eval_images']} (loss "
+                     f"{summary['train_loss']:.3f}, against {summary['loss']:.3f} on {summary['eval_split']})"))
     if "psnr" in summary:
         rows.append(("reconstruction PSNR", f"{summary['psnr']:.2f} dB"))
     if "train_seconds" in summary:
@@ -210,15 +216,17 @@ def _html(path: Path, summary: dict, cfg) -> None:
         rows.append(("guidance phase", f"moved the encoder's Gaussians {g['shift_px']:.3f} px on average{share}{lr}"))
     compared = ""
     if summary.get("compare"):
-        def val(r):
-            return f"{100 * r['val_top1']:.2f}%" if "val_top1" in r else "-"
+        def val(r, key="val_top1"):
+            return f"{100 * r[key]:.2f}%" if key in r else "-"
 
-        table = [("run", f"top-1 ({summary['eval_split']})", "top-1 (val)", "PSNR", "training")]
+        table = [("run", f"top-1 ({summary['eval_split']})", "top-1 (val)", "top-1 (train)", "PSNR", "training")]
         table.append((f"this run ({summary['model']})", f"{100 * summary['top1']:.2f}%", val(summary),
+                      val(summary, "train_top1"),
                       f"{summary['psnr']:.2f} dB" if "psnr" in summary else "-",
                       f"{summary.get('train_seconds', float('nan')):.0f} s"))
         for name, r in summary["compare"].items():
-            table.append((name, f"{100 * r['top1']:.2f}%", val(r), f"{r['psnr']:.2f} dB" if "psnr" in r else "-",
+            table.append((name, f"{100 * r['top1']:.2f}%", val(r), val(r, "train_top1"),
+                          f"{r['psnr']:.2f} dB" if "psnr" in r else "-",
                           f"{r.get('train_seconds', float('nan')):.0f} s"))
         compared = f"<h2>same budget</h2><table>{html_table(table)}</table>\n"
     figures = "".join(f'<h2>{html.escape(name)}</h2><img src="{html.escape(file)}" alt="{html.escape(name)}">\n'

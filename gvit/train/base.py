@@ -31,8 +31,9 @@ class ModelStep:
     ``reads_images`` (False: saved Gaussians); ``makes_gaussians`` (a GViT: its encoder turns images
     into Gaussians, so explain, interpret and leakage apply); ``tokenizes`` (``gvit tokens``);
     ``text_tower`` (a CLIP that can be GaussianVision's teacher); ``splat_student`` (a GaussianVision
-    stage, ``gvit vl-eval``); ``report_elsewhere``: None where ``gvit report`` applies, else where
-    the kind's measures are reported."""
+    stage, ``gvit vl-eval``); ``classifies`` (a classifier of images or Gaussians: :meth:`evaluate`'s top-1
+    and loss are also measured on training images, so the train-eval gap shows); ``report_elsewhere``:
+    None where ``gvit report`` applies, else where the kind's measures are reported."""
 
     settings: type[TrainConfig] = TrainConfig
     reads_images = True
@@ -40,6 +41,7 @@ class ModelStep:
     tokenizes = False
     text_tower = False
     splat_student = False
+    classifies = True
     report_elsewhere: str | None = None
 
     def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device):
@@ -150,23 +152,24 @@ class ModelStep:
     # -- evaluation
     @torch.no_grad()
     def evaluate(self, dataset, collate) -> dict:
-        """Top-1 accuracy and the means of :meth:`evaluate_batch`'s per-image measures on
-        ``dataset``; g0 and other randomness come from a generator seeded by the config's seed, so
-        evaluation is deterministic."""
+        """Top-1 accuracy, the mean cross-entropy (``loss``) and the means of :meth:`evaluate_batch`'s
+        per-image measures on ``dataset``; g0 and other randomness come from a generator seeded by the
+        config's seed, so evaluation is deterministic."""
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate,
                                              num_workers=self.cfg.num_workers)
-        correct, total, measures = 0, 0, {}
+        correct, total, loss, measures = 0, 0, 0.0, {}
         gen = torch.Generator().manual_seed(self.cfg.seed)
         self.train(False)
         for inputs, labels in loader:
             logits, per_image = self.evaluate_batch(inputs, gen)
             if logits is not None:
                 correct += int((logits.argmax(-1).cpu() == labels).sum())
+                loss += float(torch.nn.functional.cross_entropy(logits.float().cpu(), labels, reduction="sum"))
             total += len(labels)
             for name, values in per_image.items():
                 measures.setdefault(name, []).append(values.float().cpu())
         self.train(True)
-        result = {"top1": correct / max(1, total)} if logits is not None else {}
+        result = {"top1": correct / max(1, total), "loss": loss / max(1, total)} if logits is not None else {}
         result["eval_images"] = total
         result.update({name: float(torch.cat(values).mean()) for name, values in measures.items()})
         return result

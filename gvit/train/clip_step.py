@@ -65,6 +65,7 @@ class ClipStep(ModelStep):
     """``model=clip``: one optimiser over the whole CLIP (both towers, projections, logit scale)."""
 
     settings = ClipConfig
+    classifies = False
     text_tower = True
     report_elsewhere = "a CLIP checkpoint (model=clip); its measures are in its result.json"
 

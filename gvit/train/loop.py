@@ -141,6 +141,9 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
         result["split_note"] = split_note
     if test_ds is not None and rank == 0:
         result.update(evaluate(run, test_ds, collate), eval_split=eval_split)
+        if run.classifies:  # top-1 and loss on as many training images: the train-eval gap in view
+            seen = ModelStep.evaluate(run, limit(train_ds, len(test_ds)), collate)
+            result.update({f"train_{key}": seen[key] for key in ("top1", "loss", "eval_images")})
     if cfg.val_every and cfg.eval_split != "val" and rank == 0:  # the carved validation images too
         _, val_ds = step_kind.datasets(replace(cfg, eval_split="val"))
         val = evaluate(run, limit(val_ds, cfg.limit_eval), collate) | {"eval_split": split_name(val_ds, "val")}

@@ -151,6 +151,7 @@ class DistillStep(ModelStep):
     """``model=splat_distill``: trains the student's stem only."""
 
     settings = SplatDistillConfig
+    classifies = False
     splat_student = True
 
     @staticmethod

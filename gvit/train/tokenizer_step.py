@@ -54,6 +54,7 @@ class TokenizerStep(ModelStep):
     Loss: ``pixel_loss`` + ``lambda_perc`` D-SSIM (from ``perceptual_from``) + the commitment loss."""
 
     settings = TokenizerConfig
+    classifies = False
     tokenizes = True
     report_elsewhere = "a tokenizer checkpoint; its report is gvit tokens report"
 
