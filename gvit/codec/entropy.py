@@ -158,27 +158,33 @@ def _alphabets(height: int, width: int, bits: BitDepths) -> dict[str, int]:
             "opacity": (1 << bits.opacity) - 1, "gap": _GAP_LENGTHS, "size": 2 * (qmax - qmin) + 1}
 
 
+def _write_placement(w: _Writer, size: np.ndarray, qx: np.ndarray, qy: np.ndarray) -> None:
+    """Stream part 1 and 2 (the module docstring): the size groups, then the Morton gaps within each group
+    of a set sorted by size, then Morton code (ValueError when it is not)."""
+    sizes, counts = np.unique(size, return_counts=True)
+    lo = int(sizes[0]) if len(sizes) else 0
+    per_size = np.zeros(int(sizes[-1]) - lo + 1 if len(sizes) else 0, dtype=np.int64)
+    per_size[sizes - lo] = counts
+    w.uints([lo, len(per_size)])
+    w.uints(per_size)
+    codes = morton(qx, qy)
+    gaps = np.diff(codes, prepend=0)
+    starts = np.cumsum(counts) - counts  # each size group's first Gaussian
+    gaps[starts] = codes[starts]  # each size group starts from 0
+    if (gaps < 0).any() or (np.diff(size) < 0).any():
+        raise ValueError("encode_symbols: the set is not in canonical order")
+    lengths = _bit_length(gaps)
+    w.adaptive(lengths, _GAP_LENGTHS)
+    w.bits(gaps - np.where(lengths > 0, 1 << np.maximum(lengths - 1, 0), 0), np.maximum(lengths - 1, 0))
+
+
 def encode_symbols(sym: Symbols, height: int, width: int, bits: BitDepths) -> np.ndarray:
     """The ANS words ``uint32`` of a set in canonical order (:func:`gvit.codec.quantize.canonical_order`)."""
     a = {f: getattr(sym, f).cpu().numpy().astype(np.int64) for f in ("qx", "qy", "size", "aspect", "angle",
                                                                        "color", "opacity")}
     alpha = _alphabets(height, width, bits)
     w = _Writer()
-    sizes, counts = np.unique(a["size"], return_counts=True)
-    lo = int(sizes[0]) if len(sizes) else 0
-    per_size = np.zeros(int(sizes[-1]) - lo + 1 if len(sizes) else 0, dtype=np.int64)
-    per_size[sizes - lo] = counts
-    w.uints([lo, len(per_size)])
-    w.uints(per_size)
-    codes = morton(a["qx"], a["qy"])
-    gaps = np.diff(codes, prepend=0)
-    group_start = np.concatenate([[0], np.cumsum(per_size)[:-1]]) if len(per_size) else np.zeros(0, dtype=np.int64)
-    gaps[group_start[per_size > 0]] = codes[group_start[per_size > 0]]  # each size group starts from 0
-    if (gaps < 0).any():
-        raise ValueError("encode_symbols: the set is not in canonical order")
-    lengths = _bit_length(gaps)
-    w.adaptive(lengths, alpha["gap"])
-    w.bits(gaps - np.where(lengths > 0, 1 << np.maximum(lengths - 1, 0), 0), np.maximum(lengths - 1, 0))
+    _write_placement(w, a["size"], a["qx"], a["qy"])
     w.adaptive(a["aspect"] >> 1, alpha["aspect"])
     w.adaptive(a["angle"][a["aspect"] > 0], alpha["angle"])
     c = _ycocg(a["color"])
@@ -235,21 +241,9 @@ def placement_bits(sym: Symbols, height: int, width: int, bits: BitDepths) -> di
     ``log2(n!) / n``, the bits an order costs, for reference."""
     a = {f: getattr(sym, f).cpu().numpy().astype(np.int64) for f in ("qx", "qy", "size")}
     n = max(len(sym), 1)
-    canon = sym.take(torch.from_numpy(np.lexsort([morton(a["qx"], a["qy"]), a["size"]])))
+    order = np.lexsort([morton(a["qx"], a["qy"]), a["size"]])
     w = _Writer()
-    c = {f: getattr(canon, f).numpy().astype(np.int64) for f in ("qx", "qy", "size")}
-    sizes, counts = np.unique(c["size"], return_counts=True)
-    per_size = np.zeros(int(sizes[-1] - sizes[0]) + 1 if len(sizes) else 0, dtype=np.int64)
-    per_size[sizes - (sizes[0] if len(sizes) else 0)] = counts
-    w.uints([int(sizes[0]) if len(sizes) else 0, len(per_size)])
-    w.uints(per_size)
-    codes = morton(c["qx"], c["qy"])
-    gaps = np.diff(codes, prepend=0)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    gaps[starts] = codes[starts]
-    lengths = _bit_length(gaps)
-    w.adaptive(lengths, _GAP_LENGTHS)
-    w.bits(gaps - np.where(lengths > 0, 1 << np.maximum(lengths - 1, 0), 0), np.maximum(lengths - 1, 0))
+    _write_placement(w, a["size"][order], a["qx"][order], a["qy"][order])
     canonical = 32 * len(w.words()) / n
     w = _Writer()
     w.adaptive(a["size"], _alphabets(height, width, bits)["size"])

@@ -95,14 +95,14 @@ def _half_side(height: int, width: int) -> float:
     return max(height, width) / 2.0
 
 
-def _canonical(g: Gaussians) -> tuple[Tensor, Tensor, Tensor]:
+def _canonical(g: Gaussians) -> tuple[Tensor, Tensor]:
     """Scales with the long axis first and the angle in [0, pi) (the same covariance); differentiable."""
     swap = g.scales[..., 0] < g.scales[..., 1]
     long = torch.where(swap, g.scales[..., 1], g.scales[..., 0])
     short = torch.where(swap, g.scales[..., 0], g.scales[..., 1])
     angle = g.angles + swap.to(g.angles.dtype) * (np.pi / 2)
     angle = angle - np.pi * torch.floor(angle / np.pi)
-    return torch.stack([long, short], -1), angle, swap
+    return torch.stack([long, short], -1), angle
 
 
 def quantize(g: Gaussians, height: int, width: int, bits: BitDepths) -> list[Symbols]:
@@ -113,7 +113,7 @@ def quantize(g: Gaussians, height: int, width: int, bits: BitDepths) -> list[Sym
 
 def _quantize_sets(g: Gaussians, height: int, width: int, bits: BitDepths) -> list[tuple[Symbols, Tensor]]:
     """Per set: its symbols and the slots they come from."""
-    scales, angle, _ = _canonical(g)
+    scales, angle = _canonical(g)
     steps = 1 << bits.scale
     qmin, qmax = scale_range(height, width, bits)
     cells_x, cells_y = width << bits.position, height << bits.position
@@ -202,7 +202,7 @@ def project(g: Gaussians, height: int, width: int, bits: BitDepths) -> tuple[Gau
     """The straight-through projection of a fit (:data:`gvit.fit.core.Projection`): the dequantised
     values of ``g`` ``[B, k]`` in their value, ``g``'s gradient, and each set's canonical order
     ``[B, k]`` (the kept Gaussians first; the rest, ``valid`` False, after them)."""
-    scales, angle, _ = _canonical(g)
+    scales, angle = _canonical(g)
     k = g.num_gaussians
     kept = torch.zeros(g.means.shape[:2], dtype=torch.bool, device=g.means.device)
     order = torch.empty(g.means.shape[:2], dtype=torch.long, device=g.means.device)
