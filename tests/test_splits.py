@@ -93,6 +93,26 @@ def test_a_run_trains_without_its_val_images_and_reports_them(tmp_path):
     assert result["train_loss"] > 0 and result["loss"] > 0 and result["val_loss"] > 0
 
 
+def test_eval_every_logs_train_and_val_curves_and_the_report_draws_them(tmp_path):
+    import json
+
+    from gvit.cli import main
+    from gvit.train import make_config, train
+
+    cfg = make_config(model="patch_vit", data="shapes:96", limit_eval=16, image_size=16, steps=4, batch_size=8,
+                      classifier_size="micro", val_every=4, eval_every=2, out=str(tmp_path / "pv"))
+    train(cfg, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "pv" / "metrics.jsonl").read_text().splitlines()]
+    curves = [m for m in lines if "val_top1" in m]
+    assert [m["step"] for m in curves] == [2, 4] and all(0 <= m["train_top1"] <= 1 and m["val_loss"] > 0
+                                                         for m in curves)
+    assert main(["report", "--checkpoint", str(tmp_path / "pv" / "checkpoint.pt"), "--out", str(tmp_path / "r"),
+                 "--examples", "1"]) == 0
+    assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="eval_every"):
+        make_config(model="patch_vit", data="shapes:96", eval_every=2)
+
+
 def test_shapes_are_generated_once_per_process_and_equal_make_shapes():
     from gvit.data import make_shapes
 

@@ -101,13 +101,16 @@ def _guidance_figure(path: Path, images, columns: dict, masks) -> None:
 
 def _curves_figure(path: Path, metrics: list[dict]) -> bool:
     plt = pyplot()
-    keys = [k for k in ("loss_rec", "loss_cls") if any(k in m for m in metrics)]
+    keys = [k for k in ("loss_rec", "loss_cls", "val_top1") if any(k in m for m in metrics)]
     if not keys:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        rows = [m for m in metrics if key in m]
-        ax.plot([m["step"] for m in rows], [m[key] for m in rows], lw=1.2)
+        for shown in ((key,) if key != "val_top1" else ("train_top1", "val_top1")):  # top-1: train beside val
+            rows = [m for m in metrics if shown in m]
+            ax.plot([m["step"] for m in rows], [m[shown] for m in rows], lw=1.2, label=shown.replace("_top1", ""))
+        if key == "val_top1":
+            ax.legend(fontsize=7)
         seen = set()
         for m in metrics:  # mark where each phase is first logged
             if "phase" in m and m["phase"] not in seen:
@@ -116,7 +119,8 @@ def _curves_figure(path: Path, metrics: list[dict]) -> bool:
                 ax.text(m["step"], 1, f" {m.get('phase')}", fontsize=7, rotation=90, va="top", ha="left",
                         color="0.4", transform=ax.get_xaxis_transform())
         ax.set_xlabel("step")
-        ax.set_title({"loss_rec": "reconstruction loss", "loss_cls": "classification loss"}[key], fontsize=9)
+        ax.set_title({"loss_rec": "reconstruction loss", "loss_cls": "classification loss",
+                      "val_top1": "top-1 (eval_every)"}[key], fontsize=9)
     save_figure(path, fig)
     return True
 

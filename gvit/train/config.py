@@ -106,6 +106,8 @@ class TrainConfig:
     seed: int = setting(0, "seed of the weights, data order, augmentation and g0")
     out: str = setting("runs/train", "run folder (checkpoint.pt, metrics.jsonl, result.json)")
     log_every: int = setting(20, "steps between metric lines (every guidance step gets one too)")
+    eval_every: int = setting(0, "every n steps, a classifier's top-1 and loss on up to 512 val images and as many "
+                                 "training images, logged for the curves (0: off; needs a val split)")
     checkpoint_every: int = setting(200, "steps between checkpoints")
     device: str = setting("auto", "device", ("auto", "cpu", "cuda"))
     precision: str = setting("fp32", "arithmetic on CUDA: plain fp32 (measured the accurate choice, "
@@ -124,7 +126,7 @@ class TrainConfig:
         """Range checks of the core; each section's ``check`` adds its own and calls this one."""
         require(self, positive=("image_size", "steps", "batch_size", "log_every", "checkpoint_every",
                                 "max_bad_steps", "base_lr"),
-                non_negative=("num_workers", "val_every"), optional_positive=("epochs", "grad_clip"))
+                non_negative=("num_workers", "val_every", "eval_every"), optional_positive=("epochs", "grad_clip"))
         for key in ("limit_train", "limit_eval"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"config: {key} must be >= 1 (or null), got {getattr(self, key)}")
@@ -132,6 +134,9 @@ class TrainConfig:
             raise ValueError(f"config: lr_floor must be in [0, 1], got {self.lr_floor}")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError(f"config: crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.eval_every and not (self.val_every or self.eval_split == "val"):
+            raise ValueError("config: eval_every draws its curves on the val split; set val_every > 0 (or "
+                             "eval_split=val)")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -52,6 +52,12 @@ def _state(run: ModelStep, cfg: TrainConfig, step: int, bad_steps: int, classes:
     return {"step": step, "bad_steps": bad_steps, "config": cfg.to_dict(), "classes": list(classes)} | run.state_dict()
 
 
+def _curve_sets(cfg: TrainConfig, step_kind, train_ds) -> dict:
+    """The images ``eval_every`` measures: up to 512 of the val split and as many training images."""
+    val = limit(step_kind.datasets(replace(cfg, eval_split="val"))[1], 512)
+    return {"val": val, "train": limit(train_ds, len(val))}
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
           progress: bool = True, log=print) -> dict:
     """Train per ``cfg``; returns the final evaluation (or a partial summary when ``stop_after``
@@ -105,6 +111,7 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     sampler = StepBatches(len(train_ds), cfg.batch_size, start, end, cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.num_workers, persistent_workers=False)
+    curves = _curve_sets(cfg, step_kind, train_ds) if rank == 0 and cfg.eval_every and run.classifies else None
     bar = progress_bar(cfg.steps, initial=start, desc=f"train {cfg.model}", unit="step", enabled=progress and rank == 0)
     t0 = time.perf_counter()
     step = start
@@ -121,6 +128,10 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or run.logs_step(step)):
                 metrics.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3), bad_steps=bad_steps)
                 append_line(out / "metrics.jsonl", json.dumps(metrics))
+            if curves and (step + 1) % cfg.eval_every == 0:
+                measured = {f"{name}_{key}": value for name, ds in curves.items()
+                            for key, value in ModelStep.evaluate(run, ds, collate).items() if key in ("top1", "loss")}
+                append_line(out / "metrics.jsonl", json.dumps({"step": step + 1, **measured}))
             bar.update(1)
             if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
                 save_checkpoint(ckpt_path, _state(run, cfg, step + 1, bad_steps, classes))
