@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 __all__ = ["WriteError", "write_fault", "original_name", "append_line", "atomic_path", "write_text", "readable_text",
-           "write_json", "read_safetensors", "settings_diff", "check_settings", "record_settings", "check_output",
-           "output_folder", "remove_temporaries", "MARKER", "LOCK"]
+           "write_json", "write_safetensors", "read_safetensors", "settings_diff", "check_settings", "record_settings",
+           "check_output", "output_folder", "remove_temporaries", "MARKER", "LOCK"]
 
 
 class WriteError(ValueError):
@@ -104,6 +104,20 @@ def readable_text(text: str) -> str:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, *, file_format: str, version: str,
+                      metadata: dict | None = None) -> None:
+    """Write ``tensors`` to a safetensors file atomically, its metadata ``format``, ``version`` and
+    ``metadata`` as text (values that are not strings as JSON; keys and values made valid UTF-8, which
+    safetensors needs): the writing twin of :func:`read_safetensors`."""
+    from safetensors.torch import save_file
+
+    meta = {"format": file_format, "version": version}
+    for key, value in (metadata or {}).items():
+        meta[readable_text(str(key))] = readable_text(value if isinstance(value, str) else json.dumps(value))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def read_safetensors(path: str | os.PathLike, *, file_format: str | tuple[str, ...], what: str) -> tuple[dict, dict]:

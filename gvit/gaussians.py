@@ -19,7 +19,6 @@ Conventions (used by every module of gvit):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields, replace
@@ -27,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from .files import atomic_path, read_safetensors, readable_text
+from .files import read_safetensors, write_safetensors
 
 RAW_LAYOUT = ("px", "py", "sx", "sy", "phi", "r", "g", "b", "o")
 RAW_DIM = len(RAW_LAYOUT)
@@ -309,8 +308,6 @@ def save_gaussians(
     and string ``metadata`` travel with them. The file is written to a temporary name in the
     same folder and renamed, so a reader never sees half a file.
     """
-    from safetensors.torch import save_file
-
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     validate_gaussians(gaussians, source=str(path))
@@ -321,13 +318,7 @@ def save_gaussians(
         if labels.shape != (gaussians.batch_size,):
             raise ValueError(f"labels: expected shape ({gaussians.batch_size},), got {tuple(labels.shape)}")
         tensors["labels"] = labels.detach().to("cpu", torch.int64).contiguous()
-    meta = {"format": FILE_FORMAT, "version": FILE_VERSION}
-    for key, value in (metadata or {}).items():
-        if not isinstance(value, str):
-            value = json.dumps(value)
-        meta[readable_text(str(key))] = readable_text(value)  # safetensors stores valid UTF-8 only
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_safetensors(path, tensors, file_format=FILE_FORMAT, version=FILE_VERSION, metadata=metadata)
 
 
 def load_gaussians(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..codec import CodecError, encode_gaussians
 from ..codec import decode as decode_coded
-from ..files import atomic_path, read_safetensors, readable_text, write_json
+from ..files import read_safetensors, write_json, write_safetensors
 from ..gaussians import (FILE_FORMAT, Gaussians, compact, concat, encode, gaussians_from_tensors, pad,
                          save_gaussians, valid_mask)
 
@@ -58,16 +58,11 @@ def write_shard(folder: str | os.PathLike, index: int, gaussians: Gaussians, lab
     if dtype != CODED:
         save_gaussians(path, compact(gaussians), labels=labels, dtype=storage_dtype(dtype)[0], metadata=meta)
         return path
-    from safetensors.torch import save_file
-
     blobs = [encode_gaussians(compact(gaussians[i]), height, width) for i in range(gaussians.batch_size)]
     offsets = torch.tensor([0, *map(len, blobs)], dtype=torch.int64).cumsum(0)
     tensors = {"coded": torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.uint8).copy()), "offsets": offsets,
                "labels": labels.detach().to("cpu", torch.int64).contiguous()}
-    meta = {"format": CODED_FORMAT, "version": "1"} | {readable_text(str(k)): readable_text(
-        v if isinstance(v, str) else json.dumps(v)) for k, v in meta.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_safetensors(path, tensors, file_format=CODED_FORMAT, version="1", metadata=meta)
     return path
 
 

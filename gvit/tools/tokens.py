@@ -16,13 +16,12 @@ Files load without running code (safetensors) and are checked field by field.
 from __future__ import annotations
 
 import colorsys
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..files import atomic_path, output_folder, read_safetensors, write_json
+from ..files import atomic_path, output_folder, read_safetensors, write_json, write_safetensors
 from ..gaussians import Gaussians
 from ..progress import progress_bar
 from ..train import load_trained
@@ -53,17 +52,12 @@ def _describe(trained) -> dict:
 def save_tokens(path, indices: Tensor, *, labels: Tensor | None = None, geometry: dict | None = None,
                 metadata: dict | None = None) -> None:
     """Write token indices ``[N, k]`` (and geometry, labels) to a safetensors file atomically."""
-    from safetensors.torch import save_file
-
     tensors = {"indices": indices.detach().to("cpu", torch.int64).contiguous()}
     for name, value in (geometry or {}).items():
         tensors[name] = value.detach().to("cpu", torch.float32).contiguous()
     if labels is not None:
         tensors["labels"] = labels.detach().to("cpu", torch.int64).contiguous()
-    meta = {"format": TOKEN_FORMAT, "version": TOKEN_VERSION}
-    meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+    write_safetensors(path, tensors, file_format=TOKEN_FORMAT, version=TOKEN_VERSION, metadata=metadata)
 
 
 def load_tokens(path) -> tuple[dict, dict]:
