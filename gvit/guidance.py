@@ -192,22 +192,26 @@ class BatchLosses:
 
 
 def batch_losses(model: nn.Module, images: Tensor, labels: Tensor | None, g0: Tensor | None, *,
-                 classify: bool = True, pixel_loss: str = "bce", lambda_perc: float = 0.0) -> BatchLosses:
+                 classify: bool = True, pixel_loss: str = "bce", lambda_perc: float = 0.0,
+                 augment=None) -> BatchLosses:
     """Run a :class:`gvit.models.GViT` on one batch: encoder, render, reconstruction loss and (when
     ``classify``) the classifier; without ``labels`` the classification loss is None (the logits
-    are still computed)."""
-    return _losses_of(model, model.encode(images, g0), images, labels, classify, pixel_loss, lambda_perc)
+    are still computed). ``augment``, when given, maps the Gaussians the classifier reads (raw
+    ``[B, k, 9]``) to ``(raw, valid)`` (:func:`gvit.data.transforms.augment_gaussians`); the
+    reconstruction loss reads them unchanged."""
+    return _losses_of(model, model.encode(images, g0), images, labels, classify, pixel_loss, lambda_perc, augment)
 
 
 def _losses_of(model: nn.Module, g: Tensor, images: Tensor, labels: Tensor | None, classify: bool, pixel_loss: str,
-               lambda_perc: float) -> BatchLosses:
+               lambda_perc: float, augment=None) -> BatchLosses:
     """The reconstruction loss of the encoder's Gaussians ``g``; the classifier reads them after
     the model's test-time fitting (:meth:`gvit.models.GViT.refine`, straight-through)."""
     rendered = model.reconstruct(g, *images.shape[-2:])  # rasterized in float32 (also under bf16 autocast)
     rec = reconstruction_loss(rendered, images.float(), pixel_loss, dssim_weight=lambda_perc)
     logits = cls = None
     if classify:
-        logits = model.classifier(model.refine(images, g))
+        read = model.refine(images, g)
+        logits = model.classifier(*augment(read)) if augment is not None else model.classifier(read)
         cls = F.cross_entropy(logits, labels) if labels is not None else None
     return BatchLosses(rec, cls, g, rendered, logits)
 

@@ -120,3 +120,34 @@ def test_training_on_cached_and_saved_gaussians_with_augmentation(tmp_path):
                           classifier_size="micro", num_gaussians=8, steps=2, batch_size=8, out=str(tmp_path / "o"),
                           **aug)
     assert 0 <= train(offline, progress=False)["top1"] <= 1
+
+
+def test_live_classifier_steps_read_augmented_gaussians_and_the_reconstruction_does_not(monkeypatch):
+    """Joint and live pre-training steps hand the classifier the augmented set (token dropout shows in
+    its valid mask); the reconstruction loss and guidance steps read the encoder's Gaussians whole."""
+    from gvit.models import GaussianClassifier
+    from gvit.train import make_config
+    from gvit.train.gvit_step import GViTStep
+
+    seen = []
+    forward = GaussianClassifier.forward
+
+    def spy(self, g, valid=None, **kw):
+        seen.append(None if valid is None else valid.clone())
+        return forward(self, g, valid, **kw)
+
+    monkeypatch.setattr(GaussianClassifier, "forward", spy)
+    cfg = make_config(model="gvit", image_size=16, steps=6, batch_size=8, encoder="refine", encoder_size="micro",
+                      classifier_size="micro", num_gaussians=16, refine_features=8, classifier_from=0.2,
+                      pretrain_until=0.5, guidance_from=5, guidance_every=1, token_drop=0.5, device="cpu")
+    run = GViTStep(cfg, 3, torch.device("cpu"))
+    images, labels = torch.rand(8, 3, 16, 16), torch.randint(3, (8,))
+    phases = {}
+    for step in range(6):
+        seen.clear()
+        assert run.step(step, images, labels, torch.Generator().manual_seed(step), 0, 1) is not None
+        phases[run.schedule.at(step, 6).name] = list(seen)
+    for name in ("classifier-pretrain", "joint"):
+        (valid,), = [phases[name]]
+        assert valid is not None and 0 < valid.float().mean() < 0.8  # about half the tokens dropped
+    assert phases["encoder"] == [] and all(v is None for v in phases["guidance"])  # whole sets in guidance

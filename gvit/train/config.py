@@ -208,14 +208,15 @@ class GaussianTokenSettings:
     neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
     neighbour_pool: str = setting("point", "EdgeConv: max over neighbours before the activation (once per point) "
                                            "or over per-edge activations (DGCNN's order)", ("point", "edge"))
-    gaussian_crop_min: float = setting(1.0, "classifier steps on cached or saved Gaussians: random resized crops in "
-                                            "Gaussian space keep at least this fraction of the area (1: none)")
-    token_drop: float = setting(0.0, "classifier steps on cached or saved Gaussians: drop this share of the "
-                                     "Gaussians at random (token dropout)")
-    color_jitter: float = setting(0.0, "classifier steps on cached or saved Gaussians: scale colours by 1 + this x "
-                                       "u, u uniform in [-1, 1] per image and channel")
-    gaussian_noise: float = setting(0.0, "classifier steps on cached or saved Gaussians: Gaussian noise of this std "
-                                         "on every raw value")
+    gaussian_crop_min: float = setting(1.0, "classifier training steps (cached, live or saved Gaussians): random "
+                                            "resized crops in Gaussian space keep at least this fraction of the area "
+                                            "(1: none)")
+    token_drop: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): drop this share "
+                                     "of the Gaussians at random (token dropout)")
+    color_jitter: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): scale colours "
+                                       "by 1 + this x u, u uniform in [-1, 1] per image and channel")
+    gaussian_noise: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): Gaussian "
+                                         "noise of this std on every raw value")
 
     def check(self) -> None:
         super().check()

@@ -180,12 +180,14 @@ class GViTStep(ModelStep):
         encoder, classifier = self.parts["encoder"][:2], self.parts["classifier"][:2]
         if phase.guidance:
             return self._guidance_step(images, labels, g0, kw)
+        augment = self._gaussian_augmentation(gen)
         if not phase.train_encoder:  # classifier pre-training on the frozen encoder's Gaussians
             with torch.no_grad(), self.autocast():
                 g = model.gaussians(images, g0)
-            return self._classifier_step(lambda: model.classifier(g), labels)
+            read = (g, None) if augment is None else augment(g)
+            return self._classifier_step(lambda: model.classifier(*read), labels)
         with self.autocast():
-            out = batch_losses(model, images, labels, g0, classify=phase.train_classifier, **kw)
+            out = batch_losses(model, images, labels, g0, classify=phase.train_classifier, augment=augment, **kw)
         loss, metrics, trained = out.reconstruction, {"loss_rec": as_number(out.reconstruction)}, [encoder]
         if out.classification is not None:
             metrics["loss_cls"] = as_number(out.classification)
@@ -193,6 +195,14 @@ class GViTStep(ModelStep):
                 loss = loss + phase.lambda_cls * out.classification
                 trained.append(classifier)
         return metrics if apply_gradients(trained, loss, grad_clip=cfg.grad_clip) else None
+
+    def _gaussian_augmentation(self, gen):
+        """The step's augmentation in Gaussian space of the classifier's input (None when off): the
+        classifier's training steps on live Gaussians read them augmented as the cached ones are;
+        the reconstruction loss and guidance steps read them as they are."""
+        if not self.cfg.augments_gaussians():
+            return None
+        return lambda g: augment_gaussians(g, None, generator=gen, **self.cfg.gaussian_augmentation())
 
     def _cached_classifier_step(self, flips, gen, rank, world) -> dict | None:
         """A classifier step on the frozen encoder's Gaussians of ``batch_size`` training images
