@@ -31,17 +31,21 @@ from pathlib import Path
 
 from _util import spread, train_until_joint_stage
 
-COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
+COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1),
+           ("train_top1", "train top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
            ("ssim", "SSIM", 1, 3),
            ("guidance_shift_px", "guidance shift (px)", 1, 3), ("object_share", "object share %", 100, 1),
-           ("object_share_no_guidance", "share before guidance %", 100, 1),
+           ("object_share_before_guidance", "share before guidance %", 100, 1),
+           ("control_shift_px", "gamma-0 control shift (px)", 1, 3),
+           ("control_top1", "gamma-0 control top-1 %", 100, 1),
            ("guidance_lr_share", "guidance lr / peak", 1, 2), ("train_seconds", "train s", 1, 0)]
 
 
 # keys that act only from the joint stage on (the phases before it, their learning rates and each
 # step's random draws do not read them)
 TAIL_KEYS = {"gamma", "gamma_relative", "guidance", "guidance_lr", "guidance_every", "guidance_from", "lambda_cls",
-             "joint_lr", "measure_guidance", "eval_split"}  # (the evaluated split: read after training only)
+             "joint_lr", "measure_guidance", "guidance_control",
+             "eval_split"}  # (the evaluated split: read after training only)
 
 
 def train_from_shared_prefix(cfg, prefix: Path) -> dict:

@@ -45,13 +45,19 @@ def test_demo_rejects_bad_arguments(capsys):
 
 
 def test_gvit_demo_trains_beside_a_patch_vit_and_writes_the_report(tmp_path, capsys):
-    args = ["steps=8", "data=shapes:96", "limit_eval=24", "batch_size=16", "checkpoint_every=4", "log_every=2"]
+    args = ["steps=8", "data=shapes:96", "limit_eval=24", "batch_size=16", "checkpoint_every=4", "log_every=2",
+            "pretrain_until=0.5", "guidance_from=0.75"]  # 2 guidance steps, and their gamma = 0 control
     assert main(["demo", *args, "--out", str(tmp_path), "--quiet"]) == 0
     printed = capsys.readouterr().out
+    assert "gamma 0.2 against gamma 0 from the same state: top-1" in printed
+    assert "encoder's Gaussians moved" in printed and "classifier's Gaussians moved" in printed
+    assert "apart at the end" in printed and "opacity on the object" in printed
     assert "top-1" in printed and "patch ViT" in printed and printed.count("(val ") == 2  # GViT's and the baseline's
     assert printed.count(", train ") == 2  # and their top-1 on training images
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == "gvit" and report["eval_images"] == 24 and 0 <= report["top1"] <= 1
+    assert report["guidance"]["top1"] == report["top1"] and 0 <= report["guidance"]["control_top1"] <= 1
+    assert set(report["guidance"]["encoder"]) >= {"shift_px", "control_shift_px", "object_share_control"}
     assert report["psnr"] > 5 and report["steps"] == 8 and 0 <= report["val_top1"] <= 1
     assert report["top1"] == json.loads((tmp_path / "run" / "result.json").read_text())["top1"]  # not evaluated twice
     (name, patch), = report["compare"].items()

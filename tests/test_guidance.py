@@ -231,13 +231,15 @@ def test_a_guidance_phase_reports_what_it_did_and_keeps_it_in_the_checkpoint(tmp
                       num_gaussians=16, batch_size=16, steps=12, guidance_from=0.5, guidance_every=1, lr_floor=0.5,
                       out=str(tmp_path / "run"))
     result = train(cfg, progress=False)
-    assert result["guidance_shift_px"] > 0 and 0 <= result["object_share_no_guidance"] <= 1
+    assert result["guidance_shift_px"] > 0 and 0 <= result["object_share_before_guidance"] <= 1
+    assert result["fitted_guidance_shift_px"] > 0 and 0 <= result["fitted_object_share"] <= 1
     assert 0 <= result["object_share"] <= 1
     assert "encoder_before_guidance" in load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     again = load_trained(tmp_path / "run" / "checkpoint.pt").evaluate()
     assert again["guidance_shift_px"] == pytest.approx(result["guidance_shift_px"])
     summary = training_report(tmp_path / "run" / "checkpoint.pt", tmp_path / "report", num_examples=2)
-    assert summary["guidance"]["shift_px"] == pytest.approx(result["guidance_shift_px"])
+    assert summary["guidance"]["encoder"]["shift_px"] == pytest.approx(result["guidance_shift_px"])
+    assert summary["guidance"]["classifier_input"]["shift_px"] == pytest.approx(result["fitted_guidance_shift_px"])
     assert "guidance phase" in (tmp_path / "report" / "report.html").read_text()
     assert summary["guidance"]["lr_share"] == pytest.approx(result["guidance_lr_share"])
     assert result["guidance_lr_share"] > 0
@@ -293,3 +295,67 @@ def test_a_joint_step_with_lambda_cls_0_leaves_the_classifier_alone():
     after = run.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("classifier."))
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+
+
+def _control_run(tmp_path, name, **changes):
+    from gvit.train import make_config, train
+
+    settings = dict(data="shapes:64", limit_eval=16, encoder_size="micro", classifier_size="micro", image_size=16,
+                    num_gaussians=16, batch_size=16, steps=12, guidance_from=0.5, guidance_every=2, fit_steps=2,
+                    gamma=0.5, lr_floor=0.5, out=str(tmp_path / name))
+    cfg = make_config(**(settings | changes))
+    return cfg, train(cfg, progress=False)
+
+
+def test_the_guidance_control_differs_from_the_run_in_gamma_alone(tmp_path):
+    """A gamma = 0 run with its control: the two take the same steps, so they end identical; the
+    control leaves the run itself unchanged; with gamma > 0 the two part and the report says by how much."""
+    from gvit.tools.report import training_report
+
+    _, same = _control_run(tmp_path, "zero", gamma=0.0, guidance_control=True)
+    assert same["guidance_vs_control_px"] == 0 and same["fitted_guidance_vs_control_px"] == 0
+    assert same["control_top1"] == same["top1"] and same["control_loss"] == pytest.approx(same["loss"], abs=1e-6)
+    assert same["control_shift_px"] == same["guidance_shift_px"] > 0
+    assert same["object_share_control"] == same["object_share"]
+
+    cfg, guided = _control_run(tmp_path, "guided", guidance_control=True)
+    _, plain = _control_run(tmp_path, "plain")
+    for key in ("top1", "loss", "psnr", "guidance_shift_px", "fitted_guidance_shift_px", "object_share"):
+        assert guided[key] == plain[key], key  # the control draws no randomness of the run's
+    assert "control_top1" not in plain and "control_shift_px" not in plain
+    assert guided["guidance_vs_control_px"] > 0 and guided["fitted_guidance_vs_control_px"] > 0
+    assert guided["control_shift_px"] != guided["guidance_shift_px"]
+
+    summary = training_report(tmp_path / "guided" / "checkpoint.pt", tmp_path / "report", num_examples=2,
+                              evaluation=guided)
+    g = summary["guidance"]
+    assert g["gamma"] == 0.5 and g["top1_minus_control"] == pytest.approx(guided["top1"] - guided["control_top1"])
+    for view, prefix in (("encoder", ""), ("classifier_input", "fitted_")):
+        assert g[view]["shift_px_minus_control"] == pytest.approx(
+            guided[prefix + "guidance_shift_px"] - guided[prefix + "control_shift_px"])
+        assert g[view]["object_share_minus_control"] == pytest.approx(
+            guided[prefix + "object_share"] - guided[prefix + "object_share_control"])
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "gamma = 0 control" in page and "after test-time fitting" in page
+
+
+def test_a_run_with_its_guidance_control_resumes_exactly(tmp_path):
+    from gvit.train import load_checkpoint, train
+
+    cfg, whole = _control_run(tmp_path, "whole", guidance_control=True)
+    parted = cfg.to_dict() | {"out": str(tmp_path / "parted")}
+    from gvit.train import make_config
+
+    cut = make_config(**parted)
+    train(cut, progress=False, stop_after=9)  # stopped inside the guidance phase (steps 6-11)
+    assert "control" in load_checkpoint(tmp_path / "parted" / "checkpoint.pt")
+    resumed = train(cut, resume=True, progress=False)
+    for key in ("top1", "control_top1", "guidance_shift_px", "control_shift_px", "guidance_vs_control_px"):
+        assert resumed[key] == whole[key], key
+
+
+def test_guidance_control_needs_a_guidance_phase():
+    from gvit.train import make_config
+
+    with pytest.raises(ValueError, match="guidance_control"):
+        make_config(guidance=False, guidance_control=True)

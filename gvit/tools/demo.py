@@ -79,6 +79,7 @@ DEMO_SETTINGS = {
     "gamma": 0.2,
     "gamma_relative": True,
     "measure_guidance": True,
+    "guidance_control": True,  # the same 10 steps from the same state with gamma = 0: what guidance itself does
     "log_every": 20,
     "checkpoint_every": 100,
 }
@@ -142,10 +143,17 @@ def demo_lines(summary: dict, out: str | Path) -> list[str]:
 
     lines = [f"{summary['model']} on {summary['data']}: {kind_of(summary['model']).describe(summary)}{val(summary)}, "
              f"trained in {summary['train_seconds']:.0f} s"]
-    if "object_share" in summary.get("guidance", {}):
-        g = summary["guidance"]
-        lines.append(f"guidance phase: moved the encoder's Gaussians {g['shift_px']:.3f} px; opacity on the object "
-                     f"{100 * g['object_share']:.1f}% (before it {100 * g['object_share_no_guidance']:.1f}%)")
+    g = summary.get("guidance", {})
+    if "control_top1" in g:  # what guidance did, against the same phase with gamma = 0 from the same state
+        lines.append(f"guidance phase, gamma {g['gamma']:g} against gamma 0 from the same state: top-1 "
+                     f"{100 * g['top1']:.2f}% vs {100 * g['control_top1']:.2f}%")
+        for view, name in (("encoder", "encoder's"), ("classifier_input", "classifier's")):
+            if "control_shift_px" in g.get(view, {}):
+                v = g[view]
+                share = (f"; opacity on the object {100 * v['object_share']:.1f}% vs "
+                         f"{100 * v['object_share_control']:.1f}%" if "object_share_control" in v else "")
+                lines.append(f"  {name} Gaussians moved {v['shift_px']:.3f} px vs {v['control_shift_px']:.3f} px "
+                             f"({v['guidance_vs_control_px']:.3f} px apart at the end){share}")
     lines += [f"{name}: top-1 {100 * r['top1']:.2f}%{val(r)}, trained in {r['train_seconds']:.0f} s"
               for name, r in summary.get("compare", {}).items()]
     return lines + [f"wrote {Path(out) / 'report.html'} ({', '.join(summary['files'].values())}, report.json)"]

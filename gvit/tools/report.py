@@ -185,9 +185,8 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
         recorded = json.loads(result_path.read_text())
         summary |= {k: v for k, v in recorded.items() if k not in summary and (
             k.startswith("val_") or k in ("train_top1", "train_loss", "train_eval_images"))}
-    if "guidance_shift_px" in summary:  # what the guidance phase did to the encoder's Gaussians on these images
-        summary["guidance"] = {"shift_px": summary["guidance_shift_px"], "lr_share": summary["guidance_lr_share"]} | {
-            key: summary[key] for key in ("object_share", "object_share_no_guidance") if key in summary}
+    if "guidance_shift_px" in summary:  # what the guidance phase did to the Gaussians of these images
+        summary["guidance"] = guidance_summary(summary)
     if compare:
         summary["compare"] = {name: {k: r[k] for k in ("top1", "val_top1", "train_top1", "loss", "train_loss", "psnr",
                                                       "train_seconds", "step") if k in r}
@@ -195,6 +194,70 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
     write_json(out / "report.json", summary)
     _html(out / "report.html", summary, cfg)
     return summary
+
+
+GUIDANCE_VIEWS = {"encoder": "", "classifier_input": "fitted_"}  # the encoder's Gaussians; after test-time fitting
+
+
+def guidance_summary(measures: dict) -> dict:
+    """``report.json``'s ``guidance`` section from a run's flat measures (:meth:`gvit.train.gvit_step.GViTStep.
+    guidance_effect`): for the encoder's Gaussians and for the classifier's input (after test-time fitting),
+    ``shift_px`` (over the phase), ``object_share`` and ``object_share_before``; with a gamma = 0 control
+    also ``control_shift_px``, ``guidance_vs_control_px``, ``object_share_control`` and the differences
+    ``shift_px_minus_control`` and ``object_share_minus_control``; the control's ``top1`` beside this run's
+    (``top1_minus_control``); ``lr_share``."""
+    out = {"lr_share": measures.get("guidance_lr_share"), "gamma": measures.get("guidance_gamma")}
+    for view, prefix in GUIDANCE_VIEWS.items():
+        m = {key[len(prefix):]: value for key, value in measures.items() if key.startswith(prefix)}
+        if "guidance_shift_px" not in m:
+            continue
+        part = {"shift_px": m["guidance_shift_px"]}
+        names = {"control_shift_px": "control_shift_px", "guidance_vs_control_px": "guidance_vs_control_px",
+                 "object_share": "object_share", "object_share_before_guidance": "object_share_before",
+                 "object_share_control": "object_share_control"}
+        for key, name in names.items():
+            if key in m:
+                part[name] = m[key]
+        if "control_shift_px" in part:
+            part["shift_px_minus_control"] = part["shift_px"] - part["control_shift_px"]
+        if "object_share_control" in part:
+            part["object_share_minus_control"] = part["object_share"] - part["object_share_control"]
+        out[view] = part
+    if "control_top1" in measures and "top1" in measures:
+        out |= {"top1": measures["top1"], "control_top1": measures["control_top1"],
+                "top1_minus_control": measures["top1"] - measures["control_top1"]}
+        out |= {k: measures[k] for k in ("control_loss", "control_psnr") if k in measures}
+    return out
+
+
+def guidance_rows(g: dict) -> list[tuple[str, str]]:
+    """The report's lines on the guidance phase (:func:`guidance_summary`): with a control, each measure
+    against the control's."""
+    rows = []
+    if "control_top1" in g:
+        rows.append((f"guidance phase (gamma {g['gamma']:g}) against its gamma = 0 control",
+                     f"top-1 {100 * g['top1']:.2f}% against {100 * g['control_top1']:.2f}% "
+                     f"({100 * g['top1_minus_control']:+.2f} points); the control took the same steps on the same "
+                     f"batches from the same state, gamma = 0"))
+    names = {"encoder": "the encoder's Gaussians", "classifier_input": "the classifier's Gaussians (after test-time "
+                                                                         "fitting)"}
+    for view, name in names.items():
+        if view not in g:
+            continue
+        v = g[view]
+        text = f"centres moved {v['shift_px']:.3f} px over the phase"
+        if "control_shift_px" in v:
+            text += (f" (control {v['control_shift_px']:.3f} px, difference {v['shift_px_minus_control']:+.3f} px; "
+                     f"{v['guidance_vs_control_px']:.3f} px from the control's at the end)")
+        if "object_share" in v:
+            text += (f"; opacity on the object {100 * v['object_share']:.1f}% (at the phase's start "
+                     f"{100 * v['object_share_before']:.1f}%")
+            text += (f", control {100 * v['object_share_control']:.1f}%, difference "
+                     f"{100 * v['object_share_minus_control']:+.1f} points)" if "object_share_control" in v else ")")
+        rows.append((f"guidance phase: {name}", text))
+    if g.get("lr_share") is not None:
+        rows.append(("guidance steps' learning rate", f"{100 * g['lr_share']:.0f}% of the peak, on average"))
+    return rows
 
 
 def _html(path: Path, summary: dict, cfg) -> None:
@@ -212,12 +275,7 @@ def _html(path: Path, summary: dict, cfg) -> None:
     if "train_seconds" in summary:
         rows.append(("training", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s"))
     if "guidance" in summary:
-        g = summary["guidance"]
-        share = (f"; encoder opacity on the object {100 * g['object_share']:.1f}% (before the guidance phase "
-                 f"{100 * g['object_share_no_guidance']:.1f}%)" if "object_share" in g else "")
-        lr = ("" if g["lr_share"] is None else
-              f"; mean learning rate of its guidance steps {100 * g['lr_share']:.0f}% of the peak")
-        rows.append(("guidance phase", f"moved the encoder's Gaussians {g['shift_px']:.3f} px on average{share}{lr}"))
+        rows += guidance_rows(summary["guidance"])
     compared = ""
     if summary.get("compare"):
         def val(r, key="val_top1"):

@@ -6,13 +6,11 @@ its training step (:class:`GViTStep`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
 
-from ..data import dataset_masks
-from ..explain import object_share
 from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases, batch_losses, guidance_backward
 from ..losses import RECONSTRUCTION_LOSSES
@@ -22,6 +20,7 @@ from .base import ModelStep, as_number
 from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, check_schedule, model_setting, require
 from ..data.transforms import augment_gaussians
 from .data import flip_gaussians
+from .guidance_effect import gaussians_compared
 from .optim import adamw, apply_gradients, peak_learning_rate, set_learning_rate
 
 __all__ = ["GViTConfig", "GViTStep", "build_gvit", "gaussian_classifier"]
@@ -63,6 +62,11 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
                                               "(base_lr * batch / 256); none: the schedule's")
     measure_guidance: bool = setting(False, "log what each guidance step did (gradient norms, Gaussian shift, loss "
                                             "changes); one more encoder backward and forward per guidance step")
+    guidance_control: bool = setting(False, "a control run of the guidance phase: from the state at its first step, a "
+                                            "copy of the model and its optimisers takes the same steps on the same "
+                                            "batches with gamma = 0; the evaluation compares the two (top-1, how far "
+                                            "each moved the Gaussians, opacity on the object); twice the phase's "
+                                            "cost")
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
@@ -81,6 +85,9 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
         if self.cache_gaussians and self.crop_scale_min < 1:
             raise ValueError(f"config: cache_gaussians holds the Gaussians of whole images; it needs crop_scale_min=1, "
                              f"got {self.crop_scale_min}")
+        if self.guidance_control and (not self.guidance or self.finetune_from):
+            raise ValueError("config: guidance_control compares a guidance phase with its gamma = 0 control; it "
+                             "needs guidance=true and no finetune_from")
         if self.encoder == "refine" and (self.sample_image or self.image_colors):
             raise ValueError("config: encoder=refine reads the image itself; sample_image and image_colors belong "
                              "to encoder=denoise")
@@ -115,12 +122,32 @@ class GViTStep(ModelStep):
         self.cache = None  # (raw Gaussians [N, k, 9], labels [N]) of the frozen encoder, when cached
         self.cache_neighbourhoods = None  # the classifier's neighbourhoods of the cached Gaussians
         self.before_guidance: dict | None = None  # the encoder's weights when the guidance phase began
+        self.control: GViTStep | None = None  # guidance_control: the gamma = 0 copy, from the phase's first step
 
     def step(self, step, inputs, labels, gen, rank, world):
-        if step == self.schedule.guidance_start(self.cfg.steps):  # before the phase's first update
+        start = self.schedule.guidance_start(self.cfg.steps)
+        if step == start:  # before the phase's first update
             self.before_guidance = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
+            if self.cfg.guidance_control:
+                self.control = self._control_copy()
+        drawn = gen.get_state()  # the control draws the same flips, crops and g0
         metrics = super().step(step, inputs, labels, gen, rank, world)
+        if self.control is not None and start is not None and step >= start:
+            same = torch.Generator().set_state(drawn)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                control = self.control.step(step, inputs, labels, same, rank, world)
+            if metrics is not None and control is not None:
+                metrics |= {f"control_{k}": v for k, v in control.items() if k.startswith("loss")}
         return None if metrics is None else {"phase": self.schedule.at(step, self.cfg.steps).name} | metrics
+
+    def _control_copy(self) -> GViTStep:
+        """A step object with gamma = 0, holding a copy of this one's model and optimisers as they are now."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # it seeds torch
+            control = GViTStep(replace(self.cfg, gamma=0.0, guidance_control=False, measure_guidance=False),
+                               self.model.num_classes, self.device)
+        control.load_state_dict(copy.deepcopy(ModelStep.state_dict(self)))  # no tensor shared with this run
+        control.attach_training_set(self.training_set, self.training_collate)
+        return control
 
     def classifier_start(self) -> int:
         return self.schedule.classifier_start(self.cfg.steps)
@@ -272,11 +299,17 @@ class GViTStep(ModelStep):
         state = super().state_dict()
         if self.before_guidance is not None:
             state["encoder_before_guidance"] = self.before_guidance
+        if self.control is not None:
+            state["control"] = ModelStep.state_dict(self.control)
         return state
 
     def load_state_dict(self, state: dict, *, optimizers: bool = True) -> None:
         super().load_state_dict(state, optimizers=optimizers)
         self.before_guidance = state.get("encoder_before_guidance")
+        self.control = None
+        if "control" in state:
+            self.control = self._control_copy()
+            self.control.load_state_dict(state["control"], optimizers=optimizers)
 
     @torch.no_grad()
     def evaluate(self, dataset, collate) -> dict:
@@ -296,7 +329,8 @@ class GViTStep(ModelStep):
     @torch.no_grad()
     def gaussians_around_guidance(self, images: Tensor, seed: int | None = None) -> dict | None:
         """The decoded Gaussians of ``images`` from the encoder before its guidance phase
-        (``"encoder before guidance"``) and now (``"encoder after guidance"``), with the same g0
+        (``"encoder before guidance"``), now (``"encoder after guidance"``) and, with a control run, the
+        control's (``"gamma = 0 control"``), with the same g0
         (drawn from ``seed``, the config's by default); None when the run had no guidance phase."""
         before = self.encoder_before_guidance()
         if before is None:
@@ -305,38 +339,33 @@ class GViTStep(ModelStep):
         images = images.to(self.device)
         g0 = self.model.sample_g0(len(images), gen)
         self.train(False)
-        encoders = (("encoder before guidance", before), ("encoder after guidance", self.model.encoder))
+        encoders = [("encoder before guidance", before), ("encoder after guidance", self.model.encoder)]
+        if self.control is not None:
+            encoders.append(("gamma = 0 control", self.control.model.encoder))
         out = {name: self.model.decode(encoder(images, g0)).to("cpu") for name, encoder in encoders}
         self.train(True)
         return out
 
     @torch.no_grad()
     def guidance_effect(self, dataset, collate) -> dict:
-        """The encoder before its guidance phase against the encoder now, on the same images and g0:
-        ``guidance_shift_px`` (mean distance between their Gaussians' centres, in pixels) and, where
-        the images have object masks, ``object_share`` / ``object_share_no_guidance`` (the share of
-        the encoder's Gaussian opacity centred on the object, now and before the phase); and
-        ``guidance_lr_share`` (:meth:`guidance_lr_share`)."""
-        before = self.encoder_before_guidance()
-        masks = dataset_masks(dataset)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=collate)
-        gen, shifts, now_share, before_share, seen = torch.Generator().manual_seed(self.cfg.seed), [], [], [], 0
+        """What the guidance phase did, on ``dataset`` with the g0 of the config's seed
+        (:func:`gvit.train.guidance_effect.gaussians_compared`: how far the Gaussians moved over the phase,
+        ``guidance_shift_px``, and where their opacity sits, ``object_share`` and
+        ``object_share_before_guidance``, for the encoder's Gaussians and, prefixed ``fitted_``, those the
+        classifier reads); with ``guidance_control`` the same of the gamma = 0 control, the distance between
+        the two, and the control's ``control_top1``, ``control_loss``, ``control_psnr`` (measured as
+        :meth:`evaluate` measures this run). Also ``guidance_lr_share`` and ``guidance_gamma``."""
+        encoders = {"before": self.encoder_before_guidance(), "guided": self.model.encoder}
+        if self.control is not None:
+            encoders["control"] = self.control.model.encoder
         self.train(False)
-        for images, _ in loader:
-            images = images.to(self.device)
-            g0 = self.model.sample_g0(len(images), gen)  # None for learned queries
-            new, old = (self.model.decode(encoder(images, g0)) for encoder in (self.model.encoder, before))
-            shifts.append((new.means - old.means).norm(dim=-1).mean(1).cpu() * max(images.shape[-2:]) / 2)
-            if masks is not None:
-                batch_masks = masks[seen:seen + len(images)].to(self.device)
-                now_share.append(object_share(new, batch_masks).cpu())
-                before_share.append(object_share(old, batch_masks).cpu())
-            seen += len(images)
+        out = gaussians_compared(self.model, encoders, dataset, collate, batch_size=self.cfg.batch_size,
+                                 seed=self.cfg.seed, device=self.device)
         self.train(True)
-        out = {"guidance_shift_px": float(torch.cat(shifts).mean()), "guidance_lr_share": self.guidance_lr_share()}
-        if masks is not None:
-            out |= {"object_share": float(torch.cat(now_share).nanmean()),
-                    "object_share_no_guidance": float(torch.cat(before_share).nanmean())}
+        out |= {"guidance_lr_share": self.guidance_lr_share(), "guidance_gamma": self.cfg.gamma}
+        if self.control is not None:
+            measured = ModelStep.evaluate(self.control, dataset, collate)
+            out |= {f"control_{key}": measured[key] for key in ("top1", "loss", "psnr") if key in measured}
         return out
 
     def evaluate_batch(self, inputs, gen):
