@@ -197,6 +197,10 @@ def _training_report(checkpoint: Path, out: Path, num_examples: int, overrides, 
 
 
 GUIDANCE_VIEWS = {"encoder": "", "classifier_input": "fitted_"}  # the encoder's Gaussians; after test-time fitting
+# a run's measures of one view -> their names in report.json's guidance section
+GUIDANCE_KEYS = {"guidance_shift_px": "shift_px", "control_shift_px": "control_shift_px",
+                 "guidance_vs_control_px": "guidance_vs_control_px", "object_share": "object_share",
+                 "object_share_before_guidance": "object_share_before", "object_share_control": "object_share_control"}
 
 
 def guidance_summary(measures: dict) -> dict:
@@ -211,13 +215,7 @@ def guidance_summary(measures: dict) -> dict:
         m = {key[len(prefix):]: value for key, value in measures.items() if key.startswith(prefix)}
         if "guidance_shift_px" not in m:
             continue
-        part = {"shift_px": m["guidance_shift_px"]}
-        names = {"control_shift_px": "control_shift_px", "guidance_vs_control_px": "guidance_vs_control_px",
-                 "object_share": "object_share", "object_share_before_guidance": "object_share_before",
-                 "object_share_control": "object_share_control"}
-        for key, name in names.items():
-            if key in m:
-                part[name] = m[key]
+        part = {name: m[key] for key, name in GUIDANCE_KEYS.items() if key in m}
         if "control_shift_px" in part:
             part["shift_px_minus_control"] = part["shift_px"] - part["control_shift_px"]
         if "object_share_control" in part:

@@ -62,11 +62,9 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
                                               "(base_lr * batch / 256); none: the schedule's")
     measure_guidance: bool = setting(False, "log what each guidance step did (gradient norms, Gaussian shift, loss "
                                             "changes); one more encoder backward and forward per guidance step")
-    guidance_control: bool = setting(False, "a control run of the guidance phase: from the state at its first step, a "
-                                            "copy of the model and its optimisers takes the same steps on the same "
-                                            "batches with gamma = 0; the evaluation compares the two (top-1, how far "
-                                            "each moved the Gaussians, opacity on the object); twice the phase's "
-                                            "cost")
+    guidance_control: bool = setting(False, "a copy of the model and optimisers takes the guidance phase's steps "
+                                            "again from its start, with gamma = 0; the evaluation compares the two "
+                                            "(top-1, Gaussian shift, opacity on the object); twice the phase's cost")
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
@@ -130,24 +128,27 @@ class GViTStep(ModelStep):
             self.before_guidance = {k: v.detach().clone() for k, v in self.model.encoder.state_dict().items()}
             if self.cfg.guidance_control:
                 self.control = self._control_copy()
-        drawn = gen.get_state()  # the control draws the same flips, crops and g0
+        drawn = gen.get_state() if self.control is not None else None  # the control draws the same flips, g0
         metrics = super().step(step, inputs, labels, gen, rank, world)
-        if self.control is not None and start is not None and step >= start:
-            same = torch.Generator().set_state(drawn)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                control = self.control.step(step, inputs, labels, same, rank, world)
+        if drawn is not None:
+            with self._forked_rng():
+                control = self.control.step(step, inputs, labels, torch.Generator().set_state(drawn), rank, world)
             if metrics is not None and control is not None:
                 metrics |= {f"control_{k}": v for k, v in control.items() if k.startswith("loss")}
         return None if metrics is None else {"phase": self.schedule.at(step, self.cfg.steps).name} | metrics
 
     def _control_copy(self) -> GViTStep:
         """A step object with gamma = 0, holding a copy of this one's model and optimisers as they are now."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):  # it seeds torch
+        with self._forked_rng():  # building the model seeds torch
             control = GViTStep(replace(self.cfg, gamma=0.0, guidance_control=False, measure_guidance=False),
                                self.model.num_classes, self.device)
         control.load_state_dict(copy.deepcopy(ModelStep.state_dict(self)))  # no tensor shared with this run
         control.attach_training_set(self.training_set, self.training_collate)
         return control
+
+    def _forked_rng(self):
+        """torch's global random state (and this device's) restored on exit: the control leaves the run's alone."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def classifier_start(self) -> int:
         return self.schedule.classifier_start(self.cfg.steps)
@@ -246,8 +247,9 @@ class GViTStep(ModelStep):
         index = torch.randint(len(targets), (self.cfg.batch_size,), generator=gen)[rank::world].to(raw.device)
         g, valid = flip_gaussians(raw[index], flips.to(raw.device)), None
         hoods = None if self.cache_neighbourhoods is None else tuple(h[index] for h in self.cache_neighbourhoods)
-        if self.cfg.augments_gaussians():  # augmented Gaussians have neighbourhoods of their own
-            g, valid = augment_gaussians(g, None, generator=gen, **self.cfg.gaussian_augmentation())
+        augment = self._gaussian_augmentation(gen)
+        if augment is not None:  # augmented Gaussians have neighbourhoods of their own
+            g, valid = augment(g)
             hoods = None if hoods is None else self.model.classifier.neighbourhoods(g, valid)
         return self._classifier_step(lambda: self.model.classifier(g, valid, neighbourhoods=hoods), targets[index])
 
@@ -348,13 +350,10 @@ class GViTStep(ModelStep):
 
     @torch.no_grad()
     def guidance_effect(self, dataset, collate) -> dict:
-        """What the guidance phase did, on ``dataset`` with the g0 of the config's seed
-        (:func:`gvit.train.guidance_effect.gaussians_compared`: how far the Gaussians moved over the phase,
-        ``guidance_shift_px``, and where their opacity sits, ``object_share`` and
-        ``object_share_before_guidance``, for the encoder's Gaussians and, prefixed ``fitted_``, those the
-        classifier reads); with ``guidance_control`` the same of the gamma = 0 control, the distance between
-        the two, and the control's ``control_top1``, ``control_loss``, ``control_psnr`` (measured as
-        :meth:`evaluate` measures this run). Also ``guidance_lr_share`` and ``guidance_gamma``."""
+        """What the guidance phase did to the Gaussians of ``dataset``
+        (:func:`gvit.train.guidance_effect.gaussians_compared`, with the config's seed), with
+        ``guidance_lr_share`` and ``guidance_gamma``; with ``guidance_control`` also the control's
+        ``control_top1``, ``control_loss`` and ``control_psnr``, measured as :meth:`evaluate` measures this run."""
         encoders = {"before": self.encoder_before_guidance(), "guided": self.model.encoder}
         if self.control is not None:
             encoders["control"] = self.control.model.encoder
