@@ -57,15 +57,26 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def train_until_joint_stage(cfg) -> int:
-    """The first step of the GViT run ``cfg``'s joint stage; the run in ``cfg.out`` is trained up to
-    it first when that folder holds no checkpoint, and continued up to it when its checkpoint is
-    earlier (an interrupted prefix)."""
+def stage_start(cfg, stage: str = "joint") -> int:
+    """The first step of the GViT run ``cfg``'s ``joint`` stage (joint training, its guidance phase
+    included) or ``classifier`` stage (the first step at which its classifier trains)."""
+    schedule = cfg.schedule()
+    return schedule.boundaries(cfg.steps)[-2] if stage == "joint" else schedule.classifier_start(cfg.steps)
+
+
+def train_until_stage(cfg, stage: str = "joint") -> int:
+    """:func:`stage_start` of ``cfg``; the run in ``cfg.out`` is trained up to it first when that folder
+    holds no checkpoint, and continued up to it when its checkpoint is earlier (an interrupted prefix)."""
     from gvit.train import load_checkpoint, train
 
-    start = cfg.schedule().boundaries(cfg.steps)[-2]
+    start = stage_start(cfg, stage)
     checkpoint = Path(cfg.out) / "checkpoint.pt"
     done = load_checkpoint(checkpoint)["step"] if checkpoint.is_file() else 0
     if done < start:
         train(cfg, resume=done > 0, stop_after=start - done, progress=False, log=lambda *_: None)
     return start
+
+
+def train_until_joint_stage(cfg) -> int:
+    """:func:`train_until_stage` for the joint stage."""
+    return train_until_stage(cfg, "joint")

@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _util import spread, train_until_joint_stage
+from _util import spread, train_until_stage
 
 COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1),
            ("train_top1", "train top-1 %", 100, 1), ("psnr", "PSNR (dB)", 1, 2),
@@ -46,24 +46,29 @@ COLUMNS = [("val_top1", "val top-1 %", 100, 1), ("top1", "test top-1 %", 100, 1)
 TAIL_KEYS = {"gamma", "gamma_relative", "guidance", "guidance_lr", "guidance_every", "guidance_from", "lambda_cls",
              "joint_lr", "measure_guidance", "guidance_control",
              "eval_split"}  # (the evaluated split: read after training only)
+# the keys each stage a shared prefix can stop at lets rows differ in: from the classifier stage on, also
+# the augmentation in Gaussian space and the classifier's stochastic depth (drawn in classifier steps only)
+STAGE_KEYS = {"joint": TAIL_KEYS,
+              "classifier": TAIL_KEYS | {"gaussian_crop_min", "token_drop", "color_jitter", "gaussian_noise",
+                                         "drop_path"}}
 
 
-def train_from_shared_prefix(cfg, prefix: Path) -> dict:
-    """Train ``cfg`` by continuing a copy of the run ``prefix`` holds, stopped where the joint stage
-    begins (trained first when missing): every step before it is the same whatever :data:`TAIL_KEYS`
-    say, so the result is the one a run from scratch gives (tested on a small run), at the cost of
-    the joint stage alone."""
+def train_from_shared_prefix(cfg, prefix: Path, stage: str = "joint") -> dict:
+    """Train ``cfg`` by continuing a copy of the run ``prefix`` holds, stopped where ``stage`` (``joint``
+    or ``classifier``) begins (trained first when missing): every step before it is the same whatever
+    the stage's :data:`STAGE_KEYS` say, so the result is the one a run from scratch gives (tested on a
+    small run), at the cost of the steps from the stage on."""
     import shutil
 
     from gvit.train import load_checkpoint, make_config, save_checkpoint, train
 
     start_cfg = make_config(**{**cfg.to_dict(), "out": str(prefix)})
-    start = train_until_joint_stage(start_cfg)
+    start = train_until_stage(start_cfg, stage)
     state = load_checkpoint(prefix / "checkpoint.pt")
     changed = {k for k, v in cfg.to_dict().items() if k != "out" and state["config"].get(k) != v}
-    if state["step"] != start or not changed <= TAIL_KEYS:
-        raise ValueError(f"--share-prefix: the rows differ in {sorted(changed - TAIL_KEYS)}, which the steps "
-                         f"before the joint stage read")
+    if state["step"] != start or not changed <= STAGE_KEYS[stage]:
+        raise ValueError(f"--share-prefix: the rows differ in {sorted(changed - STAGE_KEYS[stage])}, which the "
+                         f"steps before the {stage} stage read")
     out = Path(cfg.out)
     shutil.copytree(prefix, out)
     state["config"] = cfg.to_dict()
@@ -93,9 +98,11 @@ def main() -> None:
     p.add_argument("--as-model", default=None, help="train this model kind with the same data and budget")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--test", action="store_true", help="also evaluate on the test split (reported rows only)")
-    p.add_argument("--share-prefix", action="store_true",
+    p.add_argument("--share-prefix", nargs="?", const="joint", default=None, choices=sorted(STAGE_KEYS),
                    help="rows that differ only in keys that act from the joint stage on (TAIL_KEYS: gamma, "
-                        "guidance, lambda_cls, ...) train the steps before it once per seed and continue from there")
+                        "guidance, lambda_cls, ...) train the steps before it once per seed and continue from there; "
+                        "'--share-prefix classifier': rows that differ also in the augmentation in Gaussian space or drop_path "
+                        "share the steps before the classifier stage")
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     a = p.parse_args()
 
@@ -121,7 +128,8 @@ def main() -> None:
                     cfg = replace(cfg, eval_split="val")
                 t0 = time.perf_counter()
                 if a.share_prefix:
-                    result = train_from_shared_prefix(cfg, root / f"prefix-seed{seed}")
+                    name = "prefix" if a.share_prefix == "joint" else f"prefix-{a.share_prefix}"
+                    result = train_from_shared_prefix(cfg, root / f"{name}-seed{seed}", a.share_prefix)
                 else:
                     result = train(cfg, progress=False, log=lambda *_: None)
                 if not a.test and "top1" in result:  # evaluated on val alone: its measures are the val ones

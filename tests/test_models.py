@@ -156,3 +156,39 @@ def test_learned_queries_and_patch_vit_shapes_and_gradients():
         PatchViT(15, 4, 2, "micro")
     with pytest.raises(ValueError, match="size"):
         PatchViT(16, 4, 2, "huge")
+
+
+def test_drop_path_drops_whole_samples_unbiased_and_only_in_training():
+    from gvit.models.layers import DropPath, set_drop_path_generator
+
+    drop = DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    set_drop_path_generator([drop], torch.Generator().manual_seed(0))
+    y = drop(x)
+    per_sample = y.flatten(1)
+    assert torch.all(per_sample == per_sample[:, :1])  # a sample's branch is kept or dropped whole
+    assert torch.allclose(per_sample[:, 0].unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs(float((per_sample[:, 0] == 0).float().mean()) - 0.25) < 0.03
+    assert abs(float(y.mean()) - 1.0) < 0.04  # kept samples scaled by 1 / (1 - rate)
+    set_drop_path_generator([drop], torch.Generator().manual_seed(0))
+    assert torch.equal(drop(x), y)  # the same generator state draws the same samples
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    with pytest.raises(ValueError, match="drop_path"):
+        DropPath(1.0)
+
+
+def test_classifier_with_drop_path_keeps_its_weights_and_eval_output():
+    torch.manual_seed(0)
+    plain = PatchViT(16, 4, 5, "micro")
+    dropped = PatchViT(16, 4, 5, "micro", drop_path=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    images = torch.rand(6, 3, 16, 16)
+    plain.eval(), dropped.eval()
+    assert torch.allclose(plain(images), dropped(images))
+    rates = [getattr(b.drop_path, "rate", 0.0) for b in dropped.transformer.blocks]
+    assert rates == [0.0, 0.5]  # rising linearly to the last block's rate
+    dropped.train()
+    outs = torch.stack([dropped(images) for _ in range(8)])
+    assert not torch.allclose(outs[0], outs[1:])  # in training, residual branches come and go

@@ -282,3 +282,22 @@ def test_classifier_lr_scale_sets_the_classifiers_rate_against_the_encoders(tmp_
     run.step(5, torch.rand(16, 3, 16, 16), torch.randint(0, 6, (16,)), step_generator(0, 5), 0, 1)
     enc, cls = (run.parts[name][1].param_groups[0]["lr"] for name in ("encoder", "classifier"))
     assert enc > 0 and cls == pytest.approx(0.25 * enc)
+
+
+def test_patch_vit_with_stochastic_depth_resumes_exactly(tmp_path):
+    settings = dict(data="shapes:64", limit_eval=16, classifier_size="micro", image_size=16, patch=4, batch_size=16,
+                    steps=8, log_every=1, drop_path=0.3)
+    a = train(make_config(model="patch_vit", **settings, out=str(tmp_path / "a")), progress=False)
+    cfg = make_config(model="patch_vit", **settings, out=str(tmp_path / "b"))
+    train(cfg, stop_after=3, progress=False)
+    b = train(cfg, resume=True, progress=False)
+    assert b["top1"] == a["top1"] and b["loss"] == a["loss"]
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    plain = train(make_config(model="patch_vit", **{**settings, "drop_path": 0.0}, out=str(tmp_path / "c")),
+                  progress=False)
+    assert _weights(tmp_path / "c").keys() == wa.keys()
+    assert not all(torch.equal(wa[k], _weights(tmp_path / "c")[k]) for k in wa)  # the drops changed the run
+    assert plain["finished"]
+    with pytest.raises(ValueError, match="drop_path"):
+        make_config(model="patch_vit", **{**settings, "drop_path": 1.0}, out=str(tmp_path / "d"))

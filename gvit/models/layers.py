@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-__all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "Block", "Transformer", "PatchEmbed", "init_weights",
-           "TransformerModel", "norm_groups"]
+__all__ = ["ViTSize", "SIZES", "get_size", "Attention", "Mlp", "DropPath", "set_drop_path_generator", "Block",
+           "Transformer", "PatchEmbed", "init_weights", "TransformerModel", "norm_groups"]
 
 
 @dataclass(frozen=True)
@@ -77,30 +78,68 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)). With ``last`` only the
-    last ``last`` tokens are computed (they still attend to all): ``[B, last, D]``."""
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is dropped with probability ``rate``
+    and kept ones are scaled by ``1 / (1 - rate)``; the identity in evaluation. The draws come from
+    ``generator`` when one is set (:func:`set_drop_path_generator`: the training step's, so a resumed
+    run draws what an uninterrupted one does), else from torch's global generator; they are made on
+    the CPU and moved to the input's device."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        if not 0 <= rate < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        keep = (torch.rand(x.shape[0], generator=self.generator) >= self.rate).to(x.device, x.dtype)
+        return x * (keep / (1 - self.rate)).view(-1, *([1] * (x.ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def set_drop_path_generator(modules, generator: torch.Generator | None) -> None:
+    """Make every :class:`DropPath` inside ``modules`` draw from ``generator`` (None: the global one)."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, DropPath):
+                m.generator = generator
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x)), each branch under stochastic
+    depth ``drop_path``. With ``last`` only the last ``last`` tokens are computed (they still attend to
+    all): ``[B, last, D]``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, mask: Tensor | None = None, last: int | None = None) -> Tensor:
-        x = (x if last is None else x[:, x.shape[1] - last:]) + self.attn(self.norm1(x), mask, last)
-        return x + self.mlp(self.norm2(x))
+        x = (x if last is None else x[:, x.shape[1] - last:]) + self.drop_path(self.attn(self.norm1(x), mask, last))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
     """``depth`` blocks and a final LayerNorm. ``last``: return only the last ``last`` tokens,
     which the final block then computes alone (the same values, less work: the encoder keeps
-    only its k Gaussian latents)."""
+    only its k Gaussian latents). ``drop_path``: the last block's stochastic depth rate, rising
+    linearly from 0 at the first (timm's rule)."""
 
-    def __init__(self, size: ViTSize):
+    def __init__(self, size: ViTSize, drop_path: float = 0.0):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(size.width, size.heads, size.mlp_ratio) for _ in range(size.depth)])
+        if not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]
+        self.blocks = nn.ModuleList([Block(size.width, size.heads, size.mlp_ratio, rate) for rate in rates])
         self.norm = nn.LayerNorm(size.width, eps=1e-6)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, last: int | None = None) -> Tensor:

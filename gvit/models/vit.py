@@ -21,9 +21,10 @@ __all__ = ["TokenViT", "PatchViT", "GaussianClassifier"]
 
 class TokenViT(TransformerModel):
     """A transformer over ``num_tokens`` embedded tokens with learned position embeddings and
-    an optional class token; the head reads the class token or the mean of the valid tokens."""
+    an optional class token; the head reads the class token or the mean of the valid tokens.
+    ``drop_path``: the transformer's stochastic depth (its last block's rate)."""
 
-    def __init__(self, num_tokens: int, num_classes: int, size: ViTSize, pool: str):
+    def __init__(self, num_tokens: int, num_classes: int, size: ViTSize, pool: str, drop_path: float = 0.0):
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
@@ -31,7 +32,7 @@ class TokenViT(TransformerModel):
         width = size.width
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens + (pool == "cls"), width))  # class token's too
-        self.transformer = Transformer(size)
+        self.transformer = Transformer(size, drop_path)
         self.head = nn.Linear(width, num_classes)
 
     @property
@@ -86,10 +87,10 @@ class PatchViT(TokenViT):
     """The patch ViT baseline: ``[B, 3, H, W]`` -> logits ``[B, num_classes]``."""
 
     def __init__(self, image_size: int | tuple[int, int], patch: int, num_classes: int, size: str | ViTSize = "tiny",
-                 pool: str = "cls"):
+                 pool: str = "cls", drop_path: float = 0.0):
         size = get_size(size)
         embed = PatchEmbed(image_size, patch, size.width)
-        super().__init__(embed.num_patches, num_classes, size, pool)
+        super().__init__(embed.num_patches, num_classes, size, pool, drop_path)
         self.patch_embed = embed
         init_weights(self)
         self._init_tokens()
@@ -115,9 +116,9 @@ class GaussianClassifier(TokenViT):
 
     def __init__(self, num_gaussians: int, num_classes: int, size: str | ViTSize = "tiny", pool: str = "cls",
                  in_dim: int = RAW_DIM, *, features: str = "raw", frequencies: int = 6, scale_factor: float = 1.0,
-                 neighbours: int = 0, neighbour_layers: int = 2, neighbour_pool: str = "point"):
+                 neighbours: int = 0, neighbour_layers: int = 2, neighbour_pool: str = "point", drop_path: float = 0.0):
         size = get_size(size)
-        super().__init__(num_gaussians, num_classes, size, pool)
+        super().__init__(num_gaussians, num_classes, size, pool, drop_path)
         if features not in ("raw", "splat"):
             raise ValueError(f"features must be 'raw' or 'splat', got {features!r}")
         if features == "splat" and in_dim != RAW_DIM:

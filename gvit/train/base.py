@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.transforms import crop_boxes, resized_crop
+from ..models.layers import set_drop_path_generator
 from .config import TrainConfig
-from .data import image_collate, image_datasets
+from .data import image_collate, image_datasets, step_generator
 from .optim import apply_gradients, learning_rate, set_learning_rate
 
 __all__ = ["ModelStep", "as_number"]
@@ -105,6 +106,8 @@ class ModelStep:
             set_learning_rate([opt], self.part_learning_rate(name, step))
         # randomness of step s is drawn for the whole global batch from (seed, s), then sliced like the data
         flips = (torch.rand(self.cfg.batch_size, generator=gen) < 0.5)[rank::world] & self.cfg.hflip
+        if getattr(self.cfg, "drop_path", 0):  # stochastic depth draws from (seed, step, rank), not from gen
+            set_drop_path_generator(self.modules(), step_generator(self.cfg.seed, (1 << 40) + step * world + rank))
         metrics = self._step(step, inputs, labels.to(self.device), flips, gen, rank, world)
         return None if metrics is None else {"lr": self.part_learning_rate("", step)} | metrics
 

@@ -186,12 +186,15 @@ class ClassifierSettings(PatchSettings):
     pool: str = setting("cls", "classifier pooling", ("cls", "mean"))
     classifier_lr_scale: float = setting(1.0, "the classifier's learning rate, as a multiple of the schedule's")
     layer_decay: float = setting(1.0, "layer-wise lr decay of the classifier (1: none)")
+    drop_path: float = setting(0.0, "stochastic depth of the classifier's transformer: the last block's rate, "
+                                    "rising linearly from 0 at the first (0: off)")
 
     def check(self) -> None:
         super().check()
         require(self, positive=("classifier_lr_scale",))
-        if not 0 < self.layer_decay <= 1:
-            raise ValueError(f"config: layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 < self.layer_decay <= 1 or not 0 <= self.drop_path < 1:
+            raise ValueError(f"config: layer_decay must be in (0, 1] and drop_path in [0, 1), got {self.layer_decay}, "
+                             f"{self.drop_path}")
 
 
 @dataclass

@@ -394,6 +394,6 @@ def gaussian_classifier(cfg, num_classes: int) -> GaussianClassifier:
     return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
                               features=cfg.token_features, scale_factor=cfg.scale_factor,
                               neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers,
-                              neighbour_pool=cfg.neighbour_pool)
+                              neighbour_pool=cfg.neighbour_pool, drop_path=cfg.drop_path)
 
 

@@ -45,7 +45,8 @@ class OfflineStep(ModelStep):
         super().__init__(cfg, num_classes, device)
         torch.manual_seed(cfg.seed)
         if cfg.offline_input == "renders":
-            model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool)
+            model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool,
+                             drop_path=cfg.drop_path)
         else:
             model = gaussian_classifier(cfg, num_classes)
         model = model.to(device)

@@ -28,7 +28,8 @@ class PatchViTStep(ModelStep):
     def __init__(self, cfg: PatchViTConfig, num_classes, device):
         super().__init__(cfg, num_classes, device)
         torch.manual_seed(cfg.seed)
-        model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool).to(device)
+        model = PatchViT(cfg.image_size, cfg.patch, num_classes, cfg.classifier_size, pool=cfg.pool,
+                         drop_path=cfg.drop_path).to(device)
         self.parts["classifier"] = (model, adamw(cfg, model, cfg.layer_decay), "cls_opt")
 
     def _step(self, step, inputs, labels, flips, gen, rank, world):
