@@ -101,8 +101,8 @@ def main() -> None:
     p.add_argument("--share-prefix", nargs="?", const="joint", default=None, choices=sorted(STAGE_KEYS),
                    help="rows that differ only in keys that act from the joint stage on (TAIL_KEYS: gamma, "
                         "guidance, lambda_cls, ...) train the steps before it once per seed and continue from there; "
-                        "'--share-prefix classifier': rows that differ also in the augmentation in Gaussian space or drop_path "
-                        "share the steps before the classifier stage")
+                        "'--share-prefix classifier': rows that differ also in the augmentation in Gaussian space "
+                        "or drop_path share the steps before the classifier stage")
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     a = p.parse_args()
 
