@@ -47,10 +47,11 @@ TAIL_KEYS = {"gamma", "gamma_relative", "guidance", "guidance_lr", "guidance_eve
              "joint_lr", "measure_guidance", "guidance_control",
              "eval_split"}  # (the evaluated split: read after training only)
 # the keys each stage a shared prefix can stop at lets rows differ in: from the classifier stage on, also
-# the augmentation in Gaussian space and the classifier's stochastic depth (drawn in classifier steps only)
+# the augmentation in Gaussian space, the classifier's stochastic depth (drawn in classifier steps only)
+# and the test-time fitting steps (the encoder's own phase reconstructs without them)
 STAGE_KEYS = {"joint": TAIL_KEYS,
               "classifier": TAIL_KEYS | {"gaussian_crop_min", "token_drop", "color_jitter", "gaussian_noise",
-                                         "drop_path"}}
+                                         "drop_path", "fit_steps"}}
 
 
 def train_from_shared_prefix(cfg, prefix: Path, stage: str = "joint") -> dict:
@@ -101,8 +102,8 @@ def main() -> None:
     p.add_argument("--share-prefix", nargs="?", const="joint", default=None, choices=sorted(STAGE_KEYS),
                    help="rows that differ only in keys that act from the joint stage on (TAIL_KEYS: gamma, "
                         "guidance, lambda_cls, ...) train the steps before it once per seed and continue from there; "
-                        "'--share-prefix classifier': rows that differ also in the augmentation in Gaussian space "
-                        "or drop_path share the steps before the classifier stage")
+                        "'--share-prefix classifier': rows that differ also in the augmentation in Gaussian space, "
+                        "drop_path or fit_steps share the steps before the classifier stage")
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     a = p.parse_args()
 

@@ -46,11 +46,12 @@ def test_rows_continued_from_a_shared_prefix_equal_runs_from_scratch(tmp_path, m
 
 def test_rows_differing_in_gaussian_augmentation_share_the_steps_before_the_classifier_stage(tmp_path, monkeypatch):
     trials = _trials(monkeypatch)
-    augmented = dict(gaussian_crop_min=0.5, token_drop=0.25, color_jitter=0.2, gaussian_noise=0.01, drop_path=0.3)
+    augmented = dict(gaussian_crop_min=0.5, token_drop=0.25, color_jitter=0.2, gaussian_noise=0.01, drop_path=0.3,
+                     fit_steps=3)
     losses = []
     for i, row in enumerate([{}, augmented]):
-        straight = train(make_config(**SMALL, **row, out=str(tmp_path / f"straight{i}")), progress=False)
-        branched = trials.train_from_shared_prefix(make_config(**SMALL, **row, out=str(tmp_path / f"branch{i}")),
+        straight = train(make_config(**{**SMALL, **row}, out=str(tmp_path / f"straight{i}")), progress=False)
+        branched = trials.train_from_shared_prefix(make_config(**{**SMALL, **row}, out=str(tmp_path / f"branch{i}")),
                                                    tmp_path / "prefix", "classifier")
         assert {k: v for k, v in branched.items() if k != "train_seconds"} == \
             {k: v for k, v in straight.items() if k != "train_seconds"}
@@ -59,7 +60,7 @@ def test_rows_differing_in_gaussian_augmentation_share_the_steps_before_the_clas
     trials.train_from_shared_prefix(make_config(**SMALL, out=str(tmp_path / "joint-plain")),
                                     tmp_path / "joint-prefix", "joint")
     with pytest.raises(ValueError, match="gaussian_crop_min"):  # the classifier stage before the joint one reads it
-        trials.train_from_shared_prefix(make_config(**SMALL, **augmented, out=str(tmp_path / "joint-augmented")),
+        trials.train_from_shared_prefix(make_config(**{**SMALL, **augmented}, out=str(tmp_path / "joint-augmented")),
                                         tmp_path / "joint-prefix", "joint")
 
 
