@@ -284,3 +284,28 @@ def test_vl_eval_measures_stages_beside_the_teacher_against_compression_and_keep
         vl_eval([ckpt], [tmp_path / "alpha"], tmp_path / "z", **quiet)
     with pytest.raises(ValueError, match="no manifest.json"):
         vl_eval([ckpt], [tmp_path], tmp_path / "w", **quiet)
+
+
+def test_both_stages_train_with_augmentation_in_gaussian_space(stage1, tmp_path):
+    import json
+
+    root, _ = stage1
+    quiet = dict(progress=False, log=lambda *_: None)
+    aug = ["gaussian_crop_min=0.5", "token_drop=0.2", "color_jitter=0.2"]
+    common = [f"teacher={root / 'teacher' / 'checkpoint.pt'}", f"offline_train={root / 'train'}",
+              f"offline_eval={root / 'test'}", "batch_size=8", "stem_depth=1", "stem_tokens=8", "stem_width=32",
+              "log_every=1"]
+    distill = train(load_config(None, ["model=splat_distill", *common, "steps=4", *aug, f"out={tmp_path / 'd'}"]),
+                    **quiet)
+    assert distill["finished"] and -1 <= distill["cosine"] <= 1
+
+    def losses(run, key):
+        return [json.loads(line)[key] for line in open(run / "metrics.jsonl") if key in json.loads(line)]
+
+    train(load_config(None, ["model=splat_distill", *common, "steps=4", f"out={tmp_path / 'p'}"]), **quiet)
+    plain, augmented = losses(tmp_path / "p", "loss_distill"), losses(tmp_path / "d", "loss_distill")
+    assert len(plain) == len(augmented) == 4 and plain[0] != augmented[0]  # the same weights, other inputs
+    stage1_run = f"stage1={tmp_path / 'd' / 'checkpoint.pt'}"
+    align = train(load_config(None, ["model=splat_align", *common, "steps=2", *aug, stage1_run,
+                                     f"out={tmp_path / 'a'}"]), **quiet)
+    assert align["finished"] and len(losses(tmp_path / "a", "loss_align")) == 2

@@ -93,6 +93,33 @@ def test_gaussian_augmentation_is_seeded_keeps_a_gaussian_and_is_off_by_default(
     assert jitter[1].all() and not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
 
 
+def test_paired_augmentation_crops_and_jitters_the_image_as_the_gaussians():
+    from dataclasses import replace
+
+    from gvit.data.transforms import augment_pairs, crop_gaussians, gaussian_crop_boxes
+    from gvit.render import render
+
+    g = _gaussians(b=3, k=30, seed=4)
+    g = replace(g, scales=g.scales + 0.1, colors=g.colors * 0.7)  # smooth, and no colour clamped by the jitter
+    size = 64
+    images = render(g, height=size, width=size)
+    out_images, out = augment_pairs(images, g, generator=torch.Generator().manual_seed(7), crop_scale_min=0.5,
+                                    color_jitter=0.3)
+    # the same draws, replayed: the crop boxes, then the colour factors
+    gen = torch.Generator().manual_seed(7)
+    boxes = gaussian_crop_boxes(3, scale=(0.5, 1.0), generator=gen).double()
+    factor = 1 + 0.3 * (torch.rand(3, 1, 3, generator=gen) * 2 - 1).double()
+    cropped = crop_gaussians(g, boxes)
+    expected = render(replace(cropped, colors=cropped.colors * factor), height=size, width=size)
+    assert (boxes[:, 2:] - boxes[:, :2]).prod(-1).min() < 3.5  # a real crop (the whole image is 4)
+    assert out_images.shape == images.shape and (out_images - expected).abs().max() < 0.02
+    assert not torch.allclose(out_images, images, atol=0.05)
+    assert torch.allclose(out.colors, cropped.colors * factor)
+    assert torch.equal(out.valid, (cropped.means.abs() < 1).all(-1))
+    same_images, same = augment_pairs(images, g, generator=torch.Generator())
+    assert same_images is images and same is g
+
+
 def test_training_on_cached_and_saved_gaussians_with_augmentation(tmp_path):
     from gvit.fit import FitConfig
     from gvit.tools.fit_dataset import fit_dataset

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..gaussians import Gaussians, covariance, decode, encode
 
-__all__ = ["crop_boxes", "resized_crop", "resize_square", "crop_gaussians", "gaussian_crop_boxes", "augment_gaussians"]
+__all__ = ["crop_boxes", "resized_crop", "resize_square", "crop_gaussians", "gaussian_crop_boxes", "augment_gaussians",
+           "augment_pairs"]
 
 
 def crop_boxes(n: int, height: int, width: int, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
@@ -93,33 +94,56 @@ def gaussian_crop_boxes(n: int, *, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3),
     return torch.stack([x0 - 1, y0 - 1, x0 + w - 1, y0 + h - 1], -1).float()
 
 
+def augment_pairs(images: Tensor | None, g: Gaussians, *, generator: torch.Generator, crop_scale_min: float = 1.0,
+                  drop: float = 0.0, color_jitter: float = 0.0) -> tuple[Tensor | None, Gaussians]:
+    """Training augmentation of Gaussian sets ``g`` ``[B, k]`` (decoded, normalised coordinates) and, when
+    given, the images ``[B, C, H, W]`` they stand for, both the same way: a random resized crop (the
+    Gaussians by :func:`crop_gaussians`, those whose centre leaves the crop marked invalid; the image by
+    :func:`resized_crop` of the same box, at its own size) when ``crop_scale_min`` < 1; a random share
+    ``drop`` of the Gaussians marked invalid (token dropout; each set keeps at least one); colours scaled by
+    ``1 + color_jitter * u`` per set and channel (u uniform in [-1, 1]), images included. Returns
+    ``(images, g)`` with ``g.valid`` set; with every setting at its default, the inputs themselves."""
+    if crop_scale_min >= 1 and drop <= 0 and color_jitter <= 0:
+        return images, g
+    b, k = g.means.shape[:2]
+    device = g.means.device
+    valid = torch.ones(b, k, dtype=torch.bool, device=device) if g.valid is None else g.valid.clone()
+    if crop_scale_min < 1:
+        boxes = gaussian_crop_boxes(b, scale=(crop_scale_min, 1.0), generator=generator)
+        g = crop_gaussians(g, boxes.to(device, g.means.dtype))
+        valid &= (g.means.abs() < 1).all(-1)
+        if images is not None:
+            h, w = images.shape[-2:]
+            pixels = torch.stack([(boxes[:, 0] + 1) / 2 * w, (boxes[:, 1] + 1) / 2 * h,
+                                  (boxes[:, 2] - boxes[:, 0]) / 2 * w, (boxes[:, 3] - boxes[:, 1]) / 2 * h], -1)
+            images = resized_crop(images, pixels.to(images.device), (h, w))
+    if drop > 0:
+        valid &= torch.rand(b, k, generator=generator).to(device) >= drop
+    if color_jitter > 0:
+        factor = 1 + color_jitter * (torch.rand(b, 1, g.channels, generator=generator) * 2 - 1)
+        g = replace(g, colors=(g.colors * factor.to(device, g.colors.dtype)).clamp(0, 1))
+        if images is not None:
+            images = (images * factor[:, 0, :, None, None].to(images.device, images.dtype)).clamp(0, 1)
+    valid[~valid.any(1), 0] = True  # keep each set's first Gaussian rather than leave it empty
+    return images, replace(g, means=g.means.clamp(-1, 1), valid=valid)
+
+
 def augment_gaussians(raw: Tensor, valid: Tensor | None, *, generator: torch.Generator, scale_factor: float = 1.0,
                       crop_scale_min: float = 1.0, drop: float = 0.0, color_jitter: float = 0.0,
                       noise: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Training augmentation of raw Gaussian sets ``[B, k, 9]`` (valid ``[B, k]`` or None): a random resized
-    crop (:func:`crop_gaussians`; Gaussians whose centre leaves the crop are dropped) when
-    ``crop_scale_min`` < 1, a random share ``drop`` of the Gaussians dropped (token dropout; each set keeps
-    at least one), colours scaled by ``1 + color_jitter * u`` per set and channel (u uniform in [-1, 1],
-    brightness and colour balance) and Gaussian noise of std ``noise`` on every raw value. Returns
-    ``(raw, valid)``; with every setting at its default, the inputs themselves (``valid`` None stays None)."""
+    """Training augmentation of raw Gaussian sets ``[B, k, 9]`` (valid ``[B, k]`` or None): the crop, token
+    dropout and colour jitter of :func:`augment_pairs`, then Gaussian noise of std ``noise`` on every raw
+    value. Returns ``(raw, valid)``; with every setting at its default, the inputs themselves (``valid``
+    None stays None)."""
     b, k, _ = raw.shape
     if crop_scale_min >= 1 and drop <= 0 and color_jitter <= 0 and noise <= 0:
         return raw, valid
-    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device) if valid is None else valid.clone()
-    g = decode(raw.float(), scale_factor)
-    if crop_scale_min < 1:
-        boxes = gaussian_crop_boxes(b, scale=(crop_scale_min, 1.0), generator=generator).to(raw.device)
-        g = crop_gaussians(g, boxes)
-        valid &= (g.means.abs() < 1).all(-1)
-    if drop > 0:
-        valid &= torch.rand(b, k, generator=generator).to(raw.device) >= drop
-    if color_jitter > 0:
-        factor = 1 + color_jitter * (torch.rand(b, 1, g.channels, generator=generator) * 2 - 1)
-        g = replace(g, colors=(g.colors * factor.to(raw.device)).clamp(0, 1))
-    empty = ~valid.any(1)  # keep each set's first Gaussian rather than leave it empty
-    valid[empty, 0] = True
-    g = replace(g, means=g.means.clamp(-1, 1), scales=g.scales.clamp(max=scale_factor))
-    out = encode(g, scale_factor).to(raw.dtype)
+    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device) if valid is None else valid
+    g = replace(decode(raw.float(), scale_factor), valid=valid)
+    _, g = augment_pairs(None, g, generator=generator, crop_scale_min=crop_scale_min, drop=drop,
+                         color_jitter=color_jitter)
+    valid = valid.clone() if g.valid is valid else g.valid
+    out = encode(replace(g, scales=g.scales.clamp(max=scale_factor)), scale_factor).to(raw.dtype)
     if noise > 0:
         out = out + noise * torch.randn(out.shape, generator=generator).to(out)
     return out, valid

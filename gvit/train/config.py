@@ -18,8 +18,9 @@ from ..data.captions import CAPTION_KINDS, prompt_templates
 from ..models import SIZES
 from ..settings import from_mapping, setting, validate_fields
 
-__all__ = ["TrainConfig", "KEYS_BEFORE_THE_SPLIT", "ClassifierSettings", "GaussianTokenSettings", "GaussianFolders",
-           "PatchSettings", "PromptSettings", "model_setting", "require", "check_schedule"]
+__all__ = ["TrainConfig", "KEYS_BEFORE_THE_SPLIT", "ClassifierSettings", "GaussianAugmentation",
+           "GaussianTokenSettings", "GaussianFolders", "PatchSettings", "PromptSettings", "model_setting", "require",
+           "check_schedule"]
 
 
 # The keys of the one flat settings class every run recorded before settings were split by kind
@@ -198,7 +199,32 @@ class ClassifierSettings(PatchSettings):
 
 
 @dataclass
-class GaussianTokenSettings:
+class GaussianAugmentation:
+    """Augmentation in Gaussian space of the training steps that read Gaussians (:func:`gvit.data.transforms
+    .augment_pairs`; an image paired with the Gaussians gets the same crop and colour jitter)."""
+
+    gaussian_crop_min: float = setting(1.0, "training steps that read Gaussians (cached, live or saved): random "
+                                            "resized crops in Gaussian space keep at least this fraction of the area "
+                                            "(1: none)")
+    token_drop: float = setting(0.0, "training steps that read Gaussians (cached, live or saved): drop this share "
+                                     "of the Gaussians at random (token dropout)")
+    color_jitter: float = setting(0.0, "training steps that read Gaussians (cached, live or saved): scale colours "
+                                       "by 1 + this x u, u uniform in [-1, 1] per image and channel")
+
+    def check(self) -> None:
+        super().check()
+        require(self, non_negative=("color_jitter",))
+        if not 0 < self.gaussian_crop_min <= 1 or not 0 <= self.token_drop < 1:
+            raise ValueError(f"config: gaussian_crop_min must be in (0, 1] and token_drop in [0, 1), got "
+                             f"{self.gaussian_crop_min}, {self.token_drop}")
+
+    def pair_augmentation(self) -> dict:
+        """The keywords of :func:`gvit.data.transforms.augment_pairs` these settings ask for."""
+        return dict(crop_scale_min=self.gaussian_crop_min, drop=self.token_drop, color_jitter=self.color_jitter)
+
+
+@dataclass
+class GaussianTokenSettings(GaussianAugmentation):
     """Gaussians as the classifier's tokens (GViT, and the classifier on saved Gaussians)."""
 
     num_gaussians: int = setting(64, "Gaussians per image (k)")
@@ -211,23 +237,13 @@ class GaussianTokenSettings:
     neighbour_layers: int = setting(2, "Gaussian classifier: EdgeConv layers when token_neighbours > 0")
     neighbour_pool: str = setting("point", "EdgeConv: max over neighbours before the activation (once per point) "
                                            "or over per-edge activations (DGCNN's order)", ("point", "edge"))
-    gaussian_crop_min: float = setting(1.0, "classifier training steps (cached, live or saved Gaussians): random "
-                                            "resized crops in Gaussian space keep at least this fraction of the area "
-                                            "(1: none)")
-    token_drop: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): drop this share "
-                                     "of the Gaussians at random (token dropout)")
-    color_jitter: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): scale colours "
-                                       "by 1 + this x u, u uniform in [-1, 1] per image and channel")
     gaussian_noise: float = setting(0.0, "classifier training steps (cached, live or saved Gaussians): Gaussian "
                                          "noise of this std on every raw value")
 
     def check(self) -> None:
         super().check()
         require(self, positive=("num_gaussians", "scale_factor"), non_negative=("token_neighbours", "neighbour_layers",
-                                                                                "color_jitter", "gaussian_noise"))
-        if not 0 < self.gaussian_crop_min <= 1 or not 0 <= self.token_drop < 1:
-            raise ValueError(f"config: gaussian_crop_min must be in (0, 1] and token_drop in [0, 1), got "
-                             f"{self.gaussian_crop_min}, {self.token_drop}")
+                                                                                "gaussian_noise"))
 
     def augments_gaussians(self) -> bool:
         """Whether any augmentation in Gaussian space is on."""
@@ -235,8 +251,7 @@ class GaussianTokenSettings:
 
     def gaussian_augmentation(self) -> dict:
         """The keywords of :func:`gvit.data.transforms.augment_gaussians` these settings ask for."""
-        return dict(scale_factor=self.scale_factor, crop_scale_min=self.gaussian_crop_min, drop=self.token_drop,
-                    color_jitter=self.color_jitter, noise=self.gaussian_noise)
+        return dict(scale_factor=self.scale_factor, noise=self.gaussian_noise, **self.pair_augmentation())
 
 
 @dataclass

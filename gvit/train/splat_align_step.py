@@ -13,7 +13,7 @@ from .config import model_setting
 from .data import class_texts
 from .embedding_eval import same_caption
 from .optim import apply_gradients
-from .splat_distill_step import DistillStep, SplatDistillConfig, mirror_sets
+from .splat_distill_step import DistillStep, SplatDistillConfig
 
 __all__ = ["SplatAlignConfig", "AlignStep"]
 
@@ -72,7 +72,7 @@ class AlignStep(DistillStep):
 
     def _step(self, step, inputs, labels, flips, gen, rank, world):
         _, g, own = inputs
-        g = mirror_sets(g, flips).to(self.device)
+        g = self.augmented(None, g, flips, gen)[1]
         captions = [mirror_caption(c) if f else c
                      for c, f in zip(self.captions(own, labels.tolist(), self.classes), flips.tolist())]
         with self.autocast():

@@ -30,13 +30,13 @@ from torch import Tensor
 from ..data import AttributeCaptions, open_dataset
 from ..data.captions import DEFAULT_PROMPT, class_prompt, class_prompts
 from ..data.shards import load_shards, read_manifest
-from ..data.transforms import resize_square
+from ..data.transforms import augment_pairs, resize_square
 from ..gaussians import Gaussians, concat, valid_mask
 from ..models.gaussian_clip import GaussianCLIP
 from ..models.splat_stem import STEM_POOLINGS, SplatStem, splat_set_features, splat_statistics
 from ..settings import setting
 from .base import ModelStep, as_number
-from .config import GaussianFolders, PromptSettings, TrainConfig, model_setting, require
+from .config import GaussianAugmentation, GaussianFolders, PromptSettings, TrainConfig, model_setting, require
 from .data import class_texts, dataset_captions, folder_splits, hold_out_classes, limit, unseen_classes
 from .embedding_eval import knn_accuracy, linear_probe_accuracy, retrieval_recall, zero_shot_measures
 from .optim import adamw, apply_gradients
@@ -47,8 +47,9 @@ __all__ = ["SplatDistillConfig", "DistillStep", "PairedGaussians", "paired_colla
 
 
 @dataclass
-class SplatDistillConfig(GaussianFolders, PromptSettings, TrainConfig):
-    """The core, the Gaussian folders (the fitted images), the prompt, the teacher, the probes and the
+class SplatDistillConfig(GaussianFolders, PromptSettings, GaussianAugmentation, TrainConfig):
+    """The core, the Gaussian folders (the fitted images), the prompt, the augmentation in Gaussian space
+    (stage 1 crops and jitters the teacher's image with the Gaussians), the teacher, the probes and the
     splat stem."""
 
     kind = "splat_distill"
@@ -214,10 +215,16 @@ class DistillStep(ModelStep):
         with torch.no_grad():
             return self.teacher.image_embeddings(images).float()
 
-    def _step(self, step, inputs, labels, flips, gen, rank, world):
-        images, g, _ = inputs
-        images = torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
+    def augmented(self, images: Tensor | None, g: Gaussians, flips: Tensor, gen: torch.Generator):
+        """A training batch's images (None: none) and Gaussians, mirrored where ``flips`` says, then
+        augmented in Gaussian space as the settings say (the images the same way), on the device."""
         g = mirror_sets(g, flips).to(self.device)
+        if images is not None:
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images).to(self.device)
+        return augment_pairs(images, g, generator=gen, **self.cfg.pair_augmentation())
+
+    def _step(self, step, inputs, labels, flips, gen, rank, world):
+        images, g = self.augmented(*inputs[:2], flips, gen)
         target = F.normalize(self.teacher_embeddings(images), dim=-1)
         with self.autocast():
             student = F.normalize(self.student.image_embeddings(g).float(), dim=-1)
