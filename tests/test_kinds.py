@@ -33,7 +33,8 @@ def test_the_registry_is_the_one_list_of_kinds():
 
 def test_each_kind_has_only_its_own_keys_and_old_keys_all_have_a_home():
     patch_vit, gvit = set(KINDS["patch_vit"].settings.keys()), set(KINDS["gvit"].settings.keys())
-    assert patch_vit - CORE == {"patch", "classifier_size", "pool", "classifier_lr_scale", "layer_decay"}
+    assert patch_vit - CORE == {"patch", "classifier_size", "pool", "classifier_lr_scale", "layer_decay",
+                                 "drop_path"}
     assert "num_gaussians" in gvit and "num_gaussians" not in patch_vit and "gamma" not in patch_vit
     assert not {"tokenizer", "prompt", "teacher", "offline_train"} & gvit
     tokenizer = set(KINDS["tokenizer"].settings.keys())
