@@ -75,8 +75,3 @@ def train_until_stage(cfg, stage: str = "joint") -> int:
     if done < start:
         train(cfg, resume=done > 0, stop_after=start - done, progress=False, log=lambda *_: None)
     return start
-
-
-def train_until_joint_stage(cfg) -> int:
-    """:func:`train_until_stage` for the joint stage."""
-    return train_until_stage(cfg, "joint")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from gvit.data.transforms import crop_boxes
 from gvit.losses import reconstruction_loss
 from gvit.tools.demo import demo_config
-from _util import train_until_joint_stage
+from _util import train_until_stage
 
 from gvit.train import evaluate, kind_of, load_checkpoint, model_step, step_generator
 from gvit.train.data import StepBatches, flip_gaussians, limit
@@ -68,7 +68,7 @@ class Stage:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.start, self.end = train_until_joint_stage(cfg), cfg.steps
+        self.start, self.end = train_until_stage(cfg, "joint"), cfg.steps
         step = load_checkpoint(Path(cfg.out) / "checkpoint.pt")["step"]
         if step != self.start:
             raise SystemExit(f"{cfg.out}: the kept run stopped at step {step}, not {self.start}")

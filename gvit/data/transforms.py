@@ -138,12 +138,11 @@ def augment_gaussians(raw: Tensor, valid: Tensor | None, *, generator: torch.Gen
     b, k, _ = raw.shape
     if crop_scale_min >= 1 and drop <= 0 and color_jitter <= 0 and noise <= 0:
         return raw, valid
-    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device) if valid is None else valid
+    valid = torch.ones(b, k, dtype=torch.bool, device=raw.device) if valid is None else valid.clone()
     g = replace(decode(raw.float(), scale_factor), valid=valid)
     _, g = augment_pairs(None, g, generator=generator, crop_scale_min=crop_scale_min, drop=drop,
                          color_jitter=color_jitter)
-    valid = valid.clone() if g.valid is valid else g.valid
     out = encode(replace(g, scales=g.scales.clamp(max=scale_factor)), scale_factor).to(raw.dtype)
     if noise > 0:
         out = out + noise * torch.randn(out.shape, generator=generator).to(out)
-    return out, valid
+    return out, g.valid
