@@ -137,7 +137,8 @@ def split_overrides(items: typing.Iterable[str], *, where: str = "config") -> di
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{where}: expected key=value, got {item!r}")
+            hint = " (a YAML file of settings goes after --config)" if item.endswith((".yaml", ".yml")) else ""
+            raise ValueError(f"{where}: expected key=value, got {item!r}{hint}")
         values[key.strip()] = text
     return values
 

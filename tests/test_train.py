@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gvit.cli import main
-from gvit.train import as_kind, load_checkpoint, load_config, make_config, train
+from gvit.train import as_kind, load_checkpoint, load_config, make_config, model_step, train
 
 TINY = dict(data="shapes:96", limit_eval=48, encoder_size="micro", classifier_size="micro", image_size=16, patch=4,
             num_gaussians=12, batch_size=16, steps=12, log_every=2, checkpoint_every=100, classifier_from=0.25,
@@ -196,6 +196,28 @@ def test_finetune_freezes_the_encoder_and_trains_the_classifier(tmp_path, capsys
     assert phases == {"classifier-pretrain"}
     with pytest.raises(ValueError, match="finetune_from belongs to model=gvit, not to model=patch_vit"):
         load_config(None, ["model=patch_vit", "finetune_from=x.pt"])
+
+
+def test_encoder_from_starts_the_encoder_of_another_run_and_a_new_classifier(tmp_path, capsys):
+    pre = tmp_path / "pre"
+    train(make_config(**(TINY | {"steps": 4}), out=str(pre)), progress=False)
+    ckpt = str(pre / "checkpoint.pt")
+    shared = TINY | {"steps": 6, "classifier_from": 0, "pretrain_until": 4, "guidance_from": 5, "encoder_from": ckpt}
+    cfg = make_config(**shared, out=str(tmp_path / "b"))
+    run = model_step(cfg, 4, "cpu")
+    a = load_checkpoint(ckpt)
+    run.load_pretrained(a, log=lambda *_: None)
+    assert all(torch.equal(a["encoder"][k], v) for k, v in run.model.encoder.state_dict().items())
+    fresh = model_step(cfg, 4, "cpu").model.classifier.state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in run.model.classifier.state_dict().items())  # not the checkpoint's
+    assert train(cfg, progress=False)["finished"]
+    phases = [json.loads(line)["phase"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert "encoder" not in phases and "classifier-pretrain" in phases  # no encoder phase of its own
+    with pytest.raises(ValueError, match="encoder_from: the checkpoint's encoder is not the one these settings build"):
+        bad = make_config(**(shared | {"num_gaussians": 16}), out=str(tmp_path / "c"))
+        model_step(bad, 4, "cpu").load_pretrained(a)
+    with pytest.raises(ValueError, match="finetune_from starts encoder and classifier, encoder_from the encoder"):
+        make_config(**(shared | {"finetune_from": ckpt}))
 
 
 def test_limits_take_images_spread_over_the_split():

@@ -17,7 +17,8 @@
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import step_generator
-from .gvit_step import GViTConfig, build_gvit
+from .gvit_model import build_gvit
+from .gvit_step import GViTConfig
 from .kinds import (
     KINDS,
     MODELS,

@@ -14,16 +14,17 @@ from torch import Tensor
 from ..gaussians import G0_LAYOUTS
 from ..guidance import Phases, batch_losses, guidance_backward
 from ..losses import RECONSTRUCTION_LOSSES
-from ..models import SIZES, GaussianClassifier, GaussianEncoder, GViT, RefinementEncoder
+from ..models import SIZES
 from ..settings import setting
 from .base import ModelStep, as_number
 from .config import ClassifierSettings, GaussianTokenSettings, TrainConfig, check_schedule, model_setting, require
 from ..data.transforms import augment_gaussians
 from .data import flip_gaussians
 from .guidance_effect import gaussians_compared
+from .gvit_model import build_gvit
 from .optim import adamw, apply_gradients, peak_learning_rate, set_learning_rate
 
-__all__ = ["GViTConfig", "GViTStep", "build_gvit", "gaussian_classifier"]
+__all__ = ["GViTConfig", "GViTStep"]
 
 ENCODERS = ("denoise", "refine")
 
@@ -68,6 +69,9 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
     # transfer (gvit finetune): start from a GViT checkpoint, encoder frozen, classifier with
     # layer-wise lr decay (Table A.1b); the head is new when the number of classes differs
     finetune_from: str | None = setting(None, "start from this GViT checkpoint (encoder frozen)")
+    # a shared encoder: start the Gaussian encoder from another run's (the classifier starts new)
+    encoder_from: str | None = setting(None, "start the Gaussian encoder from this GViT checkpoint's encoder, the "
+                                             "classifier new (with classifier_from=0 the run has no encoder phase)")
 
     __post_init__ = TrainConfig.__post_init__  # not the schedule's own (it runs in check)
 
@@ -83,6 +87,9 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
         if self.cache_gaussians and self.crop_scale_min < 1:
             raise ValueError(f"config: cache_gaussians holds the Gaussians of whole images; it needs crop_scale_min=1, "
                              f"got {self.crop_scale_min}")
+        if self.finetune_from and self.encoder_from:
+            raise ValueError("config: finetune_from starts encoder and classifier, encoder_from the encoder alone; "
+                             "give one of them")
         if self.guidance_control and (not self.guidance or self.finetune_from):
             raise ValueError("config: guidance_control compares a guidance phase with its gamma = 0 control; it "
                              "needs guidance=true and no finetune_from")
@@ -178,14 +185,23 @@ class GViTStep(ModelStep):
         return self.schedule.at(step, self.cfg.steps).guidance
 
     def starts_from(self) -> str | None:
-        return self.cfg.finetune_from
+        return self.cfg.finetune_from or self.cfg.encoder_from
 
     def load_pretrained(self, state: dict, log=print) -> None:
-        """Encoder and classifier weights of a GViT checkpoint (``finetune_from``); the head only
-        when the classes match."""
+        """Encoder and classifier weights of a GViT checkpoint (``finetune_from``; the head only
+        when the classes match), or its encoder alone (``encoder_from``)."""
+        key = "finetune_from" if self.cfg.finetune_from else "encoder_from"
         if "encoder" not in state:
-            raise ValueError("finetune_from: the checkpoint has no Gaussian encoder (not a model=gvit run)")
-        self.model.encoder.load_state_dict(state["encoder"])
+            raise ValueError(f"{key}: the checkpoint has no Gaussian encoder (not a model=gvit run)")
+        try:
+            self.model.encoder.load_state_dict(state["encoder"])
+        except RuntimeError as exc:  # another encoder, size or number of Gaussians
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{key}: the checkpoint's encoder is not the one these settings build ({first})") \
+                from None
+        if self.cfg.encoder_from:
+            log(f"encoder from {self.cfg.encoder_from}; the classifier starts new")
+            return
         try:
             if not self.model.classifier.load_backbone(state["classifier"]):
                 log(f"finetune: new head for {self.model.num_classes} classes")
@@ -373,27 +389,4 @@ class GViTStep(ModelStep):
 
     def predict_images(self, images, gen):
         return self.model.predict(images, generator=gen)
-
-
-def build_gvit(cfg: GViTConfig, num_classes: int) -> GViT:
-    """The :class:`GViT` a config describes (weights seeded by ``cfg.seed``)."""
-    torch.manual_seed(cfg.seed)
-    classifier = gaussian_classifier(cfg, num_classes)
-    if cfg.encoder == "refine":
-        encoder = RefinementEncoder(cfg.image_size, cfg.num_gaussians, cfg.encoder_size, rounds=cfg.refine_rounds,
-                                    depth=cfg.refine_depth, residual=cfg.refine_residual, features=cfg.refine_features,
-                                    scale_factor=cfg.scale_factor, learned_queries=cfg.learned_queries)
-    else:
-        encoder = GaussianEncoder(cfg.image_size, cfg.encoder_patch or cfg.patch, cfg.num_gaussians, cfg.encoder_size,
-                                  learned_queries=cfg.learned_queries, sample_image=cfg.sample_image,
-                                  image_colors=cfg.image_colors, scale_factor=cfg.scale_factor)
-    return GViT(encoder, classifier, g0_layout=cfg.g0_layout, fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
-
-
-def gaussian_classifier(cfg, num_classes: int) -> GaussianClassifier:
-    return GaussianClassifier(cfg.num_gaussians, num_classes, cfg.classifier_size, pool=cfg.pool,
-                              features=cfg.token_features, scale_factor=cfg.scale_factor,
-                              neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers,
-                              neighbour_pool=cfg.neighbour_pool, drop_path=cfg.drop_path)
-
 

@@ -18,7 +18,7 @@ from ..settings import setting
 from .base import ModelStep
 from .config import ClassifierSettings, GaussianFolders, GaussianTokenSettings, TrainConfig, model_setting
 from .data import flip_gaussians, shard_datasets
-from .gvit_step import gaussian_classifier
+from .gvit_model import gaussian_classifier
 from .optim import adamw
 
 __all__ = ["OfflineConfig", "OfflineStep", "OFFLINE_INPUTS"]
