@@ -66,7 +66,7 @@ def test_one_declaration_serves_mapping_overrides_and_flags():
         steps=99, rate=0.01, flip=False
     )
     assert "how fast" in parser.format_help() and "(a, b)" in parser.format_help()
-    with pytest.raises(ValueError, match=r"expected key=value, got 'my.yaml' \(a YAML file of settings goes after --config"):
+    with pytest.raises(ValueError, match=r"got 'my.yaml' \(a YAML file of settings goes after --config"):
         load_settings(Toy, None, ["my.yaml"])
     with pytest.raises(ValueError, match=r"expected key=value, got 'steps'$"):
         load_settings(Toy, None, ["steps"])
