@@ -198,7 +198,7 @@ def test_finetune_freezes_the_encoder_and_trains_the_classifier(tmp_path, capsys
         load_config(None, ["model=patch_vit", "finetune_from=x.pt"])
 
 
-def test_encoder_from_starts_the_encoder_of_another_run_and_a_new_classifier(tmp_path, capsys):
+def test_encoder_from_starts_the_encoder_of_another_run_and_a_new_classifier(tmp_path):
     pre = tmp_path / "pre"
     train(make_config(**(TINY | {"steps": 4}), out=str(pre)), progress=False)
     ckpt = str(pre / "checkpoint.pt")

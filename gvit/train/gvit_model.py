@@ -30,5 +30,3 @@ def gaussian_classifier(cfg, num_classes: int) -> GaussianClassifier:
                               features=cfg.token_features, scale_factor=cfg.scale_factor,
                               neighbours=cfg.token_neighbours, neighbour_layers=cfg.neighbour_layers,
                               neighbour_pool=cfg.neighbour_pool, drop_path=cfg.drop_path)
-
-

@@ -389,4 +389,3 @@ class GViTStep(ModelStep):
 
     def predict_images(self, images, gen):
         return self.model.predict(images, generator=gen)
-
