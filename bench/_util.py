@@ -49,6 +49,18 @@ def case_config(recipe, case: str, overrides: list[str]):
     return load_config(recipe, shared, as_model=model)
 
 
+def code_version(root: str | Path = ".") -> str:
+    """The commit of the checkout at ``root`` (``git rev-parse HEAD``), with ``+changes`` when tracked
+    files under gvit/, bench/ or configs/ differ from it: what a table that must come from one commit
+    records."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "HEAD").strip()
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "gvit", "bench", "configs").strip()
+    return commit + ("+changes" if changed else "")
+
+
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     """``mean +- std`` over seeds (scaled, rounded); the mean alone for one value."""
     mean = statistics.mean(values) * scale
