@@ -178,3 +178,37 @@ def test_live_classifier_steps_read_augmented_gaussians_and_the_reconstruction_d
         (valid,), = [phases[name]]
         assert valid is not None and 0 < valid.float().mean() < 0.8  # about half the tokens dropped
     assert phases["encoder"] == [] and all(v is None for v in phases["guidance"])  # whole sets in guidance
+
+
+def test_augmentation_is_off_in_runs_shorter_than_augment_min_epochs(tmp_path):
+    """The classifier's epochs (its steps x batch / training images) gate the augmentation in Gaussian
+    space: a shorter run trains exactly as with it off, records it off and says so; a longer one keeps it."""
+    from dataclasses import replace
+
+    from gvit.train import load_checkpoint, make_config, train
+    from gvit.train.config import AUGMENTATION_OFF
+
+    aug = dict(gaussian_crop_min=0.5, token_drop=0.2, color_jitter=0.1, gaussian_noise=0.01)
+    cfg = make_config(model="gvit", data="shapes:48", limit_eval=8, image_size=16, steps=8, batch_size=8,
+                      encoder="refine", encoder_size="micro", classifier_size="micro", num_gaussians=8,
+                      refine_features=8, cache_gaussians=True, crop_scale_min=1.0, classifier_from=4,
+                      pretrain_until=1.0, guidance_from=1.0, **aug)
+    # 48 training images (no val split carved), 4 classifier steps of 8 images
+    resolved, notes = cfg.for_training_set(48)
+    assert resolved == cfg and notes == []  # augment_min_epochs 0: always on
+    resolved, notes = replace(cfg, augment_min_epochs=0.6).for_training_set(48)  # 4 x 8 / 48 = 0.67 epochs
+    assert resolved == replace(cfg, augment_min_epochs=0.6) and notes == []
+    resolved, notes = replace(cfg, augment_min_epochs=0.7).for_training_set(48)
+    assert not resolved.augments_gaussians() and resolved.augment_min_epochs == 0.7
+    assert notes == ["augmentation in Gaussian space off (gaussian_crop_min, token_drop, color_jitter, "
+                     "gaussian_noise): the classifier sees each training image 0.7 times, fewer than "
+                     "augment_min_epochs=0.7"]
+    lines = []
+    gated = train(replace(cfg, augment_min_epochs=0.7, out=str(tmp_path / "gated")), progress=False, log=lines.append)
+    plain = train(replace(cfg, **AUGMENTATION_OFF, augment_min_epochs=0.7, out=str(tmp_path / "plain")),
+                  progress=False)
+    assert any("augmentation in Gaussian space off" in line for line in lines)
+    assert {k: v for k, v in gated.items() if k != "train_seconds"} == \
+        {k: v for k, v in plain.items() if k != "train_seconds"}
+    recorded = load_checkpoint(tmp_path / "gated" / "checkpoint.pt")["config"]
+    assert recorded["token_drop"] == 0 and recorded["gaussian_crop_min"] == 1

@@ -161,6 +161,11 @@ class TrainConfig:
             return self
         return replace(self, steps=max(1, math.ceil(self.epochs * train_images / self.batch_size)), epochs=None)
 
+    def for_training_set(self, train_images: int) -> tuple["TrainConfig", list[str]]:
+        """The settings a run on ``train_images`` training images trains with (``epochs`` as steps; a
+        kind may resolve more), and a line for each setting that this changed beyond the steps."""
+        return self.with_epochs_as_steps(train_images), []
+
     def to_dict(self) -> dict:
         """The recorded settings: the core and this kind's keys."""
         return asdict(self)
@@ -210,10 +215,14 @@ class GaussianAugmentation:
                                      "of the Gaussians at random (token dropout)")
     color_jitter: float = setting(0.0, "training steps that read Gaussians (cached, live or saved): scale colours "
                                        "by 1 + this x u, u uniform in [-1, 1] per image and channel")
+    augment_min_epochs: float = setting(0.0, "the augmentation in Gaussian space (gaussian_crop_min, token_drop, "
+                                             "color_jitter, gaussian_noise) acts only in a run whose classifier sees "
+                                             "each training image at least this many times (its training steps x "
+                                             "batch_size / training images); in a shorter run it is off (0: always)")
 
     def check(self) -> None:
         super().check()
-        require(self, non_negative=("color_jitter",))
+        require(self, non_negative=("color_jitter", "augment_min_epochs"))
         if not 0 < self.gaussian_crop_min <= 1 or not 0 <= self.token_drop < 1:
             raise ValueError(f"config: gaussian_crop_min must be in (0, 1] and token_drop in [0, 1), got "
                              f"{self.gaussian_crop_min}, {self.token_drop}")
@@ -221,6 +230,27 @@ class GaussianAugmentation:
     def pair_augmentation(self) -> dict:
         """The keywords of :func:`gvit.data.transforms.augment_pairs` these settings ask for."""
         return dict(crop_scale_min=self.gaussian_crop_min, drop=self.token_drop, color_jitter=self.color_jitter)
+
+    def classifier_steps(self) -> int:
+        """The run's steps that train on Gaussians (every step; GViT: from ``classifier_from`` on)."""
+        return self.steps
+
+    def for_training_set(self, train_images: int):
+        """As :meth:`TrainConfig.for_training_set`, with the augmentation in Gaussian space off where the
+        classifier sees each training image fewer than ``augment_min_epochs`` times."""
+        cfg, notes = super().for_training_set(train_images)
+        epochs = cfg.classifier_steps() * cfg.batch_size / max(train_images, 1)
+        off = {key: value for key, value in AUGMENTATION_OFF.items()
+               if hasattr(cfg, key) and getattr(cfg, key) != value}
+        if epochs >= cfg.augment_min_epochs or not off:
+            return cfg, notes
+        return replace(cfg, **off), [*notes, f"augmentation in Gaussian space off ({', '.join(off)}): the classifier "
+                                             f"sees each training image {epochs:.1f} times, fewer than "
+                                             f"augment_min_epochs={cfg.augment_min_epochs:g}"]
+
+
+# the augmentation settings' values that turn it off
+AUGMENTATION_OFF = {"gaussian_crop_min": 1.0, "token_drop": 0.0, "color_jitter": 0.0, "gaussian_noise": 0.0}
 
 
 @dataclass

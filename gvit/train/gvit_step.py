@@ -100,6 +100,9 @@ class GViTConfig(Phases, GaussianTokenSettings, ClassifierSettings, TrainConfig)
             if getattr(self, key) and self.learned_queries:
                 raise ValueError(f"config: {key} needs g0, so it cannot be combined with learned_queries")
 
+    def classifier_steps(self) -> int:
+        return self.steps - self.schedule().classifier_start(self.steps)
+
     def schedule(self) -> Phases:
         """The phase schedule of these settings: a fine-tuning run trains the classifier alone on the
         frozen encoder's Gaussians; ``guidance=false`` ends the joint phase at the last step."""

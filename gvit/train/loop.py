@@ -89,7 +89,9 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     train_ds, test_ds = limit(train_ds, cfg.limit_train), limit(test_ds, cfg.limit_eval)
     collate = step_kind.collate(cfg)
     classes = list(train_ds.classes)
-    cfg = cfg.with_epochs_as_steps(len(train_ds))
+    cfg, notes = cfg.for_training_set(len(train_ds))
+    for note in notes if rank == 0 else []:
+        log(f"config: {note}")
     run = model_step(cfg, len(classes), device)
     run.attach_training_set(train_ds, collate)
     if run.starts_from() and not resume:  # another run's weights (finetune_from, stage1)
