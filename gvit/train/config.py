@@ -18,7 +18,7 @@ from ..data.captions import CAPTION_KINDS, prompt_templates
 from ..models import SIZES
 from ..settings import from_mapping, setting, validate_fields
 
-__all__ = ["TrainConfig", "KEYS_BEFORE_THE_SPLIT", "ClassifierSettings", "GaussianAugmentation",
+__all__ = ["TrainConfig", "KEYS_BEFORE_THE_SPLIT", "AUGMENTATION_OFF", "ClassifierSettings", "GaussianAugmentation",
            "GaussianTokenSettings", "GaussianFolders", "PatchSettings", "PromptSettings", "model_setting", "require",
            "check_schedule"]
 
@@ -203,6 +203,10 @@ class ClassifierSettings(PatchSettings):
                              f"{self.drop_path}")
 
 
+# the values of the augmentation settings in Gaussian space that turn each off (their defaults)
+AUGMENTATION_OFF = {"gaussian_crop_min": 1.0, "token_drop": 0.0, "color_jitter": 0.0, "gaussian_noise": 0.0}
+
+
 @dataclass
 class GaussianAugmentation:
     """Augmentation in Gaussian space of the training steps that read Gaussians (:func:`gvit.data.transforms
@@ -249,9 +253,6 @@ class GaussianAugmentation:
                                              f"augment_min_epochs={cfg.augment_min_epochs:g}"]
 
 
-# the augmentation settings' values that turn it off
-AUGMENTATION_OFF = {"gaussian_crop_min": 1.0, "token_drop": 0.0, "color_jitter": 0.0, "gaussian_noise": 0.0}
-
 
 @dataclass
 class GaussianTokenSettings(GaussianAugmentation):
@@ -277,7 +278,7 @@ class GaussianTokenSettings(GaussianAugmentation):
 
     def augments_gaussians(self) -> bool:
         """Whether any augmentation in Gaussian space is on."""
-        return self.gaussian_crop_min < 1 or self.token_drop > 0 or self.color_jitter > 0 or self.gaussian_noise > 0
+        return any(getattr(self, key) != off for key, off in AUGMENTATION_OFF.items())
 
     def gaussian_augmentation(self) -> dict:
         """The keywords of :func:`gvit.data.transforms.augment_gaussians` these settings ask for."""

@@ -90,8 +90,9 @@ def _train(cfg: TrainConfig, *, resume: bool, stop_after: int | None, progress: 
     collate = step_kind.collate(cfg)
     classes = list(train_ds.classes)
     cfg, notes = cfg.for_training_set(len(train_ds))
-    for note in notes if rank == 0 else []:
-        log(f"config: {note}")
+    if rank == 0:
+        for note in notes:
+            log(f"config: {note}")
     run = model_step(cfg, len(classes), device)
     run.attach_training_set(train_ds, collate)
     if run.starts_from() and not resume:  # another run's weights (finetune_from, stage1)
